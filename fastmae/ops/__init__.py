@@ -1,0 +1,136 @@
+"""The hot-path ops of MAE, one signature each, several backends (see :mod:`fastmae.ops.registry`).
+
+Every op takes a keyword-only ``backend``: ``None`` means the family's environment variable, else
+automatic. Shapes are checked here, once, so that every backend sees valid input.
+"""
+from __future__ import annotations
+
+import torch
+
+from fastmae.ops.reference import patchify, unpatchify
+from fastmae.ops.registry import AUTO, BackendUnavailableError, backend_names, implementation, resolve
+
+__all__ = [
+    "AUTO",
+    "BackendUnavailableError",
+    "attention",
+    "backend_names",
+    "gather_visible",
+    "masked_pixel_loss",
+    "patchify",
+    "random_masking",
+    "resolve",
+    "unpatchify",
+    "unshuffle_with_mask_token",
+]
+
+
+def _fail(op: str, msg: str):
+    raise ValueError(f"{op}: {msg}")
+
+
+def _check_index(op: str, name: str, ids: torch.Tensor, n: int):
+    if ids.dim() != 2 or ids.shape[0] != n:
+        _fail(op, f"{name} must be [N={n}, *], got {tuple(ids.shape)}")
+    if ids.dtype != torch.int64:
+        _fail(op, f"{name} must be int64, got {ids.dtype}")
+
+
+def _check_pos_embed(op: str, pos_embed: torch.Tensor | None, rows: int, d: int):
+    if pos_embed is not None and tuple(pos_embed.shape) != (rows, d):
+        _fail(op, f"pos_embed must be [{rows}, {d}], got {tuple(pos_embed.shape)}")
+
+
+def random_masking(noise: torch.Tensor, len_keep: int, *, backend: str | None = None):
+    """Per-sample random masking from ``noise`` [N, L]: the ``len_keep`` positions with the
+    smallest noise are kept.
+
+    Returns ``ids_keep`` [N, len_keep] int64 (kept positions, in ascending-noise order),
+    ``ids_restore`` [N, L] int64 (the inverse permutation) and ``mask`` [N, L] float32 (1 = removed).
+    """
+    if noise.dim() != 2 or not noise.is_floating_point():
+        _fail("random_masking", f"noise must be a floating [N, L] tensor, got {noise.dtype} {tuple(noise.shape)}")
+    if not 0 <= len_keep <= noise.shape[1]:
+        _fail("random_masking", f"len_keep must be in [0, L={noise.shape[1]}], got {len_keep}")
+    return implementation("kernels", "random_masking", backend, noise.device.type)(noise, len_keep)
+
+
+def gather_visible(
+    x: torch.Tensor, ids_keep: torch.Tensor, pos_embed: torch.Tensor | None = None, *, backend: str | None = None
+) -> torch.Tensor:
+    """Rows of ``x`` [N, L, D] picked by ``ids_keep`` [N, K] -> [N, K, D].
+
+    With ``pos_embed`` [L, D] the result is ``(x + pos_embed)`` gathered, as the original adds the
+    position embedding before masking.
+    """
+    if x.dim() != 3:
+        _fail("gather_visible", f"x must be [N, L, D], got {tuple(x.shape)}")
+    n, L, d = x.shape
+    _check_index("gather_visible", "ids_keep", ids_keep, n)
+    if ids_keep.shape[1] > L:
+        _fail("gather_visible", f"ids_keep keeps {ids_keep.shape[1]} rows of L={L}")
+    _check_pos_embed("gather_visible", pos_embed, L, d)
+    return implementation("kernels", "gather_visible", backend, x.device.type)(x, ids_keep, pos_embed)
+
+
+def unshuffle_with_mask_token(
+    x: torch.Tensor,
+    ids_restore: torch.Tensor,
+    mask_token: torch.Tensor,
+    pos_embed: torch.Tensor | None = None,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Decoder input: ``x`` [N, 1+K, D] (row 0 is cls, then the K visible tokens in shuffled order)
+    -> [N, 1+L, D] with cls first, each visible token at its original position, ``mask_token`` [D]
+    at the removed ones, plus ``pos_embed`` [1+L, D] when given."""
+    if x.dim() != 3:
+        _fail("unshuffle_with_mask_token", f"x must be [N, 1+K, D], got {tuple(x.shape)}")
+    n, k1, d = x.shape
+    _check_index("unshuffle_with_mask_token", "ids_restore", ids_restore, n)
+    L = ids_restore.shape[1]
+    if not 1 <= k1 <= L + 1:
+        _fail("unshuffle_with_mask_token", f"x has {k1} rows; expected 1 + K with 0 <= K <= L={L}")
+    if mask_token.numel() != d:
+        _fail("unshuffle_with_mask_token", f"mask_token must have D={d} elements, got {tuple(mask_token.shape)}")
+    _check_pos_embed("unshuffle_with_mask_token", pos_embed, L + 1, d)
+    return implementation("kernels", "unshuffle_with_mask_token", backend, x.device.type)(
+        x, ids_restore, mask_token.reshape(d), pos_embed
+    )
+
+
+def masked_pixel_loss(
+    pred: torch.Tensor,
+    imgs: torch.Tensor,
+    mask: torch.Tensor,
+    patch_size: int,
+    norm_pix: bool,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """MAE's loss: mean squared error per patch between ``pred`` [N, L, p*p*C] and the patchified
+    ``imgs`` [N, C, H, W] (each patch normalized to zero mean, unit unbiased variance when
+    ``norm_pix``), averaged over the removed patches (``mask`` [N, L], 1 = removed). A scalar computed
+    and returned in fp32 (float64 for float64 inputs)."""
+    op = "masked_pixel_loss"
+    if imgs.dim() != 4:
+        _fail(op, f"imgs must be [N, C, H, W], got {tuple(imgs.shape)}")
+    n, c, H, W = imgs.shape
+    p = patch_size
+    if H % p or W % p:
+        _fail(op, f"image size {H}x{W} is not divisible by the patch size {p}")
+    L = (H // p) * (W // p)
+    if tuple(pred.shape) != (n, L, p * p * c):
+        _fail(op, f"pred must be [N={n}, L={L}, p*p*C={p * p * c}], got {tuple(pred.shape)}")
+    if tuple(mask.shape) != (n, L):
+        _fail(op, f"mask must be [N={n}, L={L}], got {tuple(mask.shape)}")
+    return implementation("kernels", op, backend, pred.device.type)(pred, imgs, mask, p, bool(norm_pix))
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+    """``softmax(q k^T / sqrt(head_dim)) v`` for ``q, k, v`` [B, heads, N, head_dim]; no dropout and
+    no attention mask (MAE uses neither)."""
+    if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
+        _fail("attention", f"q, k, v must share one [B, heads, N, head_dim] shape, got "
+              f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    return implementation("attention", "attention", backend, q.device.type)(q, k, v)

@@ -1,0 +1,144 @@
+"""Which implementation of each op runs.
+
+Two families of ops, each with its own backends:
+
+- ``kernels``: random_masking, gather_visible, unshuffle_with_mask_token, masked_pixel_loss
+- ``attention``: attention
+
+A backend is a module that defines the family's ops under their own names and a function
+``unavailable_reasons(device_type) -> list[str]`` (empty when it can run there). Backend modules
+import cheaply (optional libraries are imported inside them only when they are present), and all of
+them are imported when this module is, so the table below never changes afterwards: torch.compile
+can then trace the dispatch without graph breaks.
+
+Selection, as DESIGN.md fixes it: an explicit ``backend=`` argument, else the family's environment
+variable (``FASTMAE_KERNELS`` / ``FASTMAE_ATTENTION``), else automatic. A backend named explicitly
+(argument or environment) that cannot run raises :class:`BackendUnavailableError` with the reasons;
+automatic selection walks the priority list, takes the first that can run, and logs what it chose.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Callable
+
+import torch
+
+logger = logging.getLogger("fastmae")
+
+AUTO = "auto"
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run here; the message says why."""
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    module_name: str
+    # device types on which automatic selection may pick this backend ("*": any device)
+    auto_devices: tuple[str, ...]
+    module: ModuleType | None = None
+    import_error: str | None = None
+
+    def unavailable_reasons(self, device_type: str) -> list[str]:
+        if self.module is None:
+            return [f"cannot import {self.module_name}: {self.import_error}"]
+        if device_type == "cuda" and not torch.cuda.is_available():
+            return ["no CUDA device is available"]
+        return list(self.module.unavailable_reasons(device_type))
+
+    def auto_eligible(self, device_type: str) -> bool:
+        return "*" in self.auto_devices or device_type in self.auto_devices
+
+
+def _backend(name: str, module_name: str, auto_devices: tuple[str, ...]) -> Backend:
+    try:
+        return Backend(name, module_name, auto_devices, module=importlib.import_module(module_name))
+    except ImportError as e:
+        return Backend(name, module_name, auto_devices, import_error=str(e))
+
+
+ENV_VARS = {"kernels": "FASTMAE_KERNELS", "attention": "FASTMAE_ATTENTION"}
+OPS = {
+    "kernels": ("random_masking", "gather_visible", "unshuffle_with_mask_token", "masked_pixel_loss"),
+    "attention": ("attention",),
+}
+
+# Priority order: automatic selection takes the first eligible backend that can run.
+BACKENDS: dict[str, tuple[Backend, ...]] = {
+    "kernels": (
+        _backend("torch", "fastmae.ops.reference", auto_devices=("*",)),
+    ),
+    "attention": (
+        _backend("sdpa", "fastmae.ops.attention_sdpa", auto_devices=("*",)),
+        _backend("math", "fastmae.ops.attention_math", auto_devices=("*",)),
+    ),
+}
+
+
+def backend_names(family: str) -> list[str]:
+    return [b.name for b in BACKENDS[family]]
+
+
+def _find(family: str, name: str) -> Backend:
+    for b in BACKENDS[family]:
+        if b.name == name:
+            return b
+    raise ValueError(f"unknown {family} backend {name!r}; choose one of {backend_names(family) + [AUTO]}")
+
+
+_resolved: dict[tuple[str, str, str], str] = {}
+
+
+# Resolution is host-side bookkeeping (environment, logging): torch.compile runs it once while
+# tracing and keeps the answer, so the graph holds only the chosen op.
+@torch.compiler.assume_constant_result
+def resolve(family: str, requested: str | None, device_type: str) -> str:
+    """The name of the backend that runs ``family``'s ops on ``device_type``."""
+    source = "argument"
+    if requested is None:
+        requested = os.environ.get(ENV_VARS[family]) or AUTO
+        source = f"environment variable {ENV_VARS[family]}"
+    key = (family, requested, device_type)
+    if key in _resolved:
+        return _resolved[key]
+    if requested == AUTO:
+        skipped = []
+        for b in BACKENDS[family]:
+            if not b.auto_eligible(device_type):
+                continue
+            reasons = b.unavailable_reasons(device_type)
+            if not reasons:
+                logger.info(
+                    "%s backend on %s: %s (automatic%s)", family, device_type, b.name,
+                    "; skipped " + "; ".join(skipped) if skipped else "",
+                )
+                _resolved[key] = b.name
+                return b.name
+            skipped.append(f"{b.name}: {', '.join(reasons)}")
+        raise BackendUnavailableError(f"no {family} backend can run on {device_type}: " + "; ".join(skipped))
+    reasons = _find(family, requested).unavailable_reasons(device_type)
+    if reasons:
+        raise BackendUnavailableError(
+            f"{family} backend {requested!r} was requested ({source}) but cannot run on "
+            f"{device_type}: {'; '.join(reasons)}"
+        )
+    _resolved[key] = requested
+    return requested
+
+
+def implementation(family: str, op: str, requested: str | None, device_type: str) -> Callable:
+    return getattr(_find(family, resolve(family, requested, device_type)).module, op)
+
+
+def availability(device_types: tuple[str, ...]) -> dict[str, dict[str, dict[str, list[str]]]]:
+    """``{family: {backend: {device_type: reasons}}}``; empty reasons mean it can run there."""
+    return {
+        family: {b.name: {d: b.unavailable_reasons(d) for d in device_types} for b in backends}
+        for family, backends in BACKENDS.items()
+    }

@@ -1,0 +1,38 @@
+"""Tolerances for comparing a backend with the reference: one table for the whole project.
+
+Forward outputs are compared with ``FORWARD``; gradients with ``BACKWARD``, looser because they
+sum over more terms (a scatter-add or a reduction over the batch accumulates more rounding).
+bf16 keeps 8 bits of mantissa: its tolerances are those of one or two roundings of an fp32 result.
+"""
+from __future__ import annotations
+
+import torch
+
+FORWARD = {
+    torch.float64: dict(atol=1e-10, rtol=1e-10),
+    torch.float32: dict(atol=1e-5, rtol=1e-5),
+    torch.float16: dict(atol=2e-3, rtol=2e-3),
+    torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
+}
+BACKWARD = {
+    torch.float64: dict(atol=1e-9, rtol=1e-9),
+    torch.float32: dict(atol=1e-4, rtol=1e-4),
+    torch.float16: dict(atol=5e-3, rtol=5e-3),
+    torch.bfloat16: dict(atol=5e-2, rtol=5e-2),
+}
+
+# Parity with the original implementation's own outputs (fp32): relative error, max |a-b| / max |b|.
+PARITY_FORWARD_REL = 1e-5
+PARITY_GRAD_REL = 1e-4
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, backward: bool = False, msg: str = "") -> None:
+    """``torch.testing.assert_close`` with the project's tolerance for ``expected``'s dtype."""
+    tol = (BACKWARD if backward else FORWARD)[expected.dtype]
+    torch.testing.assert_close(actual, expected, **tol, msg=(lambda m: f"{msg}: {m}") if msg else None)
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """``max |actual - expected| / max |expected|`` in float64."""
+    a, e = actual.detach().double(), expected.detach().double()
+    return ((a - e).abs().max() / e.abs().max().clamp_min(1e-30)).item()

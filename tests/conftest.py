@@ -1,0 +1,34 @@
+import os
+
+# Triton kernels run on the CPU under the interpreter; it must be set before triton is imported.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+SHARED = pathlib.Path(__file__).resolve().parents[1] / ".." / "shared"
+FIXTURES = SHARED / "fixtures"
+
+
+def pytest_collection_modifyitems(config, items):
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA device")
+        for item in items:
+            if "cuda" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(params=["plain", "normpix"])
+def official(request):
+    """The original implementation's outputs for a tiny configuration (see ../shared/DESIGN.md)."""
+    path = FIXTURES / f"official_tiny_{request.param}.pt"
+    if not path.exists():
+        pytest.fail(f"parity fixture missing: {path} (expected ../shared/fixtures beside the repository)")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed():
+    torch.manual_seed(0)

@@ -1,0 +1,245 @@
+"""Every kernel backend that runs here against the reference, and the reference against the
+original's formulas written out as loops."""
+import pytest
+import torch
+
+from fastmae import ops
+from fastmae.ops import reference
+from fastmae.ops.registry import BACKENDS
+from fastmae.testing import assert_close
+
+BACKENDS_HERE = [b.name for b in BACKENDS["kernels"] if not b.unavailable_reasons("cpu")]
+DTYPES = [torch.float32, torch.bfloat16]
+# (N, L, D): batch 1 and 3, L and D awkward
+SHAPES = [(1, 16, 40), (3, 49, 40), (2, 50, 588), (3, 63, 768), (1, 196, 40)]
+
+
+def keep_counts(L):
+    return sorted({1, L // 4, L - 1})
+
+
+def masking_inputs(n, L, len_keep, dtype=torch.float32):
+    noise = torch.rand(n, L)
+    return noise, *reference.random_masking(noise, len_keep)
+
+
+# -- the reference, against the original's formulas -------------------------------------------------
+
+def original_random_masking(noise, len_keep):
+    n, L = noise.shape
+    ids_shuffle = torch.argsort(noise, dim=1)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    mask = torch.ones(n, L)
+    mask[:, :len_keep] = 0
+    return ids_shuffle[:, :len_keep], ids_restore, torch.gather(mask, 1, ids_restore)
+
+
+def naive_unshuffle(x, ids_restore, mask_token, pos_embed):
+    n, k1, d = x.shape
+    L = ids_restore.shape[1]
+    out = torch.empty(n, L + 1, d, dtype=torch.result_type(x, mask_token))
+    for i in range(n):
+        out[i, 0] = x[i, 0]
+        for l in range(L):
+            r = ids_restore[i, l]
+            out[i, 1 + l] = x[i, 1 + r] if r < k1 - 1 else mask_token
+    return out + pos_embed
+
+
+def naive_loss(pred, imgs, mask, p, norm_pix):
+    n, c, H, W = imgs.shape
+    w = W // p
+    total, count = 0.0, 0.0
+    for i in range(n):
+        for l in range(pred.shape[1]):
+            hi, wi = divmod(l, w)
+            t = imgs[i, :, hi * p:(hi + 1) * p, wi * p:(wi + 1) * p].permute(1, 2, 0).reshape(-1).double()
+            if norm_pix:
+                t = (t - t.mean()) / (t.var(unbiased=True) + 1e-6) ** 0.5
+            total += ((pred[i, l].double() - t) ** 2).mean() * mask[i, l]
+            count += mask[i, l]
+    return total / count
+
+
+@pytest.mark.parametrize("n,L", [(1, 16), (3, 49), (2, 196)])
+def test_reference_masking_is_the_originals(n, L):
+    for len_keep in keep_counts(L):
+        noise = torch.rand(n, L)
+        for got, want in zip(reference.random_masking(noise, len_keep), original_random_masking(noise, len_keep)):
+            assert torch.equal(got, want)
+
+
+def test_reference_unshuffle_matches_loops():
+    n, L, d, k = 3, 16, 8, 5
+    _, ids_keep, ids_restore, _ = masking_inputs(n, L, k)
+    x, token, pos = torch.randn(n, 1 + k, d), torch.randn(d), torch.randn(L + 1, d)
+    assert_close(reference.unshuffle_with_mask_token(x, ids_restore, token, pos), naive_unshuffle(x, ids_restore, token, pos))
+
+
+def test_reference_unshuffle_inverts_the_gather():
+    n, L, d, k = 2, 16, 4, 6
+    _, ids_keep, ids_restore, mask = masking_inputs(n, L, k)
+    x = torch.randn(n, L, d)
+    visible = torch.cat([torch.zeros(n, 1, d), reference.gather_visible(x, ids_keep)], 1)
+    out = reference.unshuffle_with_mask_token(visible, ids_restore, torch.full((d,), 7.0))[:, 1:]
+    kept = mask == 0
+    assert torch.equal(out[kept], x[kept])
+    assert torch.all(out[~kept] == 7.0)
+
+
+@pytest.mark.parametrize("norm_pix", [False, True])
+def test_reference_loss_matches_loops(norm_pix):
+    n, c, p, hw = 2, 3, 4, 12
+    imgs = torch.randn(n, c, hw, hw)
+    L = (hw // p) ** 2
+    pred = torch.randn(n, L, p * p * c)
+    _, _, _, mask = masking_inputs(n, L, 4)
+    got = reference.masked_pixel_loss(pred, imgs, mask, p, norm_pix)
+    torch.testing.assert_close(got.double(), naive_loss(pred, imgs, mask, p, norm_pix), atol=1e-6, rtol=1e-5)
+
+
+def test_reference_loss_with_nothing_removed_is_zero():
+    imgs, pred = torch.randn(1, 3, 8, 8), torch.randn(1, 4, 48, requires_grad=True)
+    loss = reference.masked_pixel_loss(pred, imgs, torch.zeros(1, 4), 4, True)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.all(pred.grad == 0)
+
+
+def test_patchify_layout_and_inverse():
+    imgs = torch.randn(2, 3, 8, 12)
+    x = ops.patchify(imgs, 4)
+    assert x.shape == (2, 6, 48)
+    # patch (row 1, col 2), pixel (p=3, q=1), channel 2
+    assert x[1, 1 * 3 + 2, (3 * 4 + 1) * 3 + 2] == imgs[1, 2, 4 + 3, 8 + 1]
+    assert torch.equal(ops.unpatchify(x, 4, (2, 3), 3), imgs)
+
+
+# -- every backend against the reference ---------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+@pytest.mark.parametrize("n,L", [(1, 16), (3, 49), (2, 50), (1, 63), (3, 196)])
+def test_random_masking(backend, n, L):
+    for len_keep in keep_counts(L):
+        noise = torch.rand(n, L)
+        got = ops.random_masking(noise, len_keep, backend=backend)
+        for g, w in zip(got, reference.random_masking(noise, len_keep)):
+            assert g.dtype == w.dtype and torch.equal(g, w)
+
+
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,L,d", SHAPES)
+@pytest.mark.parametrize("with_pos", [False, True])
+def test_gather_visible(backend, dtype, n, L, d, with_pos):
+    for len_keep in keep_counts(L):
+        _, ids_keep, _, _ = masking_inputs(n, L, len_keep)
+        x = torch.randn(n, L, d, dtype=dtype, requires_grad=True)
+        pos = torch.randn(L, d) if with_pos else None
+        got = ops.gather_visible(x, ids_keep, pos, backend=backend)
+        want = reference.gather_visible(x, ids_keep, pos)
+        assert got.dtype == want.dtype and got.shape == (n, len_keep, d)
+        assert_close(got, want)
+        dy = torch.randn_like(want)
+        (gx,) = torch.autograd.grad(got, x, dy)
+        (wx,) = torch.autograd.grad(want, x, dy)
+        assert_close(gx, wx, backward=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,L,d", SHAPES)
+@pytest.mark.parametrize("with_pos", [False, True])
+def test_unshuffle_with_mask_token(backend, dtype, n, L, d, with_pos):
+    for len_keep in keep_counts(L):
+        _, _, ids_restore, _ = masking_inputs(n, L, len_keep)
+        x = torch.randn(n, 1 + len_keep, d, dtype=dtype, requires_grad=True)
+        token = torch.randn(d, requires_grad=True)
+        pos = torch.randn(L + 1, d) if with_pos else None
+        got = ops.unshuffle_with_mask_token(x, ids_restore, token, pos, backend=backend)
+        want = reference.unshuffle_with_mask_token(x, ids_restore, token, pos)
+        assert got.dtype == want.dtype and got.shape == (n, L + 1, d)
+        assert_close(got, want)
+        dy = torch.randn_like(want)
+        g = torch.autograd.grad(got, (x, token), dy)
+        w = torch.autograd.grad(want, (x, token), dy)
+        assert_close(g[0], w[0], backward=True)
+        assert_close(g[1], w[1], backward=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,c,p,h,w", [(1, 3, 4, 16, 16), (3, 3, 4, 28, 28), (2, 1, 7, 14, 21), (1, 3, 14, 28, 14)])
+@pytest.mark.parametrize("norm_pix", [False, True])
+def test_masked_pixel_loss(backend, dtype, n, c, p, h, w, norm_pix):
+    L = (h // p) * (w // p)
+    for len_keep in keep_counts(L):
+        _, _, _, mask = masking_inputs(n, L, len_keep)
+        imgs = torch.randn(n, c, h, w)
+        pred = torch.randn(n, L, p * p * c, dtype=dtype, requires_grad=True)
+        got = ops.masked_pixel_loss(pred, imgs, mask, p, norm_pix, backend=backend)
+        want = reference.masked_pixel_loss(pred, imgs, mask, p, norm_pix)
+        assert got.dtype == torch.float32 and got.shape == ()
+        assert_close(got, want)
+        (g,) = torch.autograd.grad(got, pred)
+        (wg,) = torch.autograd.grad(want, pred)
+        assert g.dtype == dtype
+        assert_close(g, wg, backward=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+def test_gradcheck_float64(backend):
+    n, L, d, k = 2, 8, 3, 3
+    _, ids_keep, ids_restore, mask = masking_inputs(n, L, k)
+    x = torch.randn(n, L, d, dtype=torch.float64, requires_grad=True)
+    pos = torch.randn(L, d, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda x: ops.gather_visible(x, ids_keep, pos, backend=backend), (x,))
+    xv = torch.randn(n, 1 + k, d, dtype=torch.float64, requires_grad=True)
+    token = torch.randn(d, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda x, t: ops.unshuffle_with_mask_token(x, ids_restore, t, backend=backend), (xv, token)
+    )
+    imgs = torch.randn(n, 2, 2, 4, dtype=torch.float64)
+    pred = torch.randn(n, 2, 8, dtype=torch.float64, requires_grad=True)
+    m = torch.tensor([[1.0, 0.0], [1.0, 1.0]], dtype=torch.float64)
+    for norm_pix in (False, True):
+        f = lambda pr: ops.masked_pixel_loss(pr, imgs, m, 2, norm_pix, backend=backend)  # noqa: E731
+        assert torch.autograd.gradcheck(f, (pred,))
+
+
+# -- input validation (shared by every backend) ----------------------------------------------------
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: ops.random_masking(torch.rand(2, 8), 9), "len_keep"),
+        (lambda: ops.random_masking(torch.rand(8), 2), "noise"),
+        (lambda: ops.random_masking(torch.arange(8).view(2, 4), 2), "noise"),
+        (lambda: ops.gather_visible(torch.randn(2, 8), torch.zeros(2, 3, dtype=torch.long)), "x must be"),
+        (lambda: ops.gather_visible(torch.randn(2, 8, 4), torch.zeros(3, 3, dtype=torch.long)), "ids_keep"),
+        (lambda: ops.gather_visible(torch.randn(2, 8, 4), torch.zeros(2, 3, dtype=torch.int32)), "int64"),
+        (lambda: ops.gather_visible(torch.randn(2, 8, 4), torch.zeros(2, 3, dtype=torch.long), torch.randn(9, 4)), "pos_embed"),
+        (lambda: ops.unshuffle_with_mask_token(torch.randn(2, 10, 4), torch.zeros(2, 8, dtype=torch.long), torch.randn(4)), "rows"),
+        (lambda: ops.unshuffle_with_mask_token(torch.randn(2, 3, 4), torch.zeros(2, 8, dtype=torch.long), torch.randn(5)), "mask_token"),
+        (lambda: ops.masked_pixel_loss(torch.randn(1, 4, 48), torch.randn(1, 3, 8, 9), torch.ones(1, 4), 4, False), "not divisible"),
+        (lambda: ops.masked_pixel_loss(torch.randn(1, 4, 47), torch.randn(1, 3, 8, 8), torch.ones(1, 4), 4, False), "pred"),
+        (lambda: ops.masked_pixel_loss(torch.randn(1, 4, 48), torch.randn(1, 3, 8, 8), torch.ones(1, 5), 4, False), "mask"),
+        (lambda: ops.attention(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4), torch.randn(1, 2, 4, 4)), "q, k, v"),
+    ],
+)
+def test_bad_input_is_named(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+# -- attention backends --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,head_dim", [(50, 64), (197, 64), (257, 80)])
+def test_sdpa_matches_math(dtype, n, head_dim):
+    q, k, v = (torch.randn(2, 3, n, head_dim, dtype=dtype, requires_grad=True) for _ in range(3))
+    got = ops.attention(q, k, v, backend="sdpa")
+    want = ops.attention(q, k, v, backend="math")
+    assert_close(got, want)
+    dy = torch.randn_like(want)
+    for g, w in zip(torch.autograd.grad(got, (q, k, v), dy), torch.autograd.grad(want, (q, k, v), dy)):
+        assert_close(g, w, backward=True)

@@ -1,0 +1,72 @@
+"""Backend selection: argument, then environment, then automatic; explicit requests that cannot
+run raise and say why."""
+import logging
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastmae import ops
+from fastmae.ops import registry
+
+
+@pytest.fixture(autouse=True)
+def _clean(monkeypatch):
+    monkeypatch.delenv("FASTMAE_KERNELS", raising=False)
+    monkeypatch.delenv("FASTMAE_ATTENTION", raising=False)
+    monkeypatch.setattr(registry, "_resolved", {})
+
+
+def test_automatic_choice_is_logged(caplog):
+    with caplog.at_level(logging.INFO, logger="fastmae"):
+        assert ops.resolve("attention", None, "cpu") == "sdpa"
+    assert "attention backend on cpu: sdpa (automatic" in caplog.text
+
+
+def test_environment_selects(monkeypatch):
+    monkeypatch.setenv("FASTMAE_ATTENTION", "math")
+    assert ops.resolve("attention", None, "cpu") == "math"
+    assert ops.resolve("attention", "sdpa", "cpu") == "sdpa"  # the argument wins
+
+
+def test_unknown_backend_lists_the_choices(monkeypatch):
+    with pytest.raises(ValueError, match=r"unknown kernels backend 'nope'.*torch"):
+        ops.resolve("kernels", "nope", "cpu")
+    monkeypatch.setenv("FASTMAE_KERNELS", "nope")
+    with pytest.raises(ValueError, match="unknown kernels backend 'nope'"):
+        ops.gather_visible(torch.randn(1, 4, 2), torch.zeros(1, 2, dtype=torch.long))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_explicit_request_that_cannot_run_raises(monkeypatch):
+    with pytest.raises(ops.BackendUnavailableError, match="'torch' was requested.*no CUDA device"):
+        ops.resolve("kernels", "torch", "cuda")
+    monkeypatch.setenv("FASTMAE_ATTENTION", "math")
+    with pytest.raises(ops.BackendUnavailableError, match="environment variable FASTMAE_ATTENTION"):
+        ops.resolve("attention", None, "cuda")
+
+
+def test_unimportable_backend_reports_the_import_error(monkeypatch):
+    broken = registry._backend("broken", "fastmae.no_such_module", auto_devices=("*",))
+    monkeypatch.setitem(registry.BACKENDS, "kernels", (broken, *registry.BACKENDS["kernels"]))
+    with pytest.raises(ops.BackendUnavailableError, match="cannot import fastmae.no_such_module"):
+        ops.resolve("kernels", "broken", "cpu")
+    assert ops.resolve("kernels", None, "cpu") == "torch"  # automatic skips it quietly
+
+
+def test_switching_the_backend_switches_the_model(monkeypatch):
+    from fastmae.models import create_model
+
+    calls = []
+    math_attention = registry.BACKENDS["attention"][1].module.attention
+    monkeypatch.setattr(registry.BACKENDS["attention"][1].module, "attention",
+                        lambda *a: calls.append(1) or math_attention(*a))
+    model = create_model("mae_vit_tiny_patch4", depth=1, decoder_depth=1, attention_backend="math")
+    model(torch.randn(1, 3, 32, 32))
+    assert len(calls) == 2  # one encoder block, one decoder block
+
+
+def test_availability_report_runs():
+    out = subprocess.run([sys.executable, "-m", "fastmae.ops"], capture_output=True, text=True, check=True).stdout
+    assert "kernels:" in out and "attention:" in out and "automatic on cpu: torch" in out
