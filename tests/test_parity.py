@@ -1,0 +1,50 @@
+"""The model reproduces the original implementation's own outputs and gradients."""
+from functools import partial
+
+import pytest
+import torch
+
+from fastmae.models import MaskedAutoencoderViT
+from fastmae.testing import PARITY_FORWARD_REL, PARITY_GRAD_REL, relative_error
+
+
+def build(official, **kwargs):
+    # the original's presets use LayerNorm eps 1e-6, and so do the fixtures
+    model = MaskedAutoencoderViT(**official["config"], norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), **kwargs)
+    missing, unexpected = model.load_state_dict(official["state_dict"], strict=True)
+    assert not missing and not unexpected
+    return model
+
+
+def test_state_dict_keys_are_the_originals(official):
+    model = build(official)
+    assert list(model.state_dict()) == list(official["state_dict"])
+
+
+def test_fixed_position_embeddings_equal_the_originals(official):
+    fresh = MaskedAutoencoderViT(**official["config"])
+    for key in ("pos_embed", "decoder_pos_embed"):
+        torch.testing.assert_close(getattr(fresh, key).data, official["state_dict"][key], atol=1e-7, rtol=0)
+
+
+@pytest.mark.parametrize("attention", ["math", "sdpa"])
+def test_parity_with_original(official, attention):
+    model = build(official, kernel_backend="torch", attention_backend=attention)
+    imgs, noise, ratio = official["imgs"], official["noise"], official["mask_ratio"]
+
+    latent, mask, ids_restore = model.forward_encoder(imgs, ratio, noise)
+    assert relative_error(latent, official["latent"]) <= PARITY_FORWARD_REL
+    assert torch.equal(mask, official["mask"])
+    assert torch.equal(ids_restore, official["ids_restore"])
+
+    loss, pred, mask = model(imgs, mask_ratio=ratio, noise=noise)
+    assert relative_error(loss, official["loss"]) <= PARITY_FORWARD_REL
+    assert relative_error(pred, official["pred"]) <= PARITY_FORWARD_REL
+    assert torch.equal(mask, official["mask"])
+
+    loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert set(grads) == set(official["grads"])
+    errors = {n: relative_error(g, official["grads"][n]) for n, g in grads.items()}
+    worst = max(errors, key=errors.get)
+    assert errors[worst] <= PARITY_GRAD_REL, f"{worst}: relative error {errors[worst]:.2e}"
