@@ -1,0 +1,85 @@
+"""Loading MAE / ViT checkpoints: fastmae's own and the original implementation's, unchanged."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+logger = logging.getLogger("fastmae")
+
+
+@dataclass
+class LoadResult:
+    """What :func:`load_checkpoint` found: keys the model has but the checkpoint lacks, and keys
+    the checkpoint has but the model lacks (both by name)."""
+
+    missing_keys: list[str] = field(default_factory=list)
+    unexpected_keys: list[str] = field(default_factory=list)
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """``torch.load`` on the CPU, with tensors only plus the ``argparse.Namespace`` that the
+    original's checkpoints carry under ``args``."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def model_state_dict(checkpoint: str | os.PathLike | Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The model weights of a checkpoint: a path or a dict, ``{'model': state_dict, ...}`` or a
+    bare state dict; a ``module.`` prefix (DistributedDataParallel) is removed."""
+    if isinstance(checkpoint, (str, os.PathLike)):
+        checkpoint = read_checkpoint(checkpoint)
+    state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, Mapping) else checkpoint
+    if not isinstance(state, Mapping) or not all(torch.is_tensor(v) for v in state.values()):
+        raise ValueError("checkpoint holds no state dict (expected tensors, or a dict with a 'model' entry)")
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return dict(state)
+
+
+def load_checkpoint(
+    model: nn.Module, checkpoint: str | os.PathLike | Mapping[str, Any], *, strict: bool = False
+) -> LoadResult:
+    """Load weights into ``model`` from a path or a (state) dict.
+
+    Full checkpoints and encoder-only ones (the released ``mae_pretrain_vit_*.pth``) both load; what
+    does not match is reported by name in the result and in the log (and raises with ``strict``).
+    A shape mismatch is always an error naming the key and both shapes.
+    """
+    state = model_state_dict(checkpoint)
+    own = model.state_dict()
+    for key, value in state.items():
+        if key in own and own[key].shape != value.shape:
+            raise ValueError(
+                f"shape mismatch for {key}: checkpoint {tuple(value.shape)}, model {tuple(own[key].shape)}"
+            )
+    result = LoadResult(
+        missing_keys=[k for k in own if k not in state],
+        unexpected_keys=[k for k in state if k not in own],
+    )
+    if strict and (result.missing_keys or result.unexpected_keys):
+        raise KeyError(f"checkpoint does not match the model: missing {result.missing_keys}, "
+                       f"unexpected {result.unexpected_keys}")
+    model.load_state_dict(state, strict=False)
+    if result.missing_keys:
+        logger.warning("checkpoint lacks %d keys (left as initialized): %s",
+                       len(result.missing_keys), ", ".join(result.missing_keys))
+    if result.unexpected_keys:
+        logger.warning("checkpoint has %d keys the model does not use: %s",
+                       len(result.unexpected_keys), ", ".join(result.unexpected_keys))
+    return result
+
+
+def save_checkpoint(obj: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file in the same folder, then rename: a crash or kill during
+    the save leaves any previous file at ``path`` intact."""
+    tmp = f"{os.fspath(path)}.tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
