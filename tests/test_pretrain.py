@@ -1,0 +1,89 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastmae.checkpoint import load_checkpoint
+from fastmae.data.shapes import ShapesDataset
+from fastmae.models import create_model
+from fastmae.optim import lr_at, param_groups_weight_decay
+from fastmae.pretrain import cli
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes")
+    ShapesDataset(48, image_size=40).write_image_folder(root / "train")
+    return root
+
+
+def read_log(out):
+    return [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+
+
+def run(folder, out, *extra):
+    return cli(["--data_path", str(folder), "--output_dir", str(out), "--batch_size", "16",
+                "--num_workers", "0", "--print_freq", "1", *extra])
+
+
+def test_pretrain_writes_log_and_checkpoints_and_resumes(folder, tmp_path):
+    assert run(folder, tmp_path, "--epochs", "2", "--save_freq", "1") == 0
+    log = read_log(tmp_path)
+    assert [r["epoch"] for r in log] == [0, 1]
+    assert all({"train_loss", "train_lr", "train_images_per_sec"} <= set(r) for r in log)
+    result = load_checkpoint(create_model("mae_vit_tiny_patch4"), tmp_path / "checkpoint-1.pth", strict=True)
+    assert not result.missing_keys
+
+    assert run(folder, tmp_path, "--epochs", "3", "--resume", str(tmp_path / "checkpoint-1.pth")) == 0
+    assert [r["epoch"] for r in read_log(tmp_path)] == [0, 1, 2]
+    assert torch.load(tmp_path / "checkpoint-2.pth", weights_only=False)["epoch"] == 2
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: p / "missing", "is not a directory"),
+    (lambda p: (p / "empty").mkdir() or p / "empty", "no images found"),
+])
+def test_bad_data_path_is_reported(tmp_path, caplog, make, message):
+    assert cli(["--data_path", str(make(tmp_path)), "--output_dir", str(tmp_path / "o")]) == 1
+    assert message in caplog.text
+
+
+@pytest.mark.parametrize("args", [["--mask_ratio", "1.0"], ["--model", "nope"], ["--kernels", "nope"],
+                                  ["--device", "cuda"] if not torch.cuda.is_available() else ["--epochs", "0"]])
+def test_bad_flags_are_refused(args):
+    with pytest.raises(SystemExit) as e:
+        cli(args)
+    assert e.value.code == 2
+
+
+def test_lr_schedule_is_the_originals():
+    kw = dict(lr=1.0, min_lr=0.1, warmup_epochs=4, epochs=20)
+    assert lr_at(0, **kw) == 0 and lr_at(2, **kw) == 0.5 and lr_at(4, **kw) == 1.0
+    assert lr_at(12, **kw) == pytest.approx(0.55)
+    assert lr_at(20, **kw) == pytest.approx(0.1)
+
+
+def test_weight_decay_groups():
+    model = create_model("mae_vit_tiny_patch4", depth=1, decoder_depth=1)
+    no_decay, decay = param_groups_weight_decay(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert "blocks.0.attn.qkv.weight" in decayed and "cls_token" in decayed and "mask_token" in decayed
+    assert not any(n.endswith(".bias") or "norm" in n for n in decayed)
+    assert "pos_embed" not in {names[id(p)] for g in (decay, no_decay) for p in g["params"]}
+
+
+def test_module_entry_point_help():
+    out = subprocess.run([sys.executable, "-m", "fastmae.pretrain", "--help"], capture_output=True, text=True, check=True)
+    assert "--norm_pix_loss" in out.stdout and "--blr" in out.stdout
+
+
+@pytest.mark.slow
+def test_default_run_learns(tmp_path):
+    """The no-argument job (built-in data, tiny preset), cut to two epochs: the loss falls."""
+    assert cli(["--output_dir", str(tmp_path), "--epochs", "2", "--warmup_epochs", "0.5"]) == 0
+    first, last = (r["train_loss"] for r in read_log(tmp_path))
+    assert last < 0.8 * first
