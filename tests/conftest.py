@@ -32,3 +32,20 @@ def official(request):
 @pytest.fixture(autouse=True)
 def _fresh_seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def poison_empty(monkeypatch):
+    """Freshly allocated tensors come filled with NaN (floats) or -1 (integers), so that a kernel
+    that forgets to write part of its output fails the comparison."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def poison(t):
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        elif t.dtype != torch.bool:
+            t.fill_(-1)
+        return t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(real_empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(real_empty_like(*a, **k)))

@@ -2,6 +2,7 @@
 original's formulas written out as loops."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fastmae import ops
 from fastmae.ops import reference
@@ -9,6 +10,12 @@ from fastmae.ops.registry import BACKENDS
 from fastmae.testing import assert_close
 
 BACKENDS_HERE = [b.name for b in BACKENDS["kernels"] if not b.unavailable_reasons("cpu")]
+assert "triton" in BACKENDS_HERE, "the Triton kernels must be tested here (TRITON_INTERPRET=1, see conftest.py)"
+
+
+@pytest.fixture(autouse=True)
+def _poisoned(poison_empty):
+    """Every test here runs with freshly allocated outputs poisoned."""
 DTYPES = [torch.float32, torch.bfloat16]
 # (N, L, D): batch 1 and 3, L and D awkward
 SHAPES = [(1, 16, 40), (3, 49, 40), (2, 50, 588), (3, 63, 768), (1, 196, 40)]
@@ -26,8 +33,9 @@ def masking_inputs(n, L, len_keep, dtype=torch.float32):
 # -- the reference, against the original's formulas -------------------------------------------------
 
 def original_random_masking(noise, len_keep):
+    # the original, with ties in position order (it leaves their order to the sort algorithm)
     n, L = noise.shape
-    ids_shuffle = torch.argsort(noise, dim=1)
+    ids_shuffle = torch.argsort(noise, dim=1, stable=True)
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     mask = torch.ones(n, L)
     mask[:, :len_keep] = 0
@@ -120,10 +128,10 @@ def test_patchify_layout_and_inverse():
 @pytest.mark.parametrize("n,L", [(1, 16), (3, 49), (2, 50), (1, 63), (3, 196)])
 def test_random_masking(backend, n, L):
     for len_keep in keep_counts(L):
-        noise = torch.rand(n, L)
-        got = ops.random_masking(noise, len_keep, backend=backend)
-        for g, w in zip(got, reference.random_masking(noise, len_keep)):
-            assert g.dtype == w.dtype and torch.equal(g, w)
+        for noise in (torch.rand(n, L), torch.randint(0, 4, (n, L)) / 4.0, torch.randn(n, L)):  # ties, negatives
+            got = ops.random_masking(noise, len_keep, backend=backend)
+            for g, w in zip(got, reference.random_masking(noise, len_keep)):
+                assert g.dtype == w.dtype and torch.equal(g, w)
 
 
 @pytest.mark.parametrize("backend", BACKENDS_HERE)
@@ -167,14 +175,38 @@ def test_unshuffle_with_mask_token(backend, dtype, n, L, d, with_pos):
 
 
 @pytest.mark.parametrize("backend", BACKENDS_HERE)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,c,p,h,w,d", [(1, 3, 4, 16, 16, 40), (3, 3, 4, 28, 28, 64), (2, 1, 7, 14, 21, 40)])
+def test_embed_visible_patches(backend, dtype, n, c, p, h, w, d):
+    L = (h // p) * (w // p)
+    for len_keep in keep_counts(L):
+        _, ids_keep, _, _ = masking_inputs(n, L, len_keep)
+        imgs = torch.randn(n, c, h, w, dtype=dtype, requires_grad=True)
+        weight = torch.randn(d, c, p, p, dtype=dtype, requires_grad=True)
+        bias = torch.randn(d, dtype=dtype, requires_grad=True)
+        pos = torch.randn(L, d)
+        got = ops.embed_visible_patches(imgs, ids_keep, weight, bias, pos, backend=backend)
+        want = reference.embed_visible_patches(imgs, ids_keep, weight, bias, pos)
+        assert got.dtype == want.dtype and got.shape == (n, len_keep, d)
+        # a GEMM over the visible patches against a convolution over all: the same sums, in
+        # another order, so bf16 may differ by a rounding of the (large) embedding
+        assert_close(got / d**0.5, want / d**0.5)
+        dy = torch.randn_like(want)
+        for g, r in zip(torch.autograd.grad(got, (imgs, weight, bias), dy),
+                        torch.autograd.grad(want, (imgs, weight, bias), dy)):
+            assert_close(g / r.abs().max(), r / r.abs().max(), backward=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+@pytest.mark.parametrize("dtype,img_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                             (torch.float16, torch.float32), (torch.bfloat16, torch.bfloat16)])
 @pytest.mark.parametrize("n,c,p,h,w", [(1, 3, 4, 16, 16), (3, 3, 4, 28, 28), (2, 1, 7, 14, 21), (1, 3, 14, 28, 14)])
 @pytest.mark.parametrize("norm_pix", [False, True])
-def test_masked_pixel_loss(backend, dtype, n, c, p, h, w, norm_pix):
+def test_masked_pixel_loss(backend, dtype, img_dtype, n, c, p, h, w, norm_pix):
     L = (h // p) * (w // p)
     for len_keep in keep_counts(L):
         _, _, _, mask = masking_inputs(n, L, len_keep)
-        imgs = torch.randn(n, c, h, w)
+        imgs = torch.randn(n, c, h, w, dtype=img_dtype)
         pred = torch.randn(n, L, p * p * c, dtype=dtype, requires_grad=True)
         got = ops.masked_pixel_loss(pred, imgs, mask, p, norm_pix, backend=backend)
         want = reference.masked_pixel_loss(pred, imgs, mask, p, norm_pix)
@@ -206,6 +238,26 @@ def test_gradcheck_float64(backend):
         assert torch.autograd.gradcheck(f, (pred,))
 
 
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+def test_deterministic(backend):
+    """The same inputs twice give bit-identical outputs and gradients."""
+    n, L, d, k = 3, 49, 40, 12
+    noise, ids_keep, ids_restore, mask = masking_inputs(n, L, k)
+
+    def run():
+        x = torch.randn(n, 1 + k, d, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        token = torch.randn(d, generator=torch.Generator().manual_seed(2), requires_grad=True)
+        out = ops.unshuffle_with_mask_token(x, ids_restore, token, backend=backend)
+        pred = torch.randn(n, L, 48, generator=torch.Generator().manual_seed(3), requires_grad=True)
+        imgs = torch.randn(n, 3, 28, 28, generator=torch.Generator().manual_seed(4))
+        loss = ops.masked_pixel_loss(pred, imgs, mask, 4, True, backend=backend)
+        (out.sum() + loss).backward()
+        return [*ops.random_masking(noise, k, backend=backend), out, loss, x.grad, token.grad, pred.grad]
+
+    for a, b in zip(run(), run()):
+        assert torch.equal(a, b)
+
+
 # -- input validation (shared by every backend) ----------------------------------------------------
 
 @pytest.mark.parametrize(
@@ -223,6 +275,9 @@ def test_gradcheck_float64(backend):
         (lambda: ops.masked_pixel_loss(torch.randn(1, 4, 48), torch.randn(1, 3, 8, 9), torch.ones(1, 4), 4, False), "not divisible"),
         (lambda: ops.masked_pixel_loss(torch.randn(1, 4, 47), torch.randn(1, 3, 8, 8), torch.ones(1, 4), 4, False), "pred"),
         (lambda: ops.masked_pixel_loss(torch.randn(1, 4, 48), torch.randn(1, 3, 8, 8), torch.ones(1, 5), 4, False), "mask"),
+        (lambda: ops.embed_visible_patches(torch.randn(1, 3, 8, 8), torch.zeros(1, 2, dtype=torch.long), torch.randn(4, 3, 3, 3), None), "not divisible"),
+        (lambda: ops.embed_visible_patches(torch.randn(1, 3, 8, 8), torch.zeros(1, 2, dtype=torch.long), torch.randn(4, 1, 4, 4), None), "weight"),
+        (lambda: ops.embed_visible_patches(torch.randn(1, 3, 8, 8), torch.zeros(1, 2, dtype=torch.long), torch.randn(4, 3, 4, 4), torch.randn(5)), "bias"),
         (lambda: ops.attention(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4), torch.randn(1, 2, 4, 4)), "q, k, v"),
     ],
 )

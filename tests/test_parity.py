@@ -27,9 +27,9 @@ def test_fixed_position_embeddings_equal_the_originals(official):
         torch.testing.assert_close(getattr(fresh, key).data, official["state_dict"][key], atol=1e-7, rtol=0)
 
 
-@pytest.mark.parametrize("attention", ["math", "sdpa"])
-def test_parity_with_original(official, attention):
-    model = build(official, kernel_backend="torch", attention_backend=attention)
+@pytest.mark.parametrize("kernels,attention", [("torch", "math"), ("torch", "sdpa"), ("triton", "sdpa")])
+def test_parity_with_original(official, kernels, attention):
+    model = build(official, kernel_backend=kernels, attention_backend=attention)
     imgs, noise, ratio = official["imgs"], official["noise"], official["mask_ratio"]
 
     latent, mask, ids_restore = model.forward_encoder(imgs, ratio, noise)

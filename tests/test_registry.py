@@ -67,6 +67,13 @@ def test_switching_the_backend_switches_the_model(monkeypatch):
     assert len(calls) == 2  # one encoder block, one decoder block
 
 
+def test_every_backend_defines_its_familys_ops():
+    for family, backends in registry.BACKENDS.items():
+        for b in backends:
+            assert b.module is not None, b.import_error
+            assert all(callable(getattr(b.module, op, None)) for op in registry.OPS[family]), b.name
+
+
 def test_availability_report_runs():
     out = subprocess.run([sys.executable, "-m", "fastmae.ops"], capture_output=True, text=True, check=True).stdout
     assert "kernels:" in out and "attention:" in out and "automatic on cpu: torch" in out

@@ -151,8 +151,10 @@ class MaskedAutoencoderViT(nn.Module):
         self._check_imgs(imgs)
         n = imgs.shape[0]
         ids_keep, ids_restore, mask = self.random_masking(n, mask_ratio, noise, imgs.device)
-        x = self.patch_embed(imgs)
-        x = ops.gather_visible(x, ids_keep, self.pos_embed[0, 1:], backend=self.kernel_backend)
+        proj = self.patch_embed.proj
+        x = ops.embed_visible_patches(
+            imgs, ids_keep, proj.weight, proj.bias, self.pos_embed[0, 1:], backend=self.kernel_backend
+        )
 
         cls_token = self.cls_token + self.pos_embed[:, :1, :]
         x = torch.cat((cls_token.expand(n, -1, -1), x), dim=1)

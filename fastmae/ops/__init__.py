@@ -15,6 +15,7 @@ __all__ = [
     "BackendUnavailableError",
     "attention",
     "backend_names",
+    "embed_visible_patches",
     "gather_visible",
     "masked_pixel_loss",
     "patchify",
@@ -71,6 +72,38 @@ def gather_visible(
         _fail("gather_visible", f"ids_keep keeps {ids_keep.shape[1]} rows of L={L}")
     _check_pos_embed("gather_visible", pos_embed, L, d)
     return implementation("kernels", "gather_visible", backend, x.device.type)(x, ids_keep, pos_embed)
+
+
+def embed_visible_patches(
+    imgs: torch.Tensor,
+    ids_keep: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    pos_embed: torch.Tensor | None = None,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Patch embeddings of the visible patches: ``gather_visible(patch_embed(imgs), ids_keep,
+    pos_embed)`` for the patch embedding ``weight`` [D, C, p, p] and ``bias`` [D] (a stride-p
+    convolution), ``imgs`` [N, C, H, W], ``ids_keep`` [N, K] -> [N, K, D]. Backends may embed only
+    the visible patches."""
+    op = "embed_visible_patches"
+    if imgs.dim() != 4:
+        _fail(op, f"imgs must be [N, C, H, W], got {tuple(imgs.shape)}")
+    n, c, H, W = imgs.shape
+    if weight.dim() != 4 or weight.shape[1] != c or weight.shape[2] != weight.shape[3]:
+        _fail(op, f"weight must be [D, C={c}, p, p], got {tuple(weight.shape)}")
+    d, p = weight.shape[0], weight.shape[-1]
+    if H % p or W % p:
+        _fail(op, f"image size {H}x{W} is not divisible by the patch size {p}")
+    L = (H // p) * (W // p)
+    _check_index(op, "ids_keep", ids_keep, n)
+    if ids_keep.shape[1] > L:
+        _fail(op, f"ids_keep keeps {ids_keep.shape[1]} rows of L={L}")
+    if bias is not None and tuple(bias.shape) != (d,):
+        _fail(op, f"bias must be [{d}], got {tuple(bias.shape)}")
+    _check_pos_embed(op, pos_embed, L, d)
+    return implementation("kernels", op, backend, imgs.device.type)(imgs, ids_keep, weight, bias, pos_embed)
 
 
 def unshuffle_with_mask_token(

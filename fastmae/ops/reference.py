@@ -6,6 +6,7 @@ Every other backend is tested against these functions. Inputs are validated once
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 NORM_PIX_EPS = 1e-6
 
@@ -36,7 +37,8 @@ def unpatchify(x: torch.Tensor, patch_size: int, grid_size: tuple[int, int], in_
 
 def random_masking(noise: torch.Tensor, len_keep: int):
     n, L = noise.shape
-    ids_shuffle = torch.argsort(noise, dim=1)  # ascending: small noise is kept
+    # ascending: small noise is kept; ties (rare, but rand's 2^24 values do repeat) in position order
+    ids_shuffle = torch.argsort(noise, dim=1, stable=True)
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     ids_keep = ids_shuffle[:, :len_keep]
     # The original builds [0]*len_keep + [1]*(L-len_keep) and un-shuffles it with ids_restore,
@@ -50,6 +52,15 @@ def gather_visible(x: torch.Tensor, ids_keep: torch.Tensor, pos_embed: torch.Ten
         x = x + pos_embed  # the original adds the position embedding before masking
     index = ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1])
     return torch.gather(x, dim=1, index=index)
+
+
+def embed_visible_patches(
+    imgs: torch.Tensor, ids_keep: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+    pos_embed: torch.Tensor | None = None,
+):
+    # the original: embed every patch (a stride-p convolution), add the position embedding, gather
+    x = F.conv2d(imgs, weight, bias, stride=weight.shape[-1]).flatten(2).transpose(1, 2)
+    return gather_visible(x, ids_keep, pos_embed)
 
 
 def unshuffle_with_mask_token(

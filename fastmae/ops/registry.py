@@ -2,7 +2,8 @@
 
 Two families of ops, each with its own backends:
 
-- ``kernels``: random_masking, gather_visible, unshuffle_with_mask_token, masked_pixel_loss
+- ``kernels``: random_masking, gather_visible, embed_visible_patches, unshuffle_with_mask_token,
+  masked_pixel_loss
 - ``attention``: attention
 
 A backend is a module that defines the family's ops under their own names and a function
@@ -65,13 +66,16 @@ def _backend(name: str, module_name: str, auto_devices: tuple[str, ...]) -> Back
 
 ENV_VARS = {"kernels": "FASTMAE_KERNELS", "attention": "FASTMAE_ATTENTION"}
 OPS = {
-    "kernels": ("random_masking", "gather_visible", "unshuffle_with_mask_token", "masked_pixel_loss"),
+    "kernels": (
+        "random_masking", "gather_visible", "embed_visible_patches", "unshuffle_with_mask_token", "masked_pixel_loss",
+    ),
     "attention": ("attention",),
 }
 
 # Priority order: automatic selection takes the first eligible backend that can run.
 BACKENDS: dict[str, tuple[Backend, ...]] = {
     "kernels": (
+        _backend("triton", "fastmae.kernels", auto_devices=("cuda",)),
         _backend("torch", "fastmae.ops.reference", auto_devices=("*",)),
     ),
     "attention": (

@@ -1,0 +1,51 @@
+"""Launch settings for every kernel, chosen in one place.
+
+The kernels are memory-bound row operations: each program moves a tile of ``BLOCK_R`` rows by
+``BLOCK_W`` columns per iteration. On a GPU a tile holds about 4096 elements (16 KB in fp32) so that
+enough bytes are in flight per warp; under the Triton interpreter (CPU, tests) each program instance
+costs milliseconds whatever its size, so tiles are as large as the shape allows.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+
+try:
+    from triton import knobs
+
+    INTERPRET = bool(knobs.runtime.interpret)
+except ImportError:  # triton < 3.4
+    INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+TILE_ELEMENTS = 4096
+INTERPRET_TILE_ELEMENTS = 1 << 16
+# Kernels that reduce across rows write one partial result per program; capping the programs keeps
+# that buffer small (each program then loops over several tiles).
+MAX_REDUCING_PROGRAMS = 1024
+
+
+@dataclass(frozen=True)
+class RowTiles:
+    BLOCK_R: int  # rows per tile
+    BLOCK_W: int  # columns per tile (the row width rounded up to a power of two)
+    tiles_per_program: int
+    grid: tuple[int]
+    num_warps: int
+
+
+def row_tiles(n_rows: int, width: int, *, reducing: bool = False) -> RowTiles:
+    block_w = triton.next_power_of_2(max(width, 1))
+    budget = INTERPRET_TILE_ELEMENTS if INTERPRET else TILE_ELEMENTS
+    block_r = max(1, min(budget // block_w, triton.next_power_of_2(max(n_rows, 1))))
+    n_tiles = triton.cdiv(n_rows, block_r)
+    per_program = triton.cdiv(n_tiles, MAX_REDUCING_PROGRAMS) if reducing and not INTERPRET else 1
+    num_warps = 8 if block_r * block_w >= 4096 else 4
+    return RowTiles(block_r, block_w, per_program, (max(1, triton.cdiv(n_tiles, per_program)),), num_warps)
+
+
+def accumulator_is_fp64(*tensors: torch.Tensor) -> bool:
+    """Kernels accumulate in fp32, or in fp64 when any input is fp64 (gradcheck)."""
+    return any(t is not None and t.dtype == torch.float64 for t in tensors)

@@ -1,0 +1,196 @@
+"""Encoder-side gathers: the visible rows of a token tensor, or the visible patches of an image.
+
+``gather_visible``: ``out[n, k] = x[n, ids_keep[n, k]] (+ pos_embed[ids_keep[n, k]])``; its backward
+writes every row of ``dx`` once (the gradient row for kept positions, zeros for removed ones), so
+it needs neither a memset nor atomics.
+
+``gather_patches``: ``out[n, k] = the pixels of patch ids_keep[n, k] of imgs[n]``, flattened in the
+patch-embedding weight's (c, i, j) order, so that embedding only the visible patches is one GEMM.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from fastmae.kernels._launch import accumulator_is_fp64, row_tiles
+
+
+@triton.jit
+def _gather_rows_fwd(
+    x_ptr, pos_ptr, ids_ptr, out_ptr,
+    n_rows, K, L, D, tiles_per_program,
+    HAS_POS: tl.constexpr, FP64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr,
+):
+    i_p = tl.program_id(0).to(tl.int64)
+    o_d = tl.arange(0, BLOCK_W)
+    m_d = o_d < D
+    for i_t in range(tiles_per_program):
+        o_r = (i_p * tiles_per_program + i_t) * BLOCK_R + tl.arange(0, BLOCK_R)  # output row n*K + k
+        m_r = o_r < n_rows
+        b_l = tl.load(ids_ptr + o_r, mask=m_r, other=0)  # [BR] source position l
+        o_src = (o_r // K) * L + b_l
+        m = m_r[:, None] & m_d[None, :]
+        b_x = tl.load(x_ptr + o_src[:, None] * D + o_d[None, :], mask=m)  # [BR, BW]
+        b_x = b_x.to(tl.float64) if FP64 else b_x.to(tl.float32)
+        if HAS_POS:
+            b_pos = tl.load(pos_ptr + b_l[:, None] * D + o_d[None, :], mask=m)
+            b_x += b_pos.to(tl.float64) if FP64 else b_pos.to(tl.float32)
+        tl.store(out_ptr + o_r[:, None] * D + o_d[None, :], b_x.to(out_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _gather_rows_bwd(
+    dout_ptr, inv_ptr, dx_ptr,
+    n_rows, K, L, D, tiles_per_program,
+    BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr,
+):
+    i_p = tl.program_id(0).to(tl.int64)
+    o_d = tl.arange(0, BLOCK_W)
+    m_d = o_d < D
+    for i_t in range(tiles_per_program):
+        o_r = (i_p * tiles_per_program + i_t) * BLOCK_R + tl.arange(0, BLOCK_R)  # dx row n*L + l
+        m_r = o_r < n_rows
+        b_k = tl.load(inv_ptr + o_r, mask=m_r, other=-1)  # [BR] visible index of l, -1 if removed
+        m_kept = m_r & (b_k >= 0)
+        o_src = (o_r // L) * K + b_k
+        b_g = tl.load(dout_ptr + o_src[:, None] * D + o_d[None, :], mask=m_kept[:, None] & m_d[None, :], other=0.0)
+        tl.store(dx_ptr + o_r[:, None] * D + o_d[None, :], b_g.to(dx_ptr.dtype.element_ty),
+                 mask=m_r[:, None] & m_d[None, :])
+
+
+@triton.jit
+def _gather_patches_fwd(
+    img_ptr, ids_ptr, out_ptr,
+    n_rows, K, C, H, W, GW, tiles_per_program,
+    P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr,
+):
+    i_p = tl.program_id(0).to(tl.int64)
+    o_e = tl.arange(0, BLOCK_W)  # element of the patch, (c, i, j) order
+    m_e = o_e < C * P * P
+    o_c = o_e // (P * P)
+    o_i = (o_e // P) % P
+    o_j = o_e % P
+    for i_t in range(tiles_per_program):
+        o_r = (i_p * tiles_per_program + i_t) * BLOCK_R + tl.arange(0, BLOCK_R)  # output row n*K + k
+        m_r = o_r < n_rows
+        b_l = tl.load(ids_ptr + o_r, mask=m_r, other=0)
+        o_n = o_r // K
+        o_h = (b_l // GW) * P
+        o_w = (b_l % GW) * P
+        o_img = ((o_n[:, None] * C + o_c[None, :]) * H + o_h[:, None] + o_i[None, :]) * W + o_w[:, None] + o_j[None, :]
+        m = m_r[:, None] & m_e[None, :]
+        b_px = tl.load(img_ptr + o_img, mask=m)
+        tl.store(out_ptr + o_r[:, None] * (C * P * P) + o_e[None, :], b_px, mask=m)
+
+
+# -- gather_visible ------------------------------------------------------------------------------
+
+@torch.library.custom_op("fastmae::gather_visible", mutates_args=())
+def gather_visible_op(x: torch.Tensor, ids_keep: torch.Tensor, pos_embed: Optional[torch.Tensor]) -> torch.Tensor:
+    x = x.contiguous()
+    ids_keep = ids_keep.contiguous()
+    n, L, d = x.shape
+    k = ids_keep.shape[1]
+    dtype = x.dtype if pos_embed is None else torch.promote_types(x.dtype, pos_embed.dtype)
+    out = torch.empty(n, k, d, dtype=dtype, device=x.device)
+    t = row_tiles(n * k, d)
+    _gather_rows_fwd[t.grid](
+        x, pos_embed.contiguous() if pos_embed is not None else x, ids_keep, out,
+        n * k, k, L, d, t.tiles_per_program,
+        HAS_POS=pos_embed is not None, FP64=accumulator_is_fp64(x, pos_embed),
+        BLOCK_R=t.BLOCK_R, BLOCK_W=t.BLOCK_W, num_warps=t.num_warps,
+    )
+    return out
+
+
+@gather_visible_op.register_fake
+def _(x, ids_keep, pos_embed):
+    dtype = x.dtype if pos_embed is None else torch.promote_types(x.dtype, pos_embed.dtype)
+    return x.new_empty(x.shape[0], ids_keep.shape[1], x.shape[2], dtype=dtype)
+
+
+@torch.library.custom_op("fastmae::gather_visible_backward", mutates_args=())
+def gather_visible_backward_op(dout: torch.Tensor, ids_keep: torch.Tensor, L: int, dtype: torch.dtype) -> torch.Tensor:
+    dout = dout.contiguous()
+    n, k, d = dout.shape
+    # inverse map: visible index of each position, -1 for removed ones
+    inv = torch.full((n, L), -1, dtype=torch.int64, device=dout.device)
+    inv.scatter_(1, ids_keep, torch.arange(k, device=dout.device).expand(n, k))
+    dx = torch.empty(n, L, d, dtype=dtype, device=dout.device)
+    t = row_tiles(n * L, d)
+    _gather_rows_bwd[t.grid](
+        dout, inv, dx, n * L, k, L, d, t.tiles_per_program,
+        BLOCK_R=t.BLOCK_R, BLOCK_W=t.BLOCK_W, num_warps=t.num_warps,
+    )
+    return dx
+
+
+@gather_visible_backward_op.register_fake
+def _(dout, ids_keep, L, dtype):
+    return dout.new_empty(dout.shape[0], L, dout.shape[2], dtype=dtype)
+
+
+def _gather_visible_setup(ctx, inputs, output):
+    x, ids_keep, pos_embed = inputs
+    ctx.save_for_backward(ids_keep)
+    ctx.L, ctx.x_dtype = x.shape[1], x.dtype
+    ctx.pos_dtype = pos_embed.dtype if pos_embed is not None else None
+
+
+def _gather_visible_backward(ctx, dout):
+    (ids_keep,) = ctx.saved_tensors
+    need_x, _, need_pos = ctx.needs_input_grad
+    if not (need_x or need_pos):
+        return None, None, None
+    dx = gather_visible_backward_op(dout, ids_keep, ctx.L, dout.dtype if need_pos else ctx.x_dtype)
+    dpos = dx.sum(0).to(ctx.pos_dtype) if need_pos else None
+    return (dx.to(ctx.x_dtype) if need_x else None), None, dpos
+
+
+gather_visible_op.register_autograd(_gather_visible_backward, setup_context=_gather_visible_setup)
+
+
+# -- gather_patches ------------------------------------------------------------------------------
+
+@torch.library.custom_op("fastmae::gather_patches", mutates_args=())
+def gather_patches_op(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: int) -> torch.Tensor:
+    imgs = imgs.contiguous()
+    ids_keep = ids_keep.contiguous()
+    n, c, H, W = imgs.shape
+    k = ids_keep.shape[1]
+    p = patch_size
+    out = torch.empty(n, k, c * p * p, dtype=imgs.dtype, device=imgs.device)
+    t = row_tiles(n * k, c * p * p)
+    _gather_patches_fwd[t.grid](
+        imgs, ids_keep, out, n * k, k, c, H, W, W // p, t.tiles_per_program,
+        P=p, BLOCK_R=t.BLOCK_R, BLOCK_W=t.BLOCK_W, num_warps=t.num_warps,
+    )
+    return out
+
+
+@gather_patches_op.register_fake
+def _(imgs, ids_keep, patch_size):
+    return imgs.new_empty(imgs.shape[0], ids_keep.shape[1], imgs.shape[1] * patch_size**2)
+
+
+def _gather_patches_setup(ctx, inputs, output):
+    imgs, ids_keep, patch_size = inputs
+    ctx.save_for_backward(ids_keep)
+    ctx.shape, ctx.patch_size = imgs.shape, patch_size
+
+
+def _gather_patches_backward(ctx, dpatches):
+    # Images rarely need a gradient; this path is plain PyTorch (scatter the rows, fold the patches).
+    (ids_keep,) = ctx.saved_tensors
+    n, c, H, W = ctx.shape
+    p = ctx.patch_size
+    full = dpatches.new_zeros(n, (H // p) * (W // p), c * p * p)
+    full.scatter_(1, ids_keep.unsqueeze(-1).expand(-1, -1, full.shape[2]), dpatches)
+    dimgs = full.reshape(n, H // p, W // p, c, p, p).permute(0, 3, 1, 4, 2, 5).reshape(n, c, H, W)
+    return dimgs, None, None
+
+
+gather_patches_op.register_autograd(_gather_patches_backward, setup_context=_gather_patches_setup)

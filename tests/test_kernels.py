@@ -1,0 +1,76 @@
+"""The Triton backend's torch.library registration: opcheck, torch.compile, and its own errors.
+(Numerical agreement with the reference is in test_ops.py, for every backend.)"""
+import pytest
+import torch
+
+from fastmae import ops
+from fastmae.models import create_model
+from fastmae.ops import reference
+from fastmae.testing import assert_close
+
+
+def masking(n, L, k):
+    return reference.random_masking(torch.rand(n, L), k)
+
+
+def opcheck_cases():
+    n, L, d, k = 2, 16, 24, 5
+    ids_keep, ids_restore, mask = masking(n, L, k)
+    f = torch.ops.fastmae
+    x = torch.randn(n, L, d, requires_grad=True)
+    xv = torch.randn(n, 1 + k, d, requires_grad=True)
+    token = torch.randn(d, requires_grad=True)
+    pred = torch.randn(n, L, 48, requires_grad=True)
+    imgs = torch.randn(n, 3, 16, 16)
+    return [
+        (f.random_masking.default, (torch.rand(n, L), k)),
+        (f.gather_visible.default, (x, ids_keep, torch.randn(L, d))),
+        (f.gather_visible.default, (x, ids_keep, None)),
+        (f.gather_visible_backward.default, (torch.randn(n, k, d), ids_keep, L, torch.bfloat16)),
+        (f.gather_patches.default, (torch.randn(n, 3, 16, 16, requires_grad=True), ids_keep, 4)),
+        (f.unshuffle_with_mask_token.default, (xv, ids_restore, token, torch.randn(L + 1, d))),
+        (f.unshuffle_with_mask_token_backward.default, (torch.randn(n, L + 1, d), ids_restore, 1 + k, torch.float32)),
+        (f.masked_pixel_loss.default, (pred, imgs, mask, 4, True, True)),
+        (f.masked_pixel_loss.default, (pred.detach(), imgs, mask, 4, False, False)),
+    ]
+
+
+@pytest.mark.parametrize("op,args", opcheck_cases(), ids=lambda v: str(v) if isinstance(v, torch._ops.OpOverload) else "")
+def test_opcheck(op, args):
+    torch.library.opcheck(op, args)
+
+
+def test_model_compiles_without_graph_breaks_and_matches_eager():
+    torch.manual_seed(0)
+    model = create_model("mae_vit_tiny_patch4", depth=1, decoder_depth=1, kernel_backend="triton", norm_pix_loss=True)
+    imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 64)
+
+    def loss_and_grads(m):
+        model.zero_grad()
+        loss, pred, mask = m(imgs, noise=noise)
+        loss.backward()
+        return [loss, pred, mask] + [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    eager = loss_and_grads(model)
+    compiled = loss_and_grads(torch.compile(model, fullgraph=True))
+    for c, e in zip(compiled, eager):
+        assert_close(c, e, backward=True)
+
+
+def test_loss_without_grad_skips_the_gradient():
+    pred, imgs = torch.randn(2, 16, 48), torch.randn(2, 3, 16, 16)
+    _, _, mask = masking(2, 16, 4)
+    with torch.no_grad():
+        got = ops.masked_pixel_loss(pred.requires_grad_(), imgs, mask, 4, True, backend="triton")
+    assert_close(got, reference.masked_pixel_loss(pred, imgs, mask, 4, True))
+
+
+def test_loss_refuses_gradients_it_does_not_compute():
+    pred, imgs = torch.randn(1, 4, 48), torch.randn(1, 3, 8, 8, requires_grad=True)
+    with pytest.raises(NotImplementedError, match="backend='torch'"):
+        ops.masked_pixel_loss(pred, imgs, torch.ones(1, 4), 4, False, backend="triton")
+
+
+def test_masking_refuses_float64_noise():
+    with pytest.raises(ValueError, match="float64"):
+        ops.random_masking(torch.rand(2, 8, dtype=torch.float64), 2, backend="triton")
