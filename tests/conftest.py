@@ -1,12 +1,15 @@
 import os
+import pathlib
 
-# Triton kernels run on the CPU under the interpreter; it must be set before triton is imported.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import pathlib  # noqa: E402
+# Without a GPU the Triton kernels run on the CPU under the interpreter, which must be switched on
+# before triton is imported (importing torch does not import it).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+from fastmae.ops.registry import BACKENDS  # noqa: E402
 
 SHARED = pathlib.Path(__file__).resolve().parents[1] / ".." / "shared"
 FIXTURES = SHARED / "fixtures"
@@ -27,6 +30,34 @@ def official(request):
     if not path.exists():
         pytest.fail(f"parity fixture missing: {path} (expected ../shared/fixtures beside the repository)")
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def backend_cases(family: str, only: str | None = None) -> list:
+    """``(backend, device)`` for every backend of ``family`` and every device it runs on here;
+    CUDA cases carry the ``cuda`` mark."""
+    return [
+        pytest.param((b.name, d), id=f"{b.name}-{d}", marks=[pytest.mark.cuda] if d == "cuda" else [])
+        for b in BACKENDS[family]
+        if only in (None, b.name)
+        for d in ("cpu", "cuda")
+        if not b.unavailable_reasons(d)
+    ]
+
+
+@pytest.fixture(params=backend_cases("kernels"))
+def backend(request):
+    """Each kernel backend on each device it runs on here; tensors are created on that device."""
+    name, device = request.param
+    with torch.device(device):
+        yield name
+
+
+@pytest.fixture(params=backend_cases("kernels", only="triton"))
+def triton_device(request):
+    """The devices the Triton kernels run on here (the interpreter on a CPU-only machine)."""
+    name, device = request.param
+    with torch.device(device):
+        yield device
 
 
 @pytest.fixture(autouse=True)

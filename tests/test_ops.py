@@ -9,8 +9,10 @@ from fastmae.ops import reference
 from fastmae.ops.registry import BACKENDS
 from fastmae.testing import assert_close
 
-BACKENDS_HERE = [b.name for b in BACKENDS["kernels"] if not b.unavailable_reasons("cpu")]
-assert "triton" in BACKENDS_HERE, "the Triton kernels must be tested here (TRITON_INTERPRET=1, see conftest.py)"
+TRITON = next(b for b in BACKENDS["kernels"] if b.name == "triton")
+assert not TRITON.unavailable_reasons("cuda" if torch.cuda.is_available() else "cpu"), (
+    "the Triton kernels must be tested here (on a GPU, or under TRITON_INTERPRET=1: see conftest.py)"
+)
 
 
 @pytest.fixture(autouse=True)
@@ -25,7 +27,7 @@ def keep_counts(L):
     return sorted({1, L // 4, L - 1})
 
 
-def masking_inputs(n, L, len_keep, dtype=torch.float32):
+def masking_inputs(n, L, len_keep):
     noise = torch.rand(n, L)
     return noise, *reference.random_masking(noise, len_keep)
 
@@ -124,7 +126,6 @@ def test_patchify_layout_and_inverse():
 
 # -- every backend against the reference ---------------------------------------------------------
 
-@pytest.mark.parametrize("backend", BACKENDS_HERE)
 @pytest.mark.parametrize("n,L", [(1, 16), (3, 49), (2, 50), (1, 63), (3, 196)])
 def test_random_masking(backend, n, L):
     for len_keep in keep_counts(L):
@@ -134,7 +135,6 @@ def test_random_masking(backend, n, L):
                 assert g.dtype == w.dtype and torch.equal(g, w)
 
 
-@pytest.mark.parametrize("backend", BACKENDS_HERE)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n,L,d", SHAPES)
 @pytest.mark.parametrize("with_pos", [False, True])
@@ -153,7 +153,6 @@ def test_gather_visible(backend, dtype, n, L, d, with_pos):
         assert_close(gx, wx, backward=True)
 
 
-@pytest.mark.parametrize("backend", BACKENDS_HERE)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n,L,d", SHAPES)
 @pytest.mark.parametrize("with_pos", [False, True])
@@ -174,7 +173,6 @@ def test_unshuffle_with_mask_token(backend, dtype, n, L, d, with_pos):
         assert_close(g[1], w[1], backward=True)
 
 
-@pytest.mark.parametrize("backend", BACKENDS_HERE)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n,c,p,h,w,d", [(1, 3, 4, 16, 16, 40), (3, 3, 4, 28, 28, 64), (2, 1, 7, 14, 21, 40)])
 def test_embed_visible_patches(backend, dtype, n, c, p, h, w, d):
@@ -197,7 +195,6 @@ def test_embed_visible_patches(backend, dtype, n, c, p, h, w, d):
             assert_close(g / r.abs().max(), r / r.abs().max(), backward=True)
 
 
-@pytest.mark.parametrize("backend", BACKENDS_HERE)
 @pytest.mark.parametrize("dtype,img_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
                                              (torch.float16, torch.float32), (torch.bfloat16, torch.bfloat16)])
 @pytest.mark.parametrize("n,c,p,h,w", [(1, 3, 4, 16, 16), (3, 3, 4, 28, 28), (2, 1, 7, 14, 21), (1, 3, 14, 28, 14)])
@@ -218,7 +215,6 @@ def test_masked_pixel_loss(backend, dtype, img_dtype, n, c, p, h, w, norm_pix):
         assert_close(g, wg, backward=True)
 
 
-@pytest.mark.parametrize("backend", BACKENDS_HERE)
 def test_gradcheck_float64(backend):
     n, L, d, k = 2, 8, 3, 3
     _, ids_keep, ids_restore, mask = masking_inputs(n, L, k)
@@ -238,18 +234,18 @@ def test_gradcheck_float64(backend):
         assert torch.autograd.gradcheck(f, (pred,))
 
 
-@pytest.mark.parametrize("backend", BACKENDS_HERE)
 def test_deterministic(backend):
     """The same inputs twice give bit-identical outputs and gradients."""
     n, L, d, k = 3, 49, 40, 12
     noise, ids_keep, ids_restore, mask = masking_inputs(n, L, k)
 
     def run():
-        x = torch.randn(n, 1 + k, d, generator=torch.Generator().manual_seed(1), requires_grad=True)
-        token = torch.randn(d, generator=torch.Generator().manual_seed(2), requires_grad=True)
+        torch.manual_seed(1)
+        x = torch.randn(n, 1 + k, d, requires_grad=True)
+        token = torch.randn(d, requires_grad=True)
         out = ops.unshuffle_with_mask_token(x, ids_restore, token, backend=backend)
-        pred = torch.randn(n, L, 48, generator=torch.Generator().manual_seed(3), requires_grad=True)
-        imgs = torch.randn(n, 3, 28, 28, generator=torch.Generator().manual_seed(4))
+        pred = torch.randn(n, L, 48, requires_grad=True)
+        imgs = torch.randn(n, 3, 28, 28)
         loss = ops.masked_pixel_loss(pred, imgs, mask, 4, True, backend=backend)
         (out.sum() + loss).backward()
         return [*ops.random_masking(noise, k, backend=backend), out, loss, x.grad, token.grad, pred.grad]

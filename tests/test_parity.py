@@ -5,7 +5,10 @@ import pytest
 import torch
 
 from fastmae.models import MaskedAutoencoderViT
+from fastmae.ops.registry import resolve
 from fastmae.testing import PARITY_FORWARD_REL, PARITY_GRAD_REL, relative_error
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 
 
 def build(official, **kwargs):
@@ -27,10 +30,19 @@ def test_fixed_position_embeddings_equal_the_originals(official):
         torch.testing.assert_close(getattr(fresh, key).data, official["state_dict"][key], atol=1e-7, rtol=0)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kernels,attention", [("torch", "math"), ("torch", "sdpa"), ("triton", "sdpa")])
-def test_parity_with_original(official, kernels, attention):
-    model = build(official, kernel_backend=kernels, attention_backend=attention)
-    imgs, noise, ratio = official["imgs"], official["noise"], official["mask_ratio"]
+def test_parity_with_original(official, kernels, attention, device, monkeypatch):
+    try:
+        resolve("kernels", kernels, device)
+    except RuntimeError as e:
+        pytest.skip(str(e))
+    # fp32 means fp32: cuDNN convolutions default to TF32 on GPUs (matmuls do not)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    model = build(official, kernel_backend=kernels, attention_backend=attention).to(device)
+    imgs, noise, ratio = official["imgs"].to(device), official["noise"].to(device), official["mask_ratio"]
+    official = {k: v.to(device) if torch.is_tensor(v) else v for k, v in official.items()}
+    official["grads"] = {k: v.to(device) for k, v in official["grads"].items()}
 
     latent, mask, ids_restore = model.forward_encoder(imgs, ratio, noise)
     assert relative_error(latent, official["latent"]) <= PARITY_FORWARD_REL

@@ -1,0 +1,101 @@
+"""Shared by the benchmark suites: device, sizes, synchronized timing, and what each result records.
+
+``pytest benchmarks --benchmark-only`` runs the real MAE sizes on a GPU and reduced sizes on a CPU
+(there, the Triton kernels would only run under the interpreter, so they are skipped). Every result
+carries its device, versions, shapes, dtype and derived figures (GB/s, fraction of the measured copy
+bandwidth) in ``extra_info``.
+"""
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import dataclass
+
+import torch
+import triton
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+ON_GPU = DEVICE.type == "cuda"
+
+
+@dataclass(frozen=True)
+class Preset:
+    """The shapes one MAE training step feeds the kernels."""
+
+    name: str
+    batch: int
+    img: int
+    patch: int
+    enc_dim: int
+    dec_dim: int = 512
+    chans: int = 3
+    mask_ratio: float = 0.75
+
+    @property
+    def L(self) -> int:
+        return (self.img // self.patch) ** 2
+
+    @property
+    def K(self) -> int:
+        return int(self.L * (1 - self.mask_ratio))
+
+    @property
+    def P(self) -> int:
+        return self.patch**2 * self.chans
+
+
+PRESETS = (
+    [Preset("vit_b16", 256, 224, 16, 768), Preset("vit_l16", 256, 224, 16, 1024)]
+    if ON_GPU
+    else [Preset("vit_b16_cpu", 8, 224, 16, 768)]
+)
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name() if ON_GPU else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def sync() -> None:
+    if ON_GPU:
+        torch.cuda.synchronize()
+
+
+def copy_bandwidth_gbps() -> float:
+    """Achieved device copy bandwidth in GB/s (bytes read + written per second), the limit the
+    memory-bound kernels are measured against."""
+    n = (1 << 28) if ON_GPU else (1 << 24)
+    src = torch.empty(n, dtype=torch.float32, device=DEVICE)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    sync()
+    times = []
+    for _ in range(10):
+        if ON_GPU:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            dst.copy_(src)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            dst.copy_(src)
+            times.append(time.perf_counter() - t0)
+    return 2 * src.numel() * src.element_size() / sorted(times)[len(times) // 2] / 1e9
+
+
+def measure(benchmark, fn, *, rounds: int | None = None, **info) -> float:
+    """Time ``fn`` (synchronized inside the timed call) and record ``info``; returns the median
+    seconds."""
+    def run():
+        fn()
+        sync()
+
+    benchmark.pedantic(run, rounds=rounds or (50 if ON_GPU else 5), warmup_rounds=3 if ON_GPU else 1, iterations=1)
+    median = benchmark.stats.stats.median
+    benchmark.extra_info.update(
+        device=device_name(), torch=torch.__version__, triton=triton.__version__,
+        cuda=torch.version.cuda if ON_GPU else None, median_ms=median * 1e3, **info,
+    )
+    return median

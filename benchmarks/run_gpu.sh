@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# One run on a GPU machine: the cuda-marked tests, then the kernel benchmarks; results in $OUT.
+# Bounded well under 10 minutes (each step has its own timeout).
+#   OUT=/tmp/results bash benchmarks/run_gpu.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-benchmarks/results/latest}
+mkdir -p "$OUT"
+
+# Install without touching the machine's packages (it may have no network); fall back to a copy
+# on PYTHONPATH laid out as the installed package (fastmae.kernels <- kernels/).
+if ! pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1; then
+  shim=$(mktemp -d)
+  cp -r fastmae "$shim/" && cp -r kernels "$shim/fastmae/kernels"
+  export PYTHONPATH="$shim${PYTHONPATH:+:$PYTHONPATH}"
+  echo "pip install failed (see install.log); using $shim" | tee -a "$OUT/install.log"
+fi
+
+{
+  date -u +"date: %Y-%m-%dT%H:%M:%SZ"
+  echo "commit: $(git rev-parse HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (dirty)')"
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+  python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+  python -m fastmae.ops
+} >"$OUT/environment.txt" 2>&1
+cat "$OUT/environment.txt"
+
+timeout 240 python -m pytest tests -m cuda -q -p no:cacheprovider 2>&1 | tail -n 30 | tee "$OUT/cuda-tests.txt"
+timeout 300 python -m pytest benchmarks --benchmark-only -q -p no:cacheprovider \
+  --benchmark-json "$OUT/bench.json" --benchmark-columns=median,iqr,rounds 2>&1 | tail -n 60 >"$OUT/bench.txt"
+python benchmarks/summarize.py "$OUT/bench.json" | tee "$OUT/summary.md"

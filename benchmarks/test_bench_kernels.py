@@ -1,0 +1,136 @@
+"""Each kernel op: the ``triton`` backend against the ``torch`` reference at MAE sizes (bf16
+activations as under autocast), forward, backward and both; achieved GB/s over the bytes the op must
+move at least, and that as a fraction of the device's copy bandwidth.
+
+    pytest benchmarks/test_bench_kernels.py --benchmark-only
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bench_utils import DEVICE, ON_GPU, PRESETS, measure
+from fastmae import ops
+from fastmae.ops import reference
+from fastmae.ops.registry import BACKENDS
+
+BF16, F32, I64 = 2, 4, 8
+
+
+def runnable(name: str) -> list[str]:
+    backend = next(b for b in BACKENDS["kernels"] if b.name == name)
+    return backend.unavailable_reasons(DEVICE.type)
+
+
+PROVIDERS = [
+    pytest.param(name, marks=pytest.mark.skip(reason=f"{name}: {'; '.join(runnable(name))}") if runnable(name) else [])
+    for name in ("triton", "torch")
+]
+if not ON_GPU:  # interpreted Triton timings mean nothing
+    PROVIDERS[0] = pytest.param("triton", marks=pytest.mark.skip(reason="Triton timings need a GPU"))
+
+
+def inputs(preset, seed=0):
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    n, L, K = preset.batch, preset.L, preset.K
+    noise = torch.rand(n, L, device=DEVICE, generator=g)
+    ids_keep, ids_restore, mask = reference.random_masking(noise, K)
+    return noise, ids_keep, ids_restore, mask
+
+
+def record(benchmark, fn, preset, provider, mode, nbytes, copy_bandwidth, **extra):
+    seconds = measure(benchmark, fn, preset=preset.name, provider=provider, mode=mode,
+                      batch=preset.batch, **extra)
+    gbps = nbytes / seconds / 1e9
+    benchmark.extra_info.update(bytes=nbytes, gbps=gbps, copy_gbps=copy_bandwidth,
+                                fraction_of_copy_bandwidth=gbps / copy_bandwidth)
+
+
+def forward_backward(forward, grad_inputs, mode):
+    """The timed function for ``mode``: fwd, bwd (through a retained graph) or fwd+bwd."""
+    if mode == "fwd":
+        return lambda: forward()
+    out = forward()
+    dy = torch.randn_like(out) if out.dim() else torch.ones_like(out)
+    if mode == "bwd":
+        return lambda: torch.autograd.grad(out, grad_inputs, dy, retain_graph=True)
+    return lambda: torch.autograd.grad(forward(), grad_inputs, dy)
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.name)
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_random_masking(benchmark, preset, provider, copy_bandwidth):
+    noise, *_ = inputs(preset)
+    n, L, K = preset.batch, preset.L, preset.K
+    nbytes = n * L * F32 + n * K * I64 + n * L * I64 + n * L * F32
+    record(benchmark, lambda: ops.random_masking(noise, K, backend=provider), preset, provider, "fwd",
+           nbytes, copy_bandwidth, op="random_masking", shape=[n, L])
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.name)
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("mode", ["fwd", "bwd", "fwd+bwd"])
+def test_gather_visible(benchmark, preset, provider, mode, copy_bandwidth):
+    _, ids_keep, _, _ = inputs(preset)
+    n, L, K, D = preset.batch, preset.L, preset.K, preset.enc_dim
+    x = torch.randn(n, L, D, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    pos = torch.randn(L, D, device=DEVICE)
+    fn = forward_backward(lambda: ops.gather_visible(x, ids_keep, pos, backend=provider), (x,), mode)
+    fwd = n * K * D * (BF16 + F32) + L * D * F32
+    bwd = n * K * D * F32 + n * L * D * BF16
+    nbytes = {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
+    record(benchmark, fn, preset, provider, mode, nbytes, copy_bandwidth, op="gather_visible", shape=[n, L, K, D])
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.name)
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+def test_embed_visible_patches(benchmark, preset, provider, mode, copy_bandwidth):
+    _, ids_keep, _, _ = inputs(preset)
+    n, L, K, D, p = preset.batch, preset.L, preset.K, preset.enc_dim, preset.patch
+    imgs = torch.randn(n, 3, preset.img, preset.img, device=DEVICE)
+    weight = torch.randn(D, 3, p, p, device=DEVICE, requires_grad=True)
+    bias = torch.zeros(D, device=DEVICE, requires_grad=True)
+    pos = torch.randn(L, D, device=DEVICE)
+
+    def forward():
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+            return ops.embed_visible_patches(imgs, ids_keep, weight, bias, pos, backend=provider)
+
+    fn = forward_backward(forward, (weight, bias), mode)
+    # the visible pixels read, the embeddings written (and read back in the backward)
+    nbytes = n * K * (preset.P * F32 + D * F32) * (1 if mode == "fwd" else 2)
+    record(benchmark, fn, preset, provider, mode, nbytes, copy_bandwidth, op="embed_visible_patches",
+           shape=[n, 3, preset.img, preset.img, D])
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.name)
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("mode", ["fwd", "bwd", "fwd+bwd"])
+def test_unshuffle_with_mask_token(benchmark, preset, provider, mode, copy_bandwidth):
+    _, _, ids_restore, _ = inputs(preset)
+    n, L, K, D = preset.batch, preset.L, preset.K, preset.dec_dim
+    x = torch.randn(n, 1 + K, D, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    token = torch.randn(D, device=DEVICE, requires_grad=True)
+    pos = torch.randn(L + 1, D, device=DEVICE)
+    fn = forward_backward(lambda: ops.unshuffle_with_mask_token(x, ids_restore, token, pos, backend=provider),
+                          (x, token), mode)
+    fwd = n * (1 + K) * D * BF16 + (L + 1) * D * F32 + n * (L + 1) * D * F32
+    bwd = n * (L + 1) * D * F32 + n * (1 + K) * D * BF16
+    nbytes = {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
+    record(benchmark, fn, preset, provider, mode, nbytes, copy_bandwidth, op="unshuffle_with_mask_token",
+           shape=[n, L, K, D])
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.name)
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+def test_masked_pixel_loss(benchmark, preset, provider, mode, copy_bandwidth):
+    _, _, _, mask = inputs(preset)
+    n, L, K, P, p = preset.batch, preset.L, preset.K, preset.P, preset.patch
+    pred = torch.randn(n, L, P, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    imgs = torch.randn(n, 3, preset.img, preset.img, device=DEVICE)
+    fn = forward_backward(lambda: ops.masked_pixel_loss(pred, imgs, mask, p, True, backend=provider), (pred,), mode)
+    removed = n * (L - K) * P * (BF16 + F32) + n * L * F32
+    nbytes = removed if mode == "fwd" else removed + n * L * P * BF16
+    record(benchmark, fn, preset, provider, mode, nbytes, copy_bandwidth, op="masked_pixel_loss", shape=[n, L, P])
