@@ -7,7 +7,9 @@ costs milliseconds whatever its size, so tiles are as large as the shape allows.
 """
 from __future__ import annotations
 
+import functools
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -22,9 +24,9 @@ except ImportError:  # triton < 3.4
 
 TILE_ELEMENTS = 4096
 INTERPRET_TILE_ELEMENTS = 1 << 16
-# Kernels that reduce across rows write one partial result per program; capping the programs keeps
-# that buffer small (each program then loops over several tiles).
-MAX_REDUCING_PROGRAMS = 1024
+# Kernels that reduce across rows into one partial row per program keep that buffer small by
+# running a few waves of programs that each loop over several tiles.
+REDUCING_PROGRAMS_PER_SM = 4
 
 
 @dataclass(frozen=True)
@@ -36,14 +38,27 @@ class RowTiles:
     num_warps: int
 
 
-def row_tiles(n_rows: int, width: int, *, reducing: bool = False) -> RowTiles:
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def row_tiles(n_rows: int, width: int, device: torch.device, *, reducing: bool = False) -> RowTiles:
     block_w = triton.next_power_of_2(max(width, 1))
     budget = INTERPRET_TILE_ELEMENTS if INTERPRET else TILE_ELEMENTS
     block_r = max(1, min(budget // block_w, triton.next_power_of_2(max(n_rows, 1))))
     n_tiles = triton.cdiv(n_rows, block_r)
-    per_program = triton.cdiv(n_tiles, MAX_REDUCING_PROGRAMS) if reducing and not INTERPRET else 1
+    per_program = 1
+    if reducing and device.type == "cuda" and not INTERPRET:
+        max_programs = REDUCING_PROGRAMS_PER_SM * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        per_program = triton.cdiv(n_tiles, max_programs)
     num_warps = 8 if block_r * block_w >= 4096 else 4
     return RowTiles(block_r, block_w, per_program, (max(1, triton.cdiv(n_tiles, per_program)),), num_warps)
+
+
+def on_device(t: torch.Tensor):
+    """Triton launches on the current CUDA device: make it the tensor's."""
+    return torch.cuda.device(t.device) if t.is_cuda else nullcontext()
 
 
 def accumulator_is_fp64(*tensors: torch.Tensor) -> bool:

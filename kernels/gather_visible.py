@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastmae.kernels._launch import accumulator_is_fp64, row_tiles
+from fastmae.kernels._launch import accumulator_is_fp64, on_device, row_tiles
 
 
 @triton.jit
@@ -96,13 +96,14 @@ def gather_visible_op(x: torch.Tensor, ids_keep: torch.Tensor, pos_embed: Option
     k = ids_keep.shape[1]
     dtype = x.dtype if pos_embed is None else torch.promote_types(x.dtype, pos_embed.dtype)
     out = torch.empty(n, k, d, dtype=dtype, device=x.device)
-    t = row_tiles(n * k, d)
-    _gather_rows_fwd[t.grid](
-        x, pos_embed.contiguous() if pos_embed is not None else x, ids_keep, out,
-        n * k, k, L, d, t.tiles_per_program,
-        HAS_POS=pos_embed is not None, FP64=accumulator_is_fp64(x, pos_embed),
-        BLOCK_R=t.BLOCK_R, BLOCK_W=t.BLOCK_W, num_warps=t.num_warps,
-    )
+    t = row_tiles(n * k, d, x.device)
+    with on_device(x):
+        _gather_rows_fwd[t.grid](
+            x, pos_embed.contiguous() if pos_embed is not None else x, ids_keep, out,
+            n * k, k, L, d, t.tiles_per_program,
+            HAS_POS=pos_embed is not None, FP64=accumulator_is_fp64(x, pos_embed),
+            BLOCK_R=t.BLOCK_R, BLOCK_W=t.BLOCK_W, num_warps=t.num_warps,
+        )
     return out
 
 
@@ -120,11 +121,12 @@ def gather_visible_backward_op(dout: torch.Tensor, ids_keep: torch.Tensor, L: in
     inv = torch.full((n, L), -1, dtype=torch.int64, device=dout.device)
     inv.scatter_(1, ids_keep, torch.arange(k, device=dout.device).expand(n, k))
     dx = torch.empty(n, L, d, dtype=dtype, device=dout.device)
-    t = row_tiles(n * L, d)
-    _gather_rows_bwd[t.grid](
-        dout, inv, dx, n * L, k, L, d, t.tiles_per_program,
-        BLOCK_R=t.BLOCK_R, BLOCK_W=t.BLOCK_W, num_warps=t.num_warps,
-    )
+    t = row_tiles(n * L, d, dout.device)
+    with on_device(dout):
+        _gather_rows_bwd[t.grid](
+            dout, inv, dx, n * L, k, L, d, t.tiles_per_program,
+            BLOCK_R=t.BLOCK_R, BLOCK_W=t.BLOCK_W, num_warps=t.num_warps,
+        )
     return dx
 
 
@@ -163,11 +165,12 @@ def gather_patches_op(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: in
     k = ids_keep.shape[1]
     p = patch_size
     out = torch.empty(n, k, c * p * p, dtype=imgs.dtype, device=imgs.device)
-    t = row_tiles(n * k, c * p * p)
-    _gather_patches_fwd[t.grid](
-        imgs, ids_keep, out, n * k, k, c, H, W, W // p, t.tiles_per_program,
-        P=p, BLOCK_R=t.BLOCK_R, BLOCK_W=t.BLOCK_W, num_warps=t.num_warps,
-    )
+    t = row_tiles(n * k, c * p * p, imgs.device)
+    with on_device(imgs):
+        _gather_patches_fwd[t.grid](
+            imgs, ids_keep, out, n * k, k, c, H, W, W // p, t.tiles_per_program,
+            P=p, BLOCK_R=t.BLOCK_R, BLOCK_W=t.BLOCK_W, num_warps=t.num_warps,
+        )
     return out
 
 

@@ -14,25 +14,28 @@ import torch
 import triton
 import triton.language as tl
 
-from fastmae.kernels._launch import accumulator_is_fp64, row_tiles
+from fastmae.kernels._launch import accumulator_is_fp64, on_device, row_tiles
 from fastmae.ops.reference import NORM_PIX_EPS
 
 
 @triton.jit
 def _masked_pixel_loss_fwd(
     pred_ptr, img_ptr, mask_ptr, msum_ptr, loss_partial_ptr, dpred_ptr,
-    n_rows, L, C, H, W, GW, tiles_per_program, eps,
-    PATCH: tl.constexpr, NORM_PIX: tl.constexpr, WITH_GRAD: tl.constexpr, FP64: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr,
+    n_rows, L, H, W, GW, tiles_per_program,
+    C: tl.constexpr, PATCH: tl.constexpr, EPS: tl.constexpr, NORM_PIX: tl.constexpr, WITH_GRAD: tl.constexpr,
+    FP64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_IJ: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     acc_dtype = tl.float64 if FP64 else tl.float32
     i_p = tl.program_id(0).to(tl.int64)
-    P = PATCH * PATCH * C
-    o_e = tl.arange(0, BLOCK_W)  # element of the patch, (i, j, c) order as patchify's nhwpqc
-    m_e = o_e < P
-    o_c = o_e % C
-    o_q = (o_e // C) % PATCH
-    o_pi = o_e // (C * PATCH)
+    P: tl.constexpr = PATCH * PATCH * C
+    # A tile is [rows, pixel (i, j) of the patch, channel]: pred's row is laid out (i, j, c)
+    # (patchify's nhwpqc) while the image holds each channel's rows of pixels contiguously, so each
+    # load gets its own coalesced layout and the compiler transposes between them on chip.
+    o_ij = tl.arange(0, BLOCK_IJ)[None, :, None]
+    o_c = tl.arange(0, BLOCK_C)[None, None, :]
+    m_e = (o_ij < PATCH * PATCH) & (o_c < C)
+    o_pred = o_ij * C + o_c  # [1, BIJ, BC] offset within a pred row
+    o_img = (o_c * H + o_ij // PATCH) * W + o_ij % PATCH  # [1, BIJ, BC] offset from the patch's corner
     if WITH_GRAD:
         b_scale = 2.0 / (P * tl.maximum(tl.load(msum_ptr).to(acc_dtype), 1e-30))
     b_loss = tl.zeros([BLOCK_R], dtype=acc_dtype)
@@ -40,28 +43,25 @@ def _masked_pixel_loss_fwd(
         o_r = (i_p * tiles_per_program + i_t) * BLOCK_R + tl.arange(0, BLOCK_R)  # row n*L + l
         m_r = o_r < n_rows
         b_m = tl.load(mask_ptr + o_r, mask=m_r, other=0.0).to(acc_dtype)  # [BR]
-        m_removed = m_r & (b_m != 0)
-        m = m_removed[:, None] & m_e[None, :]
+        m = (m_r & (b_m != 0))[:, None, None] & m_e  # kept patches are not read
         o_n = o_r // L
         o_l = o_r % L
-        o_h = (o_l // GW) * PATCH
-        o_w = (o_l % GW) * PATCH
-        o_img = ((o_n[:, None] * C + o_c[None, :]) * H + o_h[:, None] + o_pi[None, :]) * W + o_w[:, None] + o_q[None, :]
-        b_t = tl.load(img_ptr + o_img, mask=m, other=0.0).to(acc_dtype)  # [BR, BW]
-        b_pred = tl.load(pred_ptr + o_r[:, None] * P + o_e[None, :], mask=m, other=0.0).to(acc_dtype)
+        o_corner = (o_n * C * H + (o_l // GW) * PATCH) * W + (o_l % GW) * PATCH  # [BR] image offset
+        b_t = tl.load(img_ptr + o_corner[:, None, None] + o_img, mask=m, other=0.0).to(acc_dtype)
+        b_pred = tl.load(pred_ptr + o_r[:, None, None] * P + o_pred, mask=m, other=0.0).to(acc_dtype)
         if NORM_PIX:
-            b_mean = tl.sum(b_t, axis=1) / P
-            b_c = tl.where(m, b_t - b_mean[:, None], 0.0)
-            b_var = tl.sum(b_c * b_c, axis=1) / (P - 1)  # unbiased, as torch.var
-            # sqrt_rn: IEEE rounding (plain sqrt is approximate in fp32 on GPUs); fp32 only
-            b_std = tl.sqrt(b_var + eps) if FP64 else tl.sqrt_rn(b_var + eps)
-            b_t = b_c / b_std[:, None]
+            b_mean = tl.sum(tl.sum(b_t, axis=2), axis=1) / P
+            b_c = tl.where(m, b_t - b_mean[:, None, None], 0.0)
+            b_var = tl.sum(tl.sum(b_c * b_c, axis=2), axis=1) / (P - 1)  # unbiased, as torch.var
+            # sqrt_rn: correctly rounded (plain sqrt is approximate in fp32 on GPUs); fp32 only
+            b_std = tl.sqrt(b_var + EPS) if FP64 else tl.sqrt_rn(b_var + EPS)
+            b_t = b_c / b_std[:, None, None]
         b_diff = tl.where(m, b_pred - b_t, 0.0)
-        b_loss += b_m * (tl.sum(b_diff * b_diff, axis=1) / P)
+        b_loss += b_m * (tl.sum(tl.sum(b_diff * b_diff, axis=2), axis=1) / P)
         if WITH_GRAD:
-            b_dpred = b_diff * (b_m * b_scale)[:, None]
-            tl.store(dpred_ptr + o_r[:, None] * P + o_e[None, :], b_dpred.to(dpred_ptr.dtype.element_ty),
-                     mask=m_r[:, None] & m_e[None, :])
+            b_dpred = b_diff * (b_m * b_scale)[:, None, None]
+            tl.store(dpred_ptr + o_r[:, None, None] * P + o_pred, b_dpred.to(dpred_ptr.dtype.element_ty),
+                     mask=m_r[:, None, None] & m_e)
     tl.store(loss_partial_ptr + i_p, tl.sum(b_loss, axis=0))
 
 
@@ -76,15 +76,18 @@ def masked_pixel_loss_op(
     fp64 = accumulator_is_fp64(pred, imgs)
     acc = torch.float64 if fp64 else torch.float32
     msum = mask.sum(dtype=acc)
-    t = row_tiles(n * L, P, reducing=True)
+    block_ij, block_c = triton.next_power_of_2(patch_size**2), triton.next_power_of_2(c)
+    # one scalar partial per program: no need to cap the programs
+    t = row_tiles(n * L, block_ij * block_c, pred.device)
     partial = torch.empty(t.grid[0], dtype=acc, device=pred.device)
     dpred = torch.empty_like(pred) if with_grad else pred.new_empty(0)
-    _masked_pixel_loss_fwd[t.grid](
-        pred, imgs, mask, msum, partial, dpred,
-        n * L, L, c, H, W, W // patch_size, t.tiles_per_program, NORM_PIX_EPS,
-        PATCH=patch_size, NORM_PIX=norm_pix, WITH_GRAD=with_grad, FP64=fp64,
-        BLOCK_R=t.BLOCK_R, BLOCK_W=t.BLOCK_W, num_warps=t.num_warps,
-    )
+    with on_device(pred):
+        _masked_pixel_loss_fwd[t.grid](
+            pred, imgs, mask, msum, partial, dpred,
+            n * L, L, H, W, W // patch_size, t.tiles_per_program,
+            C=c, PATCH=patch_size, EPS=NORM_PIX_EPS, NORM_PIX=norm_pix, WITH_GRAD=with_grad, FP64=fp64,
+            BLOCK_R=t.BLOCK_R, BLOCK_IJ=block_ij, BLOCK_C=block_c, num_warps=t.num_warps,
+        )
     return partial.sum() / msum.clamp_min(torch.finfo(acc).tiny), dpred
 
 

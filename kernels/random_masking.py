@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastmae.kernels._launch import on_device
+
 
 @triton.jit
 def _random_masking(noise_ptr, keep_ptr, restore_ptr, mask_ptr, L, len_keep, BLOCK_L: tl.constexpr):
@@ -40,8 +42,9 @@ def random_masking_op(noise: torch.Tensor, len_keep: int) -> tuple[torch.Tensor,
     ids_restore = torch.empty(n, L, dtype=torch.int64, device=noise.device)
     mask = torch.empty(n, L, dtype=torch.float32, device=noise.device)
     block = triton.next_power_of_2(L)
-    _random_masking[(n,)](noise, ids_keep, ids_restore, mask, L, len_keep, BLOCK_L=block,
-                          num_warps=4 if block <= 1024 else 8)
+    with on_device(noise):
+        _random_masking[(n,)](noise, ids_keep, ids_restore, mask, L, len_keep, BLOCK_L=block,
+                              num_warps=4 if block <= 1024 else 8)
     return ids_keep, ids_restore, mask
 
 

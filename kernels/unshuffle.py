@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastmae.kernels._launch import accumulator_is_fp64, row_tiles
+from fastmae.kernels._launch import accumulator_is_fp64, on_device, row_tiles
 
 
 @triton.jit
@@ -92,13 +92,14 @@ def unshuffle_op(
     n, k1, d = x.shape
     L = ids_restore.shape[1]
     out = torch.empty(n, L + 1, d, dtype=_out_dtype(x, mask_token, pos_embed), device=x.device)
-    t = row_tiles(n * (L + 1), d)
-    _unshuffle_fwd[t.grid](
-        x, ids_restore, mask_token.contiguous(), pos_embed.contiguous() if pos_embed is not None else x, out,
-        n * (L + 1), k1 - 1, L, d, t.tiles_per_program,
-        HAS_POS=pos_embed is not None, FP64=accumulator_is_fp64(x, mask_token, pos_embed),
-        BLOCK_R=t.BLOCK_R, BLOCK_W=t.BLOCK_W, num_warps=t.num_warps,
-    )
+    t = row_tiles(n * (L + 1), d, x.device)
+    with on_device(x):
+        _unshuffle_fwd[t.grid](
+            x, ids_restore, mask_token.contiguous(), pos_embed.contiguous() if pos_embed is not None else x, out,
+            n * (L + 1), k1 - 1, L, d, t.tiles_per_program,
+            HAS_POS=pos_embed is not None, FP64=accumulator_is_fp64(x, mask_token, pos_embed),
+            BLOCK_R=t.BLOCK_R, BLOCK_W=t.BLOCK_W, num_warps=t.num_warps,
+        )
     return out
 
 
@@ -116,12 +117,13 @@ def unshuffle_backward_op(
     n, L1, d = dout.shape
     fp64 = accumulator_is_fp64(dout)
     dx = torch.empty(n, k1, d, dtype=x_dtype, device=dout.device)
-    t = row_tiles(n * L1, d, reducing=True)
+    t = row_tiles(n * L1, d, dout.device, reducing=True)
     partial = torch.empty(t.grid[0], d, dtype=torch.float64 if fp64 else torch.float32, device=dout.device)
-    _unshuffle_bwd[t.grid](
-        dout, ids_restore.contiguous(), dx, partial, n * L1, k1 - 1, L1 - 1, d, t.tiles_per_program,
-        FP64=fp64, BLOCK_R=t.BLOCK_R, BLOCK_W=t.BLOCK_W, num_warps=t.num_warps,
-    )
+    with on_device(dout):
+        _unshuffle_bwd[t.grid](
+            dout, ids_restore.contiguous(), dx, partial, n * L1, k1 - 1, L1 - 1, d, t.tiles_per_program,
+            FP64=fp64, BLOCK_R=t.BLOCK_R, BLOCK_W=t.BLOCK_W, num_warps=t.num_warps,
+        )
     return dx, partial.sum(0)
 
 

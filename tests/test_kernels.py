@@ -1,10 +1,14 @@
-"""The Triton backend's torch.library registration: opcheck, torch.compile, and its own errors.
+"""The Triton backend's registration (opcheck), its compilation for GPUs, and its own errors.
 (Numerical agreement with the reference is in test_ops.py, for every backend.)"""
+import os
+import pathlib
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from fastmae import ops
-from fastmae.models import create_model
 from fastmae.ops import reference
 from fastmae.testing import assert_close
 
@@ -41,20 +45,12 @@ def test_opcheck(triton_device, case):
     torch.library.opcheck(op, args)
 
 
-def test_model_compiles_without_graph_breaks_and_matches_eager(triton_device):
-    model = create_model("mae_vit_tiny_patch4", depth=1, decoder_depth=1, kernel_backend="triton", norm_pix_loss=True)
-    imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 64)
-
-    def loss_and_grads(m):
-        model.zero_grad()
-        loss, pred, mask = m(imgs, noise=noise)
-        loss.backward()
-        return [loss, pred, mask] + [p.grad.clone() for p in model.parameters() if p.requires_grad]
-
-    eager = loss_and_grads(model)
-    compiled = loss_and_grads(torch.compile(model, fullgraph=True))
-    for c, e in zip(compiled, eager):
-        assert_close(c, e, backward=True)
+def test_kernels_compile_for_a100_and_h100():
+    """Lowered to PTX and assembled for sm_80 and sm_90 on this machine, GPU or not."""
+    script = pathlib.Path(__file__).with_name("compile_kernels_for_gpus.py")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
 
 
 def test_loss_without_grad_skips_the_gradient(triton_device):
@@ -94,7 +90,8 @@ def test_mae_sizes_on_gpu(enc_dim):
         pos = torch.randn(L, enc_dim)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             outs = [ops.embed_visible_patches(imgs, ids_keep, weight, bias, pos, backend=b) for b in ("triton", "torch")]
-        assert_close(outs[0], outs[1])
+        # a bf16 GEMM against a bf16 convolution (fp32 after the position embedding): compare as bf16
+        assert_close(outs[0].bfloat16(), outs[1].bfloat16())
 
         x = torch.randn(n, 1 + K, dec, dtype=torch.bfloat16, requires_grad=True)
         token = torch.randn(dec, requires_grad=True)

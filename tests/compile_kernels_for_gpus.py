@@ -1,0 +1,64 @@
+"""Compile every Triton kernel for A100 (sm_80) and H100 (sm_90) without a GPU: the lowering to
+PTX and ptxas run on the CPU, so errors that the interpreter cannot see (types, layouts, register
+allocation) show up here. Run by tests/test_kernels.py in a process without TRITON_INTERPRET.
+
+    python tests/compile_kernels_for_gpus.py
+"""
+import os
+import sys
+
+assert os.environ.get("TRITON_INTERPRET", "0") != "1", "the interpreter replaces the compiler: unset TRITON_INTERPRET"
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from fastmae.kernels import gather_visible, masked_pixel_loss, random_masking, unshuffle  # noqa: E402
+
+ROWS = dict(n_rows="i32", K="i32", L="i32", D="i32", tiles_per_program="i32")
+
+# (kernel, argument types, constexpr values, num_warps): the specializations MAE training launches
+CASES = [
+    (random_masking._random_masking,
+     dict(noise_ptr="*fp32", keep_ptr="*i64", restore_ptr="*i64", mask_ptr="*fp32", L="i32", len_keep="i32"),
+     dict(BLOCK_L=256), 4),
+    *[(gather_visible._gather_rows_fwd,
+       dict(x_ptr=f"*{x}", pos_ptr="*fp32", ids_ptr="*i64", out_ptr=f"*{out}", **ROWS),
+       dict(HAS_POS=has_pos, FP64=x == "fp64", BLOCK_R=4, BLOCK_W=1024), 8)
+      for x, out, has_pos in [("bf16", "fp32", True), ("fp32", "fp32", False), ("fp64", "fp64", True)]],
+    (gather_visible._gather_rows_bwd,
+     dict(dout_ptr="*fp32", inv_ptr="*i64", dx_ptr="*bf16", **ROWS), dict(BLOCK_R=4, BLOCK_W=1024), 8),
+    (gather_visible._gather_patches_fwd,
+     dict(img_ptr="*fp32", ids_ptr="*i64", out_ptr="*fp32", n_rows="i32", K="i32", C="i32", H="i32", W="i32",
+          GW="i32", tiles_per_program="i32"), dict(P=16, BLOCK_R=4, BLOCK_W=1024), 8),
+    *[(unshuffle._unshuffle_fwd,
+       dict(x_ptr=f"*{x}", ids_ptr="*i64", tok_ptr="*fp32", pos_ptr="*fp32", out_ptr=f"*{out}", **ROWS),
+       dict(HAS_POS=True, FP64=x == "fp64", BLOCK_R=8, BLOCK_W=512), 8)
+      for x, out in [("bf16", "fp32"), ("fp64", "fp64")]],
+    *[(unshuffle._unshuffle_bwd,
+       dict(dout_ptr=f"*{g}", ids_ptr="*i64", dx_ptr=f"*{x}", dtok_partial_ptr=f"*{acc}", **ROWS),
+       dict(FP64=g == "fp64", BLOCK_R=8, BLOCK_W=512), 8)
+      for g, x, acc in [("fp32", "bf16", "fp32"), ("fp64", "fp64", "fp64")]],
+    *[(masked_pixel_loss._masked_pixel_loss_fwd,
+       dict(pred_ptr=f"*{pred}", img_ptr=f"*{img}", mask_ptr="*fp32", msum_ptr=f"*{acc}", loss_partial_ptr=f"*{acc}",
+            dpred_ptr=f"*{pred}", n_rows="i32", L="i32", H="i32", W="i32", GW="i32", tiles_per_program="i32"),
+       dict(C=3, PATCH=patch, EPS=1e-6, NORM_PIX=norm_pix, WITH_GRAD=grad, FP64=acc == "fp64",
+            BLOCK_R=4, BLOCK_IJ=256, BLOCK_C=4), 8)
+      for pred, img, acc, patch, norm_pix, grad in [
+          ("bf16", "fp32", "fp32", 16, True, True), ("bf16", "fp32", "fp32", 14, False, False),
+          ("fp16", "bf16", "fp32", 16, True, True), ("fp64", "fp64", "fp64", 16, True, True)]],
+]
+
+
+def main() -> int:
+    for arch in (80, 90):
+        for fn, types, constexprs, num_warps in CASES:
+            signature = {name: "constexpr" if name in constexprs else types[name] for name in fn.arg_names}
+            triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=GPUTarget("cuda", arch, 32),
+                           options={"num_warps": num_warps})
+            print(f"sm_{arch} {fn.__name__} {constexprs}: ok")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
