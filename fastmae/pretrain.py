@@ -22,7 +22,7 @@ from fastmae.checkpoint import read_checkpoint, save_checkpoint
 from fastmae.data import build_pretrain_dataset
 from fastmae.engine import NonFiniteLossError, train_one_epoch
 from fastmae.models import PRESETS, create_model
-from fastmae.optim import param_groups_weight_decay
+from fastmae.optim import OPTIMIZERS, build_optimizer, param_groups_weight_decay
 
 logger = logging.getLogger("fastmae")
 
@@ -45,8 +45,13 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="kernel backend (default: $FASTMAE_KERNELS, else automatic)")
     g.add_argument("--attention", default=None, choices=ops.backend_names("attention") + [ops.AUTO],
                    help="attention backend (default: $FASTMAE_ATTENTION, else automatic)")
+    g.add_argument("--norm", default=None, choices=ops.backend_names("norm") + [ops.AUTO],
+                   help="LayerNorm implementation (default: $FASTMAE_NORM, else apex when installed)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
 
     g = p.add_argument_group("optimizer")
+    g.add_argument("--optimizer", default="adamw", choices=list(OPTIMIZERS),
+                   help="adamw: torch AdamW (fused on CUDA); apex_adam / apex_lamb: apex's FusedAdam / FusedLAMB")
     g.add_argument("--weight_decay", default=0.05, type=float)
     g.add_argument("--lr", default=None, type=float, help="absolute lr (default: blr * effective batch / 256)")
     g.add_argument("--blr", default=1e-3, type=float, help="base lr, for an effective batch of 256")
@@ -98,7 +103,7 @@ def main(args: argparse.Namespace) -> dict:
     os.makedirs(args.output_dir, exist_ok=True)
     logger.info("args: %s", json.dumps(vars(args)))
 
-    model = create_model(args.model, norm_pix_loss=args.norm_pix_loss,
+    model = create_model(args.model, norm_pix_loss=args.norm_pix_loss, norm_backend=args.norm,
                          kernel_backend=args.kernels, attention_backend=args.attention,
                          **({"img_size": args.input_size} if args.input_size else {}))
     args.input_size = model.patch_embed.img_size[0]
@@ -106,8 +111,9 @@ def main(args: argparse.Namespace) -> dict:
     # resolve now, so that a backend that cannot run fails before any data is read
     kernels = ops.resolve("kernels", args.kernels, device.type)
     attention = ops.resolve("attention", args.attention, device.type)
-    logger.info("model %s: %.1fM parameters, kernels %s, attention %s",
-                args.model, sum(p.numel() for p in model.parameters()) / 1e6, kernels, attention)
+    logger.info("model %s: %.1fM parameters, kernels %s, attention %s, LayerNorm %s",
+                args.model, sum(p.numel() for p in model.parameters()) / 1e6, kernels, attention,
+                type(model.norm).__module__ + "." + type(model.norm).__name__)
 
     dataset = build_pretrain_dataset(args.data_path, args.input_size)
     if len(dataset) < args.batch_size:
@@ -127,11 +133,10 @@ def main(args: argparse.Namespace) -> dict:
     logger.info("base lr %.2e, actual lr %.2e, effective batch size %d", args.lr * 256 / eff_batch_size,
                 args.lr, eff_batch_size)
 
-    optimizer = torch.optim.AdamW(
-        param_groups_weight_decay(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95),
-        fused=device.type == "cuda",
+    optimizer, description = build_optimizer(
+        args.optimizer, param_groups_weight_decay(model, args.weight_decay), args.lr, device.type
     )
-    logger.info("optimizer: torch AdamW%s", " (fused)" if device.type == "cuda" else "")
+    logger.info("optimizer: %s", description)
     if args.resume:
         ckpt = read_checkpoint(args.resume)
         model.load_state_dict(ckpt["model"])
@@ -141,13 +146,15 @@ def main(args: argparse.Namespace) -> dict:
         logger.info("resumed from %s, starting at epoch %d", args.resume, args.start_epoch)
 
     autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
+    # the training step runs the compiled module; checkpoints hold the plain one's state dict
+    train_model = torch.compile(model) if args.compile else model
     writer = open_tensorboard(args.log_dir or args.output_dir)
     schedule = dict(lr=args.lr, min_lr=args.min_lr, warmup_epochs=args.warmup_epochs, epochs=args.epochs)
     stats: dict = {}
     start = time.time()
     for epoch in range(args.start_epoch, args.epochs):
         stats = train_one_epoch(
-            model, loader, optimizer, epoch, steps_per_epoch=len(loader), device=device,
+            train_model, loader, optimizer, epoch, steps_per_epoch=len(loader), device=device,
             mask_ratio=args.mask_ratio, accum_iter=args.accum_iter, schedule=schedule,
             autocast_dtype=autocast_dtype, print_freq=args.print_freq, log=logger.info,
         )

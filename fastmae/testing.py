@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from fastmae.ops.registry import BACKENDS
+
 FORWARD = {
     torch.float64: dict(atol=1e-10, rtol=1e-10),
     torch.float32: dict(atol=1e-5, rtol=1e-5),
@@ -36,3 +38,17 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """``max |actual - expected| / max |expected|`` in float64."""
     a, e = actual.detach().double(), expected.detach().double()
     return ((a - e).abs().max() / e.abs().max().clamp_min(1e-30)).item()
+
+
+def backend_cases(family: str, only: str | None = None) -> list:
+    """pytest parameters ``(backend, device)`` for every backend of ``family`` and every device it
+    runs on here; CUDA cases carry the ``cuda`` mark."""
+    import pytest
+
+    return [
+        pytest.param((b.name, d), id=f"{b.name}-{d}", marks=[pytest.mark.cuda] if d == "cuda" else [])
+        for b in BACKENDS[family]
+        if only in (None, b.name)
+        for d in ("cpu", "cuda")
+        if not b.unavailable_reasons(d)
+    ]

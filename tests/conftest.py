@@ -9,7 +9,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from fastmae.ops.registry import BACKENDS  # noqa: E402
+from fastmae.testing import backend_cases  # noqa: E402
 
 SHARED = pathlib.Path(__file__).resolve().parents[1] / ".." / "shared"
 FIXTURES = SHARED / "fixtures"
@@ -30,18 +30,6 @@ def official(request):
     if not path.exists():
         pytest.fail(f"parity fixture missing: {path} (expected ../shared/fixtures beside the repository)")
     return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def backend_cases(family: str, only: str | None = None) -> list:
-    """``(backend, device)`` for every backend of ``family`` and every device it runs on here;
-    CUDA cases carry the ``cuda`` mark."""
-    return [
-        pytest.param((b.name, d), id=f"{b.name}-{d}", marks=[pytest.mark.cuda] if d == "cuda" else [])
-        for b in BACKENDS[family]
-        if only in (None, b.name)
-        for d in ("cpu", "cuda")
-        if not b.unavailable_reasons(d)
-    ]
 
 
 @pytest.fixture(params=backend_cases("kernels"))

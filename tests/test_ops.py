@@ -175,7 +175,8 @@ def test_unshuffle_with_mask_token(backend, dtype, n, L, d, with_pos):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n,c,p,h,w,d", [(1, 3, 4, 16, 16, 40), (3, 3, 4, 28, 28, 64), (2, 1, 7, 14, 21, 40)])
-def test_embed_visible_patches(backend, dtype, n, c, p, h, w, d):
+def test_embed_visible_patches(backend, dtype, n, c, p, h, w, d, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # the reference's convolution, on GPUs
     L = (h // p) * (w // p)
     for len_keep in keep_counts(L):
         _, ids_keep, _, _ = masking_inputs(n, L, len_keep)
@@ -274,23 +275,8 @@ def test_deterministic(backend):
         (lambda: ops.embed_visible_patches(torch.randn(1, 3, 8, 8), torch.zeros(1, 2, dtype=torch.long), torch.randn(4, 3, 3, 3), None), "not divisible"),
         (lambda: ops.embed_visible_patches(torch.randn(1, 3, 8, 8), torch.zeros(1, 2, dtype=torch.long), torch.randn(4, 1, 4, 4), None), "weight"),
         (lambda: ops.embed_visible_patches(torch.randn(1, 3, 8, 8), torch.zeros(1, 2, dtype=torch.long), torch.randn(4, 3, 4, 4), torch.randn(5)), "bias"),
-        (lambda: ops.attention(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4), torch.randn(1, 2, 4, 4)), "q, k, v"),
     ],
 )
 def test_bad_input_is_named(call, message):
     with pytest.raises(ValueError, match=message):
         call()
-
-
-# -- attention backends --------------------------------------------------------------------------
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("n,head_dim", [(50, 64), (197, 64), (257, 80)])
-def test_sdpa_matches_math(dtype, n, head_dim):
-    q, k, v = (torch.randn(2, 3, n, head_dim, dtype=dtype, requires_grad=True) for _ in range(3))
-    got = ops.attention(q, k, v, backend="sdpa")
-    want = ops.attention(q, k, v, backend="math")
-    assert_close(got, want)
-    dy = torch.randn_like(want)
-    for g, w in zip(torch.autograd.grad(got, (q, k, v), dy), torch.autograd.grad(want, (q, k, v), dy)):
-        assert_close(g, w, backward=True)

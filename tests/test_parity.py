@@ -31,10 +31,16 @@ def test_fixed_position_embeddings_equal_the_originals(official):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("kernels,attention", [("torch", "math"), ("torch", "sdpa"), ("triton", "sdpa")])
+@pytest.mark.parametrize("kernels,attention", [
+    ("torch", "math"), ("torch", "sdpa"), ("torch", "sdpa_flash"), ("torch", "sdpa_efficient"),
+    ("torch", "xformers"), ("triton", "sdpa"),
+])
 def test_parity_with_original(official, kernels, attention, device, monkeypatch):
+    if (attention, device) == ("sdpa_flash", "cuda"):
+        pytest.skip("PyTorch's flash kernel takes no fp32 on CUDA")
     try:
         resolve("kernels", kernels, device)
+        resolve("attention", attention, device)
     except RuntimeError as e:
         pytest.skip(str(e))
     # fp32 means fp32: cuDNN convolutions default to TF32 on GPUs (matmuls do not)

@@ -1,6 +1,8 @@
+import importlib.util
 import json
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -8,7 +10,8 @@ import torch
 from fastmae.checkpoint import load_checkpoint
 from fastmae.data.shapes import ShapesDataset
 from fastmae.models import create_model
-from fastmae.optim import lr_at, param_groups_weight_decay
+from fastmae.ops import BackendUnavailableError
+from fastmae.optim import build_optimizer, lr_at, param_groups_weight_decay
 from fastmae.pretrain import cli
 
 
@@ -87,3 +90,42 @@ def test_default_run_learns(tmp_path):
     assert cli(["--output_dir", str(tmp_path), "--epochs", "2", "--warmup_epochs", "0.5"]) == 0
     first, last = (r["train_loss"] for r in read_log(tmp_path))
     assert last < 0.8 * first
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--optimizer", "apex_lamb"], "apex"),
+    (["--norm", "apex"], "apex is not installed"),
+])
+def test_explicit_apex_without_apex_is_an_error(folder, tmp_path, caplog, flags, message):
+    if importlib.util.find_spec("apex") is not None:
+        pytest.skip("apex is installed here")
+    assert run(folder, tmp_path, "--epochs", "1", *flags) == 1
+    assert message in caplog.text
+
+
+def test_apex_optimizers_are_built_with_the_recipe(monkeypatch):
+    """The plumbing, with a stand-in for apex.optimizers (apex itself needs a CUDA build)."""
+    made = {}
+
+    class FakeFused(torch.optim.AdamW):
+        def __init__(self, params, lr, betas, adam_w_mode=None):
+            made.update(betas=betas, adam_w_mode=adam_w_mode)
+            super().__init__(params, lr=lr, betas=betas)
+
+    fake = types.ModuleType("apex.optimizers")
+    fake.FusedAdam = fake.FusedLAMB = FakeFused
+    monkeypatch.setitem(sys.modules, "apex", types.ModuleType("apex"))
+    monkeypatch.setitem(sys.modules, "apex.optimizers", fake)
+    groups = param_groups_weight_decay(create_model("mae_vit_tiny_patch4", depth=1, decoder_depth=1), 0.05)
+    opt, description = build_optimizer("apex_adam", groups, 1e-3, "cuda")
+    assert description == "apex FusedAdam" and made == {"betas": (0.9, 0.95), "adam_w_mode": True}
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.0, 0.05]
+    with pytest.raises(BackendUnavailableError, match="CUDA only"):
+        build_optimizer("apex_lamb", groups, 1e-3, "cpu")
+
+
+@pytest.mark.slow
+def test_compiled_training_writes_a_plain_checkpoint(folder, tmp_path):
+    assert run(folder, tmp_path, "--epochs", "1", "--compile", "--kernels", "triton") == 0
+    state = torch.load(tmp_path / "checkpoint-0.pth", weights_only=False)["model"]
+    assert "blocks.0.norm1.weight" in state and not any(k.startswith("_orig_mod") for k in state)

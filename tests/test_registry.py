@@ -59,9 +59,9 @@ def test_switching_the_backend_switches_the_model(monkeypatch):
     from fastmae.models import create_model
 
     calls = []
-    math_attention = registry.BACKENDS["attention"][1].module.attention
-    monkeypatch.setattr(registry.BACKENDS["attention"][1].module, "attention",
-                        lambda *a: calls.append(1) or math_attention(*a))
+    math_module = registry._find("attention", "math").module
+    math_attention = math_module.attention
+    monkeypatch.setattr(math_module, "attention", lambda *a: calls.append(1) or math_attention(*a))
     model = create_model("mae_vit_tiny_patch4", depth=1, decoder_depth=1, attention_backend="math")
     model(torch.randn(1, 3, 32, 32))
     assert len(calls) == 2  # one encoder block, one decoder block

@@ -203,7 +203,6 @@ class MaskedAutoencoderViT(nn.Module):
 
 # -- presets ---------------------------------------------------------------------------------------
 
-_LN = partial(nn.LayerNorm, eps=1e-6)
 _DECODER = dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
 
 PRESETS: dict[str, dict] = {
@@ -222,11 +221,13 @@ PRESETS["mae_vit_large_patch16_dec512d8b"] = PRESETS["mae_vit_large_patch16"]
 PRESETS["mae_vit_huge_patch14_dec512d8b"] = PRESETS["mae_vit_huge_patch14"]
 
 
-def create_model(name: str, **kwargs) -> MaskedAutoencoderViT:
-    """A preset by name (mlp ratio 4, LayerNorm eps 1e-6); ``kwargs`` override its settings."""
+def create_model(name: str, *, norm_backend: str | None = None, **kwargs) -> MaskedAutoencoderViT:
+    """A preset by name (mlp ratio 4, LayerNorm eps 1e-6, the LayerNorm class of ``norm_backend``:
+    ``torch``, ``apex``, or None for ``$FASTMAE_NORM``, else automatic); ``kwargs`` override its settings."""
     if name not in PRESETS:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(PRESETS)}")
-    return MaskedAutoencoderViT(**{"mlp_ratio": 4.0, "norm_layer": _LN, **PRESETS[name], **kwargs})
+    norm_layer = partial(ops.layer_norm(backend=norm_backend), eps=1e-6)
+    return MaskedAutoencoderViT(**{"mlp_ratio": 4.0, "norm_layer": norm_layer, **PRESETS[name], **kwargs})
 
 
 def _preset_constructor(name: str):

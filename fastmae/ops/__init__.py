@@ -17,6 +17,7 @@ __all__ = [
     "backend_names",
     "embed_visible_patches",
     "gather_visible",
+    "layer_norm",
     "masked_pixel_loss",
     "patchify",
     "random_masking",
@@ -160,10 +161,32 @@ def masked_pixel_loss(
     return implementation("kernels", op, backend, pred.device.type)(pred, imgs, mask, p, bool(norm_pix))
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
-    """``softmax(q k^T / sqrt(head_dim)) v`` for ``q, k, v`` [B, heads, N, head_dim]; no dropout and
-    no attention mask (MAE uses neither)."""
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """``softmax(q k^T / sqrt(head_dim)) v`` for ``q, k, v`` [B, heads, N, head_dim].
+
+    MAE uses neither an attention mask nor attention dropout, and no backend here implements them:
+    asking for either is an error rather than a silently different computation."""
+    if attn_mask is not None or dropout_p:
+        raise NotImplementedError(
+            "fastmae.ops.attention has no attention mask and no dropout (MAE uses neither); "
+            "use torch.nn.functional.scaled_dot_product_attention for them"
+        )
     if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
         _fail("attention", f"q, k, v must share one [B, heads, N, head_dim] shape, got "
               f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     return implementation("attention", "attention", backend, q.device.type)(q, k, v)
+
+
+def layer_norm(*, backend: str | None = None) -> type[torch.nn.Module]:
+    """The LayerNorm class of the ``norm`` backend (``torch`` or ``apex``); its parameters are named
+    as ``nn.LayerNorm``'s."""
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    return implementation("norm", "layer_norm", backend, device_type)()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from fastmae.ops.registry import AUTO, availability, resolve
+from fastmae.optim import OPTIMIZERS, optimizer_unavailable_reasons
 
 
 def main() -> None:
@@ -14,12 +15,17 @@ def main() -> None:
         for name, per_device in backends.items():
             for device, reasons in per_device.items():
                 state = "yes" if not reasons else "no: " + "; ".join(reasons)
-                print(f"  {name:<10} {device:<5} {state}")
+                print(f"  {name:<15} {device:<5} {state}")
         for device in devices:
             try:
                 print(f"  automatic on {device}: {resolve(family, AUTO, device)}")
             except RuntimeError as e:
                 print(f"  automatic on {device}: none ({e})")
+    print("\noptimizers (python -m fastmae.pretrain --optimizer):")
+    for name in OPTIMIZERS:
+        for device in devices:
+            reasons = optimizer_unavailable_reasons(name, device)
+            print(f"  {name:<15} {device:<5} {'yes' if not reasons else 'no: ' + '; '.join(reasons)}")
 
 
 if __name__ == "__main__":

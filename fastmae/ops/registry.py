@@ -1,13 +1,15 @@
 """Which implementation of each op runs.
 
-Two families of ops, each with its own backends:
+Families of ops, each with its own backends:
 
 - ``kernels``: random_masking, gather_visible, embed_visible_patches, unshuffle_with_mask_token,
   masked_pixel_loss
 - ``attention``: attention
+- ``norm``: layer_norm (the LayerNorm class the presets build)
 
 A backend is a module that defines the family's ops under their own names and a function
-``unavailable_reasons(device_type) -> list[str]`` (empty when it can run there). Backend modules
+``unavailable_reasons(device_type) -> list[str]`` (empty when it can run there); a backend's
+``options`` are passed to both (one module can serve several backends, e.g. the SDPA kernels). Backend modules
 import cheaply (optional libraries are imported inside them only when they are present), and all of
 them are imported when this module is, so the table below never changes afterwards: torch.compile
 can then trace the dispatch without graph breaks.
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import functools
 import os
 from dataclasses import dataclass
 from types import ModuleType
@@ -43,6 +46,7 @@ class Backend:
     module_name: str
     # device types on which automatic selection may pick this backend ("*": any device)
     auto_devices: tuple[str, ...]
+    options: tuple[tuple[str, str], ...] = ()
     module: ModuleType | None = None
     import_error: str | None = None
 
@@ -51,36 +55,50 @@ class Backend:
             return [f"cannot import {self.module_name}: {self.import_error}"]
         if device_type == "cuda" and not torch.cuda.is_available():
             return ["no CUDA device is available"]
-        return list(self.module.unavailable_reasons(device_type))
+        return list(self.module.unavailable_reasons(device_type, **dict(self.options)))
+
+    def op(self, name: str) -> Callable:
+        fn = getattr(self.module, name)
+        return functools.partial(fn, **dict(self.options)) if self.options else fn
 
     def auto_eligible(self, device_type: str) -> bool:
         return "*" in self.auto_devices or device_type in self.auto_devices
 
 
-def _backend(name: str, module_name: str, auto_devices: tuple[str, ...]) -> Backend:
+def _backend(name: str, module_name: str, auto_devices: tuple[str, ...], **options: str) -> Backend:
+    opts = tuple(options.items())
     try:
-        return Backend(name, module_name, auto_devices, module=importlib.import_module(module_name))
+        return Backend(name, module_name, auto_devices, opts, module=importlib.import_module(module_name))
     except ImportError as e:
-        return Backend(name, module_name, auto_devices, import_error=str(e))
+        return Backend(name, module_name, auto_devices, opts, import_error=str(e))
 
 
-ENV_VARS = {"kernels": "FASTMAE_KERNELS", "attention": "FASTMAE_ATTENTION"}
+ENV_VARS = {"kernels": "FASTMAE_KERNELS", "attention": "FASTMAE_ATTENTION", "norm": "FASTMAE_NORM"}
 OPS = {
     "kernels": (
         "random_masking", "gather_visible", "embed_visible_patches", "unshuffle_with_mask_token", "masked_pixel_loss",
     ),
     "attention": ("attention",),
+    "norm": ("layer_norm",),
 }
 
 # Priority order: automatic selection takes the first eligible backend that can run.
 BACKENDS: dict[str, tuple[Backend, ...]] = {
     "kernels": (
-        _backend("triton", "fastmae.kernels", auto_devices=("cuda",)),
+        _backend("triton", "fastmae.kernels.backend", auto_devices=("cuda",)),
         _backend("torch", "fastmae.ops.reference", auto_devices=("*",)),
     ),
     "attention": (
+        _backend("xformers", "fastmae.ops.attention_xformers", auto_devices=("cuda",)),
         _backend("sdpa", "fastmae.ops.attention_sdpa", auto_devices=("*",)),
+        _backend("sdpa_flash", "fastmae.ops.attention_sdpa", auto_devices=(), kernel="flash"),
+        _backend("sdpa_efficient", "fastmae.ops.attention_sdpa", auto_devices=(), kernel="efficient"),
+        _backend("sdpa_cudnn", "fastmae.ops.attention_sdpa", auto_devices=(), kernel="cudnn"),
         _backend("math", "fastmae.ops.attention_math", auto_devices=("*",)),
+    ),
+    "norm": (
+        _backend("apex", "fastmae.ops.layer_norm", auto_devices=("*",), impl="apex"),
+        _backend("torch", "fastmae.ops.layer_norm", auto_devices=("*",), impl="torch"),
     ),
 }
 
@@ -137,7 +155,7 @@ def resolve(family: str, requested: str | None, device_type: str) -> str:
 
 
 def implementation(family: str, op: str, requested: str | None, device_type: str) -> Callable:
-    return getattr(_find(family, resolve(family, requested, device_type)).module, op)
+    return _find(family, resolve(family, requested, device_type)).op(op)
 
 
 def availability(device_types: tuple[str, ...]) -> dict[str, dict[str, dict[str, list[str]]]]:

@@ -1,0 +1,52 @@
+"""Every attention backend against the explicit-softmax reference (``math``)."""
+import pytest
+import torch
+
+from fastmae import ops
+from fastmae.testing import assert_close, backend_cases
+
+# PyTorch's flash and cuDNN kernels take fp16/bf16 only on CUDA
+NO_FP32 = {("sdpa_flash", "cuda"), ("sdpa_cudnn", "cuda")}
+
+
+@pytest.fixture(params=[c for c in backend_cases("attention") if c.values[0][0] != "math"])
+def attention_case(request):
+    name, device = request.param
+    with torch.device(device):
+        yield name, device
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,head_dim", [(50, 64), (197, 64), (257, 80)])
+def test_matches_math(attention_case, dtype, n, head_dim):
+    name, device = attention_case
+    if dtype == torch.float32 and (name, device) in NO_FP32:
+        pytest.skip(f"{name} takes no fp32 on {device}")
+    q, k, v = (torch.randn(2, 3, n, head_dim, dtype=dtype, requires_grad=True) for _ in range(3))
+    got = ops.attention(q, k, v, backend=name)
+    want = ops.attention(q, k, v, backend="math")
+    assert got.shape == want.shape and got.dtype == want.dtype
+    assert_close(got, want)
+    dy = torch.randn_like(want)
+    for g, w in zip(torch.autograd.grad(got, (q, k, v), dy), torch.autograd.grad(want, (q, k, v), dy)):
+        assert_close(g, w, backward=True)
+
+
+def test_mask_and_dropout_are_refused():
+    q = torch.randn(1, 2, 4, 8)
+    with pytest.raises(NotImplementedError, match="MAE uses neither"):
+        ops.attention(q, q, q, attn_mask=torch.ones(4, 4, dtype=torch.bool))
+    with pytest.raises(NotImplementedError, match="no dropout"):
+        ops.attention(q, q, q, dropout_p=0.1)
+
+
+def test_shapes_are_checked():
+    with pytest.raises(ValueError, match="q, k, v"):
+        ops.attention(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4), torch.randn(1, 2, 4, 4))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU messages")
+def test_cuda_only_kernels_say_so():
+    for name, message in [("sdpa_efficient", "CUDA only"), ("sdpa_cudnn", "CUDA only"), ("xformers", "xformers")]:
+        with pytest.raises(ops.BackendUnavailableError, match=message):
+            ops.resolve("attention", name, "cpu")
