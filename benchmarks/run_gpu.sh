@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One run on a GPU machine: the cuda-marked tests, then the kernel benchmarks; results in $OUT.
+# One run on a GPU machine: the cuda-marked tests, then the benchmarks; results in $OUT.
 # Bounded well under 10 minutes (each step has its own timeout).
 #   OUT=/tmp/results bash benchmarks/run_gpu.sh
 set -uo pipefail
@@ -15,6 +15,11 @@ if ! pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1
   export PYTHONPATH="$shim${PYTHONPATH:+:$PYTHONPATH}"
   echo "pip install failed (see install.log); using $shim" | tee -a "$OUT/install.log"
 fi
+
+# Optional wheels carried to the machine (e.g. xformers, which installs beside an existing torch)
+for whl in wheels/*.whl; do
+  [ -e "$whl" ] && pip install -q --no-deps "$whl" >>"$OUT/install.log" 2>&1
+done
 
 {
   date -u +"date: %Y-%m-%dT%H:%M:%SZ"
