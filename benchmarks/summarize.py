@@ -10,7 +10,7 @@ import json
 import sys
 from collections import defaultdict
 
-REFERENCE = {"attention": "math"}  # every other op: "torch"
+REFERENCE = {"attention": "math", "loader": "torchvision"}  # every other op: "torch"
 
 
 def results(paths: list[str]):
@@ -26,6 +26,8 @@ def figures(info: dict) -> str:
         parts.append(f"{info['gbps']:.0f} GB/s ({info['fraction_of_copy_bandwidth']:.0%} of copy)")
     if info.get("tflops") is not None:
         parts.append(f"{info['tflops']:.3g} TFLOP/s")
+    if info.get("images_per_sec") is not None:
+        parts.append(f"{info['images_per_sec']:.0f} images/s")
     if info.get("peak_memory_mib") is not None:
         parts.append(f"{info['peak_memory_mib']:.0f} MiB peak")
     return ", ".join(parts)

@@ -19,7 +19,7 @@ import torch
 
 from fastmae import ops
 from fastmae.checkpoint import read_checkpoint, save_checkpoint
-from fastmae.data import build_pretrain_dataset
+from fastmae.data import DATA_BACKENDS, UnreadableImageError, build_pretrain_loader
 from fastmae.engine import NonFiniteLossError, train_one_epoch
 from fastmae.models import PRESETS, create_model
 from fastmae.optim import OPTIMIZERS, build_optimizer, param_groups_weight_decay
@@ -60,14 +60,19 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("data and run")
     g.add_argument("--data_path", default=None,
-                   help="ImageFolder root (DIR/train if it exists, else DIR); default: the built-in shapes dataset")
+                   help="ImageFolder root (DIR/train if it exists, else DIR), or a folder of tar shards "
+                        "(DALI); default: the built-in shapes dataset")
+    g.add_argument("--data_backend", default="auto", choices=DATA_BACKENDS,
+                   help="auto: DALI on CUDA when installed, else torchvision; synthetic: random batches on the device")
+    g.add_argument("--skip_unreadable", action="store_true",
+                   help="replace unreadable image files by readable ones (logged and counted) instead of stopping")
     g.add_argument("--output_dir", default="./output_dir", help="checkpoints and log.txt")
     g.add_argument("--log_dir", default=None, help="TensorBoard logs, when tensorboard is installed (default: output_dir)")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--seed", default=0, type=int)
     g.add_argument("--resume", default="", help="checkpoint to resume from")
     g.add_argument("--start_epoch", default=0, type=int)
-    g.add_argument("--num_workers", default=2, type=int)
+    g.add_argument("--num_workers", default=2, type=int, help="DataLoader workers (torchvision) or DALI threads")
     g.add_argument("--pin_mem", action=argparse.BooleanOptionalAction, default=True,
                    help="pin host memory in the loader for faster transfers to the GPU")
     g.add_argument("--save_freq", default=20, type=int, help="save checkpoint-EPOCH.pth every this many epochs (and the last)")
@@ -115,17 +120,13 @@ def main(args: argparse.Namespace) -> dict:
                 args.model, sum(p.numel() for p in model.parameters()) / 1e6, kernels, attention,
                 type(model.norm).__module__ + "." + type(model.norm).__name__)
 
-    dataset = build_pretrain_dataset(args.data_path, args.input_size)
-    if len(dataset) < args.batch_size:
-        raise ValueError(f"the dataset has {len(dataset)} images, fewer than one batch of {args.batch_size}")
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
-        num_workers=args.num_workers, pin_memory=args.pin_mem and device.type == "cuda",
-        persistent_workers=args.num_workers > 0,
-        generator=torch.Generator().manual_seed(args.seed),
+    loader = build_pretrain_loader(
+        backend=args.data_backend, data_path=args.data_path, input_size=args.input_size,
+        batch_size=args.batch_size, device=device, seed=args.seed, num_workers=args.num_workers,
+        pin_memory=args.pin_mem, skip_unreadable=args.skip_unreadable,
     )
-    logger.info("data: %s, %d images, %d steps per epoch",
-                args.data_path or "built-in shapes", len(dataset), len(loader))
+    logger.info("data: %s via %s, %d steps per epoch",
+                args.data_path or "built-in shapes", type(loader).__name__, len(loader))
 
     eff_batch_size = args.batch_size * args.accum_iter
     if args.lr is None:
@@ -153,6 +154,7 @@ def main(args: argparse.Namespace) -> dict:
     stats: dict = {}
     start = time.time()
     for epoch in range(args.start_epoch, args.epochs):
+        loader.set_epoch(epoch)
         stats = train_one_epoch(
             train_model, loader, optimizer, epoch, steps_per_epoch=len(loader), device=device,
             mask_ratio=args.mask_ratio, accum_iter=args.accum_iter, schedule=schedule,
@@ -163,7 +165,8 @@ def main(args: argparse.Namespace) -> dict:
                 {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch, "args": args},
                 os.path.join(args.output_dir, f"checkpoint-{epoch}.pth"),
             )
-        log_stats = {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch}
+        log_stats = {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch,
+                     "files_skipped": loader.files_skipped}
         with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
             f.write(json.dumps(log_stats) + "\n")
         if writer is not None:
@@ -181,7 +184,7 @@ def cli(argv: list[str] | None = None) -> int:
     check_args(parser, args)
     try:
         main(args)
-    except (NonFiniteLossError, ops.BackendUnavailableError, FileNotFoundError, ValueError) as e:
+    except (NonFiniteLossError, ops.BackendUnavailableError, FileNotFoundError, UnreadableImageError, ValueError) as e:
         logger.error("error: %s", e)
         return 1
     return 0

@@ -1,0 +1,198 @@
+"""The DALI loader: JPEG decoding fused with the random crop on the GPU (nvJPEG, ``device="mixed"``),
+or in DALI's CPU mode when there is no GPU; resize (cubic), flip and normalization in the pipeline.
+
+Two sources: an image list (an ImageFolder tree) read in the order :func:`epoch_order` gives, the
+same order as the torchvision loader's; or tar shards (webdataset layout) split across ranks by DALI's
+reader. A file that cannot be decoded stops the run with its path, or, with ``skip_unreadable``, is
+replaced by a readable one and counted (image lists only: tar shards are read by DALI alone).
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from fastmae.data.order import batches_per_epoch, epoch_order
+from fastmae.data.sources import UnreadableImageError, load_rgb
+
+logger = logging.getLogger("fastmae")
+
+try:
+    import nvidia.dali.fn as fn
+    import nvidia.dali.types as types
+    from nvidia.dali import pipeline_def
+    from nvidia.dali.plugin.pytorch import feed_ndarray
+
+    DALI_IMPORT_ERROR = None
+except ImportError as e:
+    DALI_IMPORT_ERROR = f"{type(e).__name__}: {e}"
+
+IMAGE_EXTENSIONS = "jpg;jpeg;png;webp;bmp"
+PREFETCH = 2  # batches DALI prepares ahead; a decode error surfaces up to this many batches late
+
+
+def dali_unavailable_reasons() -> list[str]:
+    if DALI_IMPORT_ERROR:
+        return [f"NVIDIA DALI is not installed (pip install 'fastmae[dali]' or 'fastmae[dali-cu13]'; {DALI_IMPORT_ERROR})"]
+    return []
+
+
+def _augment(encoded, *, size: int, on_gpu: bool, mean, std):
+    """The original's RandomResizedCrop(size, scale=(0.2, 1), bicubic) + flip + normalize, with the
+    crop fused into the decoder so only the crop is decoded."""
+    images = fn.decoders.image_random_crop(
+        encoded, device="mixed" if on_gpu else "cpu", output_type=types.RGB,
+        random_area=[0.2, 1.0], random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10,
+    )
+    images = fn.resize(images, resize_x=size, resize_y=size, interp_type=types.INTERP_CUBIC, antialias=True)
+    return fn.crop_mirror_normalize(
+        images, dtype=types.FLOAT, output_layout="CHW",
+        mean=[255 * m for m in mean], std=[255 * s for s in std], mirror=fn.random.coin_flip(probability=0.5),
+    )
+
+
+def _list_pipeline(files, labels, *, size, on_gpu, mean, std):
+    encoded, label = fn.readers.file(files=files, labels=labels, random_shuffle=False, pad_last_batch=True,
+                                     name="reader", prefetch_queue_depth=PREFETCH)
+    return _augment(encoded, size=size, on_gpu=on_gpu, mean=mean, std=std), label
+
+
+def _tar_pipeline(shards, *, shard_id, num_shards, shuffle_seed, size, on_gpu, mean, std):
+    encoded, label = fn.readers.webdataset(
+        paths=shards, ext=[IMAGE_EXTENSIONS, "cls"], shard_id=shard_id, num_shards=num_shards,
+        random_shuffle=True, initial_fill=1024, seed=shuffle_seed, pad_last_batch=True, name="reader",
+        missing_component_behavior="error",
+    )
+    return _augment(encoded, size=size, on_gpu=on_gpu, mean=mean, std=std), label
+
+
+class DaliLoader:
+    """Batches ``(images float32 [B, 3, size, size], labels int64 [B])`` on ``device``.
+
+    Args:
+        files, labels: an image list (ImageFolder order), or None with ``shards``.
+        shards: tar shards (``<key>.<image ext>`` + ``<key>.cls`` holding the label as text).
+        batch_size, image_size, device: per rank; CUDA devices decode on the GPU.
+        rank, world_size, seed: sharding and shuffling (image lists: see ``epoch_order``).
+        num_threads: DALI CPU threads per rank.
+        skip_unreadable: replace undecodable files (image lists) instead of stopping.
+    """
+
+    def __init__(self, files=None, labels=None, *, shards=None, batch_size: int, image_size: int,
+                 device: torch.device, rank: int = 0, world_size: int = 1, seed: int = 0, num_threads: int = 4,
+                 skip_unreadable: bool = False, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)):
+        reasons = dali_unavailable_reasons()
+        if reasons:
+            raise ImportError(reasons[0])
+        if (files is None) == (shards is None):
+            raise ValueError("give the DALI loader either files and labels or tar shards")
+        self.files, self.labels, self.shards = files, labels, shards
+        self.batch_size, self.image_size, self.device = batch_size, image_size, device
+        self.rank, self.world_size, self.seed, self.num_threads = rank, world_size, seed, num_threads
+        self.skip_unreadable, self.mean, self.std = skip_unreadable, mean, std
+        self.epoch = self.start_batch = 0
+        self.files_skipped = 0
+        self._bad: set[int] = set()
+        self._tar_batches = None
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __len__(self) -> int:
+        if self.shards is not None:
+            if self._tar_batches is None:
+                pipe = self._build_tar(seed=self.seed)
+                self._tar_batches = -(-pipe.reader_meta("reader")["epoch_size_padded"] // (self.world_size * self.batch_size))
+            return self._tar_batches - self.start_batch
+        return batches_per_epoch(len(self.files), world_size=self.world_size, batch_size=self.batch_size) - self.start_batch
+
+    # -- pipelines --------------------------------------------------------------------------------
+
+    def _pipeline_kwargs(self, seed: int) -> dict:
+        on_gpu = self.device.type == "cuda"
+        return dict(batch_size=self.batch_size, num_threads=self.num_threads, seed=seed,
+                    device_id=(self.device.index or 0) if on_gpu else None, prefetch_queue_depth=PREFETCH)
+
+    def _build_list(self, order: np.ndarray, seed: int):
+        pipe = pipeline_def(_list_pipeline, **self._pipeline_kwargs(seed))(
+            [self.files[i] for i in order], self.labels[order].tolist(), size=self.image_size,
+            on_gpu=self.device.type == "cuda", mean=self.mean, std=self.std)
+        pipe.build()
+        return pipe
+
+    def _build_tar(self, seed: int):
+        pipe = pipeline_def(_tar_pipeline, **self._pipeline_kwargs(seed))(
+            self.shards, shard_id=self.rank, num_shards=self.world_size, shuffle_seed=self.seed + self.epoch,
+            size=self.image_size, on_gpu=self.device.type == "cuda", mean=self.mean, std=self.std)
+        pipe.build()
+        return pipe
+
+    def _to_torch(self, images, labels) -> tuple[torch.Tensor, torch.Tensor]:
+        dense = images.as_tensor()
+        out = torch.empty(dense.shape(), dtype=torch.float32, device=self.device)
+        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        feed_ndarray(dense, out, cuda_stream=stream)
+        if self.shards is not None:  # label files hold text
+            values = [int(bytes(np.array(t)).decode().strip()) for t in labels]
+        else:
+            values = np.array(labels.as_tensor()).reshape(-1)
+        return out, torch.as_tensor(np.asarray(values, dtype=np.int64)).to(self.device, non_blocking=True)
+
+    # -- iteration --------------------------------------------------------------------------------
+
+    def __iter__(self):
+        seed = hash((self.seed, self.rank, self.epoch)) % 2**31  # augmentation randomness
+        if self.shards is not None:
+            pipe = self._build_tar(seed)
+            for _ in range(len(self)):
+                yield self._to_torch(*pipe.run())
+            return
+        order = epoch_order(len(self.files), epoch=self.epoch, seed=self.seed, rank=self.rank,
+                            world_size=self.world_size, batch_size=self.batch_size)
+        pos = self.start_batch * self.batch_size
+        while pos < len(order):
+            order[pos:] = self._replace_bad(order[pos:])
+            pipe = self._build_list(order[pos:], (seed + pos) % 2**31)
+            try:
+                while pos < len(order):
+                    batch = self._to_torch(*pipe.run())
+                    pos += self.batch_size
+                    yield batch
+            except RuntimeError as e:  # DALI stops the pipeline at the first undecodable file
+                window = order[pos: pos + (PREFETCH + 1) * self.batch_size]
+                bad = [i for i in dict.fromkeys(window.tolist()) if not self._readable(i)]
+                if not bad:
+                    raise
+                if not self.skip_unreadable:
+                    raise UnreadableImageError(
+                        f"{self.files[bad[0]]}: unreadable image ({len(bad)} in this batch: "
+                        f"{', '.join(self.files[i] for i in bad)}); run python -m fastmae.data.check on the "
+                        f"dataset, or pass --skip_unreadable"
+                    ) from e
+                for i in bad:
+                    logger.warning("skipping %s: unreadable image", self.files[i])
+                self._bad.update(bad)
+                self.files_skipped += len(bad)
+            finally:
+                del pipe
+
+    def _readable(self, i: int) -> bool:
+        try:
+            load_rgb(self.files[i])
+            return True
+        except UnreadableImageError:
+            return False
+
+    def _replace_bad(self, order: np.ndarray) -> np.ndarray:
+        """Each known-bad index replaced by the next readable one (batch sizes and the number of
+        batches stay the same on every rank)."""
+        if not self._bad:
+            return order
+        order = order.copy()
+        for j in np.flatnonzero(np.isin(order, list(self._bad))):
+            k = (order[j] + 1) % len(self.files)
+            while k in self._bad:
+                k = (k + 1) % len(self.files)
+            order[j] = k
+        return order

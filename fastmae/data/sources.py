@@ -1,0 +1,57 @@
+"""What a dataset is made of: image files with labels, read the same way by every loader.
+
+An ImageFolder tree (one folder per class, sorted class names -> labels 0..C-1, torchvision's
+rules), or a folder of tar shards (webdataset layout: ``<key>.jpg`` beside ``<key>.cls``).
+Readable images of any mode (grayscale, CMYK, palette, RGBA PNG) become RGB; a file no decoder can
+read is an :class:`UnreadableImageError` that names it.
+"""
+from __future__ import annotations
+
+import glob
+import os
+
+import numpy as np
+from PIL import Image
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+
+class UnreadableImageError(OSError):
+    """An image file that cannot be decoded; the message starts with its path."""
+
+
+def load_rgb(path: str) -> Image.Image:
+    """The image at ``path`` as RGB, fully decoded (a truncated file fails here, not later)."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.convert("RGB")
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for bad files
+        raise UnreadableImageError(f"{path}: unreadable image ({type(e).__name__}: {e})") from e
+
+
+def image_folder_root(data_path: str) -> str:
+    """``data_path/train`` when it exists (the original's layout, e.g. an ImageNet root), else
+    ``data_path`` itself."""
+    if not os.path.isdir(data_path):
+        raise FileNotFoundError(f"data path {data_path!r} is not a directory")
+    train = os.path.join(data_path, "train")
+    return train if os.path.isdir(train) else data_path
+
+
+def list_tar_shards(root: str) -> list[str]:
+    """The ``*.tar`` shards directly in ``root`` (sorted), or [] when it is not a shard folder."""
+    return sorted(glob.glob(os.path.join(root, "*.tar")))
+
+
+def list_image_folder(root: str) -> tuple[list[str], np.ndarray, list[str]]:
+    """``(files, labels, classes)`` of an ImageFolder tree, in torchvision's order."""
+    try:
+        classes, class_to_idx = find_classes(root)
+        samples = make_dataset(root, class_to_idx, extensions=IMG_EXTENSIONS)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(
+            f"no images found under {root!r}: expected one folder per class holding "
+            f"{', '.join(IMG_EXTENSIONS[:4])}... files ({e})"
+        ) from e
+    files = [path for path, _ in samples]
+    return files, np.array([label for _, label in samples], dtype=np.int64), classes

@@ -1,0 +1,91 @@
+"""The torchvision loader: a map-style dataset decoded and augmented by DataLoader workers on the CPU."""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from fastmae.data.order import batches_per_epoch, epoch_order
+from fastmae.data.sources import UnreadableImageError
+
+logger = logging.getLogger("fastmae")
+
+
+class ReplaceUnreadable(Dataset):
+    """Items of ``dataset``, where an unreadable file is logged and replaced by the next readable
+    item (so batches keep their size and ranks their step count); items are
+    ``(image, label, files_skipped)``."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        for skipped in range(len(self.dataset)):
+            try:
+                image, label = self.dataset[(i + skipped) % len(self.dataset)]
+                return image, label, skipped
+            except UnreadableImageError as e:
+                logger.warning("skipping %s", e)
+        raise UnreadableImageError("no readable image in the dataset")
+
+
+class _EpochBatches:
+    """DataLoader batch sampler: the current epoch's batches from ``start_batch`` on."""
+
+    def __init__(self, loader: "TorchvisionLoader"):
+        self.loader = loader
+
+    def __iter__(self):
+        lo = self.loader
+        order = epoch_order(len(lo.dataset), epoch=lo.epoch, seed=lo.seed, rank=lo.rank,
+                            world_size=lo.world_size, batch_size=lo.batch_size, shuffle=lo.shuffle)
+        yield from order.reshape(-1, lo.batch_size)[lo.start_batch:].tolist()
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+
+class TorchvisionLoader:
+    """Batches ``(images, labels)`` on ``device`` from a dataset of ``(tensor image, label)``.
+
+    Args:
+        dataset: a map-style dataset (e.g. ``ImageFolder`` with the pretraining transform).
+        batch_size, device: per rank.
+        rank, world_size, seed, shuffle: which samples this rank reads each epoch (see ``epoch_order``).
+        num_workers, pin_memory: DataLoader settings (workers persist across epochs).
+        skip_unreadable: replace unreadable files by the next readable one (counted in
+            ``files_skipped``) instead of stopping with the file's path.
+    """
+
+    def __init__(self, dataset: Dataset, *, batch_size: int, device: torch.device, rank: int = 0,
+                 world_size: int = 1, seed: int = 0, shuffle: bool = True, num_workers: int = 2,
+                 pin_memory: bool = True, skip_unreadable: bool = False):
+        self.dataset, self.batch_size, self.device = dataset, batch_size, device
+        self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
+        self.skip_unreadable = skip_unreadable
+        self.epoch = self.start_batch = 0
+        self.files_skipped = 0
+        self._loader = DataLoader(
+            ReplaceUnreadable(dataset) if skip_unreadable else dataset,
+            batch_sampler=_EpochBatches(self), num_workers=num_workers,
+            pin_memory=pin_memory and device.type == "cuda", persistent_workers=num_workers > 0,
+        )
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __len__(self) -> int:
+        return batches_per_epoch(len(self.dataset), world_size=self.world_size, batch_size=self.batch_size) - self.start_batch
+
+    def __iter__(self):
+        for batch in self._loader:
+            if self.skip_unreadable:
+                images, labels, skipped = batch
+                self.files_skipped += int(skipped.sum())
+            else:
+                images, labels = batch
+            yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)

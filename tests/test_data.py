@@ -1,0 +1,295 @@
+"""The data loaders (DALI in its CPU mode, torchvision, synthetic) and what they do with bad data."""
+import importlib.util
+import io
+import os
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastmae.data import (
+    IMAGENET_MEAN, IMAGENET_STD, UnreadableImageError, build_pretrain_loader, pretrain_transform,
+)
+from fastmae.data.check import main as check_main
+from fastmae.data.order import batches_per_epoch, epoch_order
+from fastmae.data.sources import list_image_folder
+from fastmae.pretrain import cli
+
+HAS_DALI = importlib.util.find_spec("nvidia.dali") is not None
+LOADERS = ["torchvision", pytest.param("dali", marks=pytest.mark.skipif(not HAS_DALI, reason="DALI not installed"))]
+CPU = torch.device("cpu")
+LEVEL = 8  # colour step between files: survives resizing a flat image
+
+
+def file_colour(i: int) -> tuple[int, int, int]:
+    return (i % 32) * LEVEL, (i // 32) * LEVEL, 128
+
+
+def decode_file_index(images: torch.Tensor) -> list[int]:
+    """The file index of each image of flat colour ``file_colour(i)``, from the normalized output."""
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3), torch.tensor(IMAGENET_STD).view(1, 3)
+    rgb = (images.float().mean(dim=(2, 3)).cpu() * std + mean) * 255
+    r, g = (rgb[:, 0] / LEVEL).round().long(), (rgb[:, 1] / LEVEL).round().long()
+    return (g * 32 + r).tolist()
+
+
+@pytest.fixture(scope="module")
+def flat_folder(tmp_path_factory):
+    """43 flat-colour PNGs (a prime: no batch size divides it) in 3 class folders; file i is
+    ``class_{i % 3}/{i:03d}.png``."""
+    root = tmp_path_factory.mktemp("flat")
+    for i in range(43):
+        folder = root / f"class_{i % 3}"
+        folder.mkdir(exist_ok=True)
+        Image.new("RGB", (48, 40), file_colour(i)).save(folder / f"{i:03d}.png")
+    return root
+
+
+def loader(backend, root, **kw):
+    kw = {"input_size": 16, "batch_size": 4, "device": CPU, "num_workers": 0, **kw}
+    return build_pretrain_loader(backend=backend, data_path=str(root), **kw)
+
+
+def read_epoch(loader_, epoch=0):
+    loader_.set_epoch(epoch)
+    images, labels = zip(*list(loader_))
+    return torch.cat(images), torch.cat(labels)
+
+
+# -- sampling ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n,world,batch", [(43, 1, 4), (43, 2, 4), (43, 3, 5), (10, 3, 4)])
+def test_epoch_order_covers_every_sample_once_across_ranks(n, world, batch):
+    for epoch in range(3):
+        shards = [epoch_order(n, epoch=epoch, seed=7, rank=r, world_size=world, batch_size=batch) for r in range(world)]
+        assert {len(s) for s in shards} == {batches_per_epoch(n, world_size=world, batch_size=batch) * batch}
+        assert set(np.concatenate(shards)) == set(range(n))
+        assert sum(len(s) for s in shards) - n < world + world * (batch - 1)  # the rest is padding
+    a = epoch_order(n, epoch=0, seed=7, world_size=1)
+    assert not np.array_equal(a, epoch_order(n, epoch=1, seed=7, world_size=1))
+    assert np.array_equal(a, epoch_order(n, epoch=0, seed=7, world_size=1))
+
+
+# -- both file loaders ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", LOADERS)
+def test_batches_labels_and_values(backend, flat_folder):
+    images, labels = read_epoch(loader(backend, flat_folder))
+    assert images.shape == (44, 3, 16, 16) and images.dtype == torch.float32 and labels.dtype == torch.int64
+    lo = (0 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
+    hi = (1 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
+    assert images.min() >= lo.min() - 0.05 and images.max() <= hi.max() + 0.05
+    files = decode_file_index(images)
+    assert set(files) == set(range(43))
+    assert labels.tolist() == [i % 3 for i in files]  # sorted class folders -> labels
+
+
+@pytest.mark.parametrize("backend", LOADERS)
+@pytest.mark.parametrize("world", [2, 3])
+def test_shards_are_disjoint_and_complete_every_epoch(backend, flat_folder, world):
+    for epoch in range(2):
+        seen = []
+        for rank in range(world):
+            shard = loader(backend, flat_folder, rank=rank, world_size=world, seed=3)
+            images, _ = read_epoch(shard, epoch)
+            assert len(images) == len(shard) * 4
+            seen.append(decode_file_index(images))
+        assert len({len(s) for s in seen}) == 1  # every rank takes the same number of steps
+        assert set().union(*seen) == set(range(43))
+        # in the order epoch_order gives over the sorted file list, for every loader
+        files, _, _ = list_image_folder(str(flat_folder))
+        number = [int(os.path.basename(f)[:3]) for f in files]
+        assert seen == [[number[j] for j in epoch_order(43, epoch=epoch, seed=3, rank=r, world_size=world, batch_size=4)]
+                        for r in range(world)]
+
+
+@pytest.mark.parametrize("backend", LOADERS)
+def test_deterministic_with_a_seed(backend, flat_folder):
+    a = read_epoch(loader(backend, flat_folder, seed=5, input_size=24))
+    b = read_epoch(loader(backend, flat_folder, seed=5, input_size=24))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    c = read_epoch(loader(backend, flat_folder, seed=6, input_size=24))
+    assert not torch.equal(a[1], c[1])
+
+
+@pytest.mark.parametrize("backend", LOADERS)
+def test_resume_from_a_batch(backend, flat_folder):
+    full = loader(backend, flat_folder, seed=2)
+    images, _ = read_epoch(full, 1)
+    part = loader(backend, flat_folder, seed=2)
+    part.set_epoch(1, start_batch=3)
+    assert len(part) == len(full) - 3
+    rest = torch.cat([b[0] for b in part])
+    assert decode_file_index(rest) == decode_file_index(images[12:])
+
+
+# -- augmentation statistics against torchvision's RandomResizedCrop --------------------------------
+
+@pytest.fixture(scope="module")
+def coordinate_image(tmp_path_factory):
+    """One 256x256 image whose red channel is the column and green the row: a crop's pixel values
+    say where it came from and whether it was flipped."""
+    root = tmp_path_factory.mktemp("coords")
+    (root / "c").mkdir()
+    x = np.arange(256, dtype=np.uint8)
+    rgb = np.stack([np.tile(x, (256, 1)), np.tile(x[:, None], (1, 256)), np.full((256, 256), 128, np.uint8)], -1)
+    for i in range(64):
+        Image.fromarray(rgb).save(root / "c" / f"{i:02d}.png")
+    return root
+
+
+def crop_statistics(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    px = (images * std + mean) * 255
+    r, g = px[:, 0], px[:, 1]
+    width = (r[:, :, -1] - r[:, :, 0]).mean(1).abs() / 255
+    height = (g[:, -1, :] - g[:, 0, :]).mean(1) / 255
+    flipped = (r[:, :, -1] < r[:, :, 0]).float().mean(1) > 0.5
+    return (width * height).numpy(), flipped.numpy()
+
+
+@pytest.mark.skipif(not HAS_DALI, reason="DALI not installed")
+def test_dali_crops_and_flips_like_torchvision(coordinate_image):
+    stats = {}
+    for backend in ("dali", "torchvision"):
+        areas, flips = [], []
+        for epoch in range(6):
+            images, _ = read_epoch(loader(backend, coordinate_image, input_size=32, batch_size=16, seed=epoch))
+            a, f = crop_statistics(images)
+            areas.append(a)
+            flips.append(f)
+        stats[backend] = np.concatenate(areas), np.concatenate(flips)
+    (dali_area, dali_flip), (tv_area, tv_flip) = stats["dali"], stats["torchvision"]
+    # area scale ~ U(0.2, 1): mean 0.6, sd 0.23; 384 samples each: a standard error of 0.012
+    assert abs(dali_area.mean() - tv_area.mean()) < 0.06
+    assert 0.15 < dali_area.min() and dali_area.max() < 1.05
+    assert abs(dali_area.std() - tv_area.std()) < 0.06
+    assert abs(dali_flip.mean() - 0.5) < 0.1 and abs(tv_flip.mean() - 0.5) < 0.1
+
+
+# -- bad data ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def mixed_folder(tmp_path_factory):
+    """Readable images of every awkward kind, plus a truncated JPEG and a text file named .jpg."""
+    root = tmp_path_factory.mktemp("mixed")
+    a, b = root / "a", root / "b"
+    a.mkdir()
+    b.mkdir()
+    arr = (np.random.default_rng(0).random((40, 48, 3)) * 255).astype(np.uint8)
+    Image.fromarray(arr).save(a / "rgb.jpg")
+    Image.fromarray(arr[..., 0]).save(a / "gray.jpg")
+    Image.fromarray(arr).convert("CMYK").save(a / "cmyk.jpg")
+    Image.fromarray(arr).save(b / "plain.png")
+    Image.fromarray(arr).convert("RGBA").save(b / "alpha.png")
+    Image.fromarray(arr).convert("P").save(b / "palette.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def broken_folder(tmp_path_factory, mixed_folder):
+    root = tmp_path_factory.mktemp("broken")
+    os.system(f"cp -r {mixed_folder}/a {mixed_folder}/b {root}/")
+    data = (mixed_folder / "a" / "rgb.jpg").read_bytes()
+    (root / "b" / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    (root / "b" / "text.jpg").write_text("not an image")
+    return root
+
+
+@pytest.mark.parametrize("backend", LOADERS)
+def test_every_readable_kind_becomes_rgb(backend, mixed_folder):
+    images, labels = read_epoch(loader(backend, mixed_folder, batch_size=2))
+    assert images.shape == (6, 3, 16, 16) and torch.isfinite(images).all()
+    assert sorted(labels.tolist()) == [0, 0, 0, 1, 1, 1]
+
+
+@pytest.mark.parametrize("backend", LOADERS)
+def test_unreadable_file_stops_with_its_path(backend, broken_folder):
+    with pytest.raises(UnreadableImageError, match=r"broken\d*/b/(text|truncated)\.jpg"):
+        read_epoch(loader(backend, broken_folder, batch_size=2))
+
+
+@pytest.mark.parametrize("backend", LOADERS)
+def test_unreadable_files_are_skipped_and_counted_when_asked(backend, broken_folder, caplog):
+    lo = loader(backend, broken_folder, batch_size=2, skip_unreadable=True)
+    images, _ = read_epoch(lo)
+    assert images.shape == (8, 3, 16, 16) and torch.isfinite(images).all()
+    assert lo.files_skipped >= 2
+    assert "text.jpg" in caplog.text and "truncated.jpg" in caplog.text
+
+
+@pytest.mark.parametrize("backend", LOADERS)
+def test_missing_or_empty_folder(backend, tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        loader(backend, tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no images found"):
+        loader(backend, tmp_path / "empty")
+
+
+def test_check_lists_unreadable_files(broken_folder, mixed_folder, capsys):
+    assert check_main([str(broken_folder), "--workers", "2"]) == 1
+    out = capsys.readouterr().out
+    assert "6 readable images" in out and "2 unreadable files" in out
+    assert "text.jpg" in out and "truncated.jpg" in out and "CMYK" in out
+    assert check_main([str(mixed_folder), "--workers", "2"]) == 0
+
+
+# -- tar shards (DALI) ---------------------------------------------------------------------------
+
+@pytest.mark.skipif(not HAS_DALI, reason="DALI not installed")
+def test_dali_reads_tar_shards(tmp_path):
+    k = 0
+    for s in range(3):
+        with tarfile.open(tmp_path / f"shard-{s}.tar", "w") as tf:
+            for _ in range(7):
+                buf = io.BytesIO()
+                Image.new("RGB", (32, 32), file_colour(k)).save(buf, "PNG")
+                for ext, data in (("png", buf.getvalue()), ("cls", str(k % 5).encode())):
+                    info = tarfile.TarInfo(f"{k:06d}.{ext}")
+                    info.size = len(data)
+                    tf.addfile(info, io.BytesIO(data))
+                k += 1
+    seen = []
+    for rank in range(2):
+        images, labels = read_epoch(loader("dali", tmp_path, rank=rank, world_size=2))
+        files = decode_file_index(images)
+        assert labels.tolist() == [f % 5 for f in files]
+        seen += files
+    assert set(seen) == set(range(21))
+    with pytest.raises(ValueError, match="tar shards"):
+        loader("torchvision", tmp_path)
+
+
+# -- synthetic and selection ---------------------------------------------------------------------
+
+def test_synthetic_batches():
+    lo = build_pretrain_loader(backend="synthetic", data_path=None, input_size=32, batch_size=3, device=CPU,
+                               synthetic_batches=5)
+    batches = list(lo)
+    assert len(lo) == len(batches) == 5 and batches[0][0].shape == (3, 3, 32, 32)
+
+
+def test_explicit_dali_without_dali_is_an_error(monkeypatch):
+    from fastmae.data import dali_loader
+    from fastmae.ops import BackendUnavailableError
+
+    monkeypatch.setattr(dali_loader, "DALI_IMPORT_ERROR", "ModuleNotFoundError: nvidia.dali")
+    with pytest.raises(BackendUnavailableError, match="DALI is not installed"):
+        build_pretrain_loader(backend="dali", data_path=None, input_size=32, batch_size=3, device=CPU)
+
+
+def test_torchvision_transform_is_the_originals():
+    names = [type(t).__name__ for t in pretrain_transform(224).transforms]
+    assert names == ["RandomResizedCrop", "RandomHorizontalFlip", "ToTensor", "Normalize"]
+    crop = pretrain_transform(224).transforms[0]
+    assert crop.scale == (0.2, 1.0) and crop.interpolation.value == "bicubic"
+
+
+@pytest.mark.skipif(not HAS_DALI, reason="DALI not installed")
+def test_pretrain_runs_on_dali_cpu_mode(flat_folder, tmp_path):
+    assert cli(["--data_path", str(flat_folder), "--data_backend", "dali", "--output_dir", str(tmp_path),
+                "--batch_size", "8", "--epochs", "1", "--num_workers", "1"]) == 0
+    assert (tmp_path / "checkpoint-0.pth").exists()
