@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import glob
 import logging
 import os
 from dataclasses import dataclass, field
@@ -83,3 +84,42 @@ def save_checkpoint(obj: Mapping[str, Any], path: str | os.PathLike) -> None:
     tmp = f"{os.fspath(path)}.tmp"
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def newest_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """``checkpoint-last.pth`` in ``output_dir`` (the latest state of a fastmae run), else the most
+    recently written ``checkpoint-*.pth`` (e.g. from the original), else None."""
+    last = os.path.join(output_dir, "checkpoint-last.pth")
+    if os.path.isfile(last):
+        return last
+    found = glob.glob(os.path.join(output_dir, "checkpoint-*.pth"))
+    return max(found, key=os.path.getmtime) if found else None
+
+
+def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Make ``dst`` the same file as ``src`` (a hard link, else a copy), replacing it atomically."""
+    tmp = f"{os.fspath(dst)}.tmp"
+    if os.path.lexists(tmp):
+        os.remove(tmp)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        import shutil
+
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """The random state a training step draws from: torch's CPU generator and the device's (masking
+    noise comes from it; data order and augmentation are seeded per epoch and sample)."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: Mapping[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)

@@ -1,14 +1,18 @@
-"""One pretraining epoch."""
+"""One pretraining epoch: mixed precision, gradient accumulation without needless all-reduces, and
+no host-device synchronization except where a log line or a checkpoint is due."""
 from __future__ import annotations
 
 import math
+import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
+from fastmae.distributed import DistInfo, all_reduce_mean
 from fastmae.optim import lr_at, set_lr
 
 
@@ -16,78 +20,156 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+@dataclass
+class StepConfig:
+    """How each training step runs.
+
+    Args:
+        mask_ratio: fraction of patches removed.
+        accum_iter: micro-batches per optimizer step (gradients all-reduced only on the last one).
+        schedule: ``lr_at``'s keyword arguments (lr, min_lr, warmup_epochs, epochs).
+        autocast_dtype: bf16 / fp16 autocast, or None for full precision.
+        clip_grad: max gradient norm, or None.
+        print_freq: a log line (and the one host-device sync) every this many batches.
+        checkpoint_steps: call ``on_checkpoint`` every this many batches (0: never mid-epoch).
+    """
+
+    mask_ratio: float
+    accum_iter: int
+    schedule: dict
+    autocast_dtype: torch.dtype | None = None
+    clip_grad: float | None = None
+    print_freq: int = 20
+    checkpoint_steps: int = 0
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: Iterable,
     optimizer: torch.optim.Optimizer,
     epoch: int,
+    cfg: StepConfig,
     *,
-    steps_per_epoch: int,
     device: torch.device,
-    mask_ratio: float,
-    accum_iter: int,
-    schedule: dict,
-    autocast_dtype: torch.dtype | None = None,
-    print_freq: int = 20,
-    log: Callable[[str], None] = print,
+    steps_per_epoch: int,
+    start_batch: int = 0,
+    scaler: torch.amp.GradScaler | None = None,
+    dist: DistInfo = DistInfo(),
+    log: Callable[[dict], None] = lambda record: None,
+    on_checkpoint: Callable[[int, int], None] = lambda epoch, next_batch: None,
 ) -> dict:
-    """Train for one pass over ``loader``; returns the epoch's mean loss and learning rate (the
-    original's ``train_loss``, ``train_lr``) and its images/s.
+    """Train on ``loader`` (already positioned at ``start_batch`` of ``epoch``).
 
-    The loss stays on the device and is read (one host-device sync) only every ``print_freq``
-    steps, where a non-finite value stops training with :class:`NonFiniteLossError`.
-    ``schedule`` holds ``lr_at``'s keyword arguments (lr, min_lr, warmup_epochs, epochs).
+    ``log`` receives a record ``{epoch, batch, loss, lr, images_per_sec, eta_seconds}`` every ``print_freq``
+    batches (loss averaged over the batches since the last record and over the ranks); a non-finite
+    loss raises :class:`NonFiniteLossError` there, and before every checkpoint, so that no
+    checkpoint is written after the loss went bad. Returns the epoch's mean loss and lr (the
+    original's ``train_loss``, ``train_lr``), its images/s (all ranks) and the peak GPU memory.
     """
     model.train()
-    autocast = (
-        torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
-    )
+    accum = cfg.accum_iter
+    autocast = torch.autocast(device.type, dtype=cfg.autocast_dtype) if cfg.autocast_dtype else nullcontext()
+    ddp = hasattr(model, "no_sync")  # DistributedDataParallel, compiled or not
     loss_sum = torch.zeros((), device=device)
     window_sum = torch.zeros((), device=device)
-    window_steps = images = window_images = 0
+    window = images = window_images = 0
     lr = lr_sum = 0.0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     start = window_start = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
-    step = -1
-    for step, (imgs, _) in enumerate(loader):
-        if step % accum_iter == 0:
-            lr = lr_at(epoch + step / steps_per_epoch, **schedule)
+    batch = start_batch - 1
+    for batch, (imgs, _) in enumerate(loader, start=start_batch):
+        if batch % accum == 0:
+            lr = lr_at(epoch + batch / steps_per_epoch, **cfg.schedule)
             set_lr(optimizer, lr)
         lr_sum += lr
-        imgs = imgs.to(device, non_blocking=True)
-        with autocast:
-            loss, _, _ = model(imgs, mask_ratio=mask_ratio)
-        (loss / accum_iter).backward()
-        if (step + 1) % accum_iter == 0:
-            optimizer.step()
+        update = (batch + 1) % accum == 0
+        # DDP all-reduces gradients in backward: only on the micro-batch that ends an accumulation
+        sync = model.no_sync() if ddp and not update else nullcontext()
+        with sync:
+            with autocast:
+                loss, _, _ = model(imgs, mask_ratio=cfg.mask_ratio)
+            scaled = loss / accum
+            (scaler.scale(scaled) if scaler else scaled).backward()
+        if update:
+            if cfg.clip_grad is not None:
+                if scaler:
+                    scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-        loss = loss.detach()
+        loss = loss.detach().float()
         loss_sum += loss
         window_sum += loss
-        window_steps += 1
+        window += 1
         images += imgs.shape[0]
         window_images += imgs.shape[0]
-        if (step + 1) % print_freq == 0 or step + 1 == steps_per_epoch:
-            value = (window_sum / window_steps).item()
+        last = batch + 1 == steps_per_epoch
+        checkpoint_due = cfg.checkpoint_steps and (batch + 1) % cfg.checkpoint_steps == 0 and update and not last
+        if (batch + 1) % cfg.print_freq == 0 or last or checkpoint_due:
+            value = all_reduce_mean(window_sum / window).item()  # the sync point
             if not math.isfinite(value):
-                raise NonFiniteLossError(f"loss is {value} at epoch {epoch} step {step}; stopping training")
+                raise NonFiniteLossError(
+                    f"loss is {value} at epoch {epoch}, batch {batch}; stopping. The last checkpoint in the "
+                    f"output folder was written before this and is intact: lower the lr (--blr), set "
+                    f"--clip_grad, or use --precision bf16 instead of fp16."
+                )
             now = time.perf_counter()
-            rate = window_images / (now - window_start)
-            eta = (steps_per_epoch - step - 1) * imgs.shape[0] / rate
-            log(
-                f"Epoch [{epoch}] [{step + 1}/{steps_per_epoch}] loss {value:.4f} lr {lr:.3e} "
-                f"{rate:.0f} images/s eta {eta:.0f}s"
-            )
+            log({"epoch": epoch, "batch": batch + 1, "loss": value, "lr": lr,
+                 "images_per_sec": window_images * dist.world_size / (now - window_start),
+                 "eta_seconds": (steps_per_epoch - batch - 1) * (now - window_start) / window})
             window_sum.zero_()
-            window_steps = window_images = 0
+            window = window_images = 0
             window_start = now
-    if step < 0:
+        if checkpoint_due:
+            on_checkpoint(epoch, batch + 1)
+    if batch < start_batch:
         raise RuntimeError("the data loader yielded no batches (is the dataset smaller than one batch?)")
-    if (step + 1) % accum_iter:
+    if (batch + 1) % accum:
         # an incomplete accumulation at the end of the epoch is dropped, as in the original
         optimizer.zero_grad(set_to_none=True)
-    loss_mean = (loss_sum / (step + 1)).item()
-    if not math.isfinite(loss_mean):
-        raise NonFiniteLossError(f"loss is {loss_mean} at the end of epoch {epoch}; stopping training")
-    return {"loss": loss_mean, "lr": lr_sum / (step + 1), "images_per_sec": images / (time.perf_counter() - start)}
+    done = batch + 1 - start_batch
+    return {
+        "loss": all_reduce_mean(loss_sum / done).item(),
+        "lr": lr_sum / done,
+        "images_per_sec": images * dist.world_size / (time.perf_counter() - start),
+        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+    }
+
+
+class Progress:
+    """What rank 0 shows: a tqdm bar on a terminal (loss, lr, images/s at each log record), else
+    one line per log record (batch jobs, files)."""
+
+    def __init__(self, enabled: bool, epoch: int, total: int, initial: int, line: Callable[[str], None]):
+        self.line, self.bar = line, None
+        if enabled and sys.stderr.isatty():
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, initial=initial, desc=f"epoch {epoch}", dynamic_ncols=True)
+            except ImportError:
+                pass
+        self.enabled, self.total, self.last_batch = enabled, total, initial
+
+    def __call__(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        rate = record["images_per_sec"]
+        if self.bar is not None:
+            self.bar.update(record["batch"] - self.last_batch)
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", img_s=f"{rate:.0f}")
+        else:
+            self.line(f"Epoch [{record['epoch']}] [{record['batch']}/{self.total}] loss {record['loss']:.4f} "
+                      f"lr {record['lr']:.3e} {rate:.0f} images/s eta {record['eta_seconds']:.0f}s")
+        self.last_batch = record["batch"]
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

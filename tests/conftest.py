@@ -53,6 +53,14 @@ def _fresh_seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _same_threads():
+    """A test that changes torch's thread count must not change later tests' float rounding."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def poison_empty(monkeypatch):
     """Freshly allocated tensors come filled with NaN (floats) or -1 (integers), so that a kernel

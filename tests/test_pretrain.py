@@ -6,6 +6,7 @@ import types
 
 import pytest
 import torch
+from PIL import Image
 
 from fastmae.checkpoint import load_checkpoint
 from fastmae.data.shapes import ShapesDataset
@@ -13,6 +14,7 @@ from fastmae.models import create_model
 from fastmae.ops import BackendUnavailableError
 from fastmae.optim import build_optimizer, lr_at, param_groups_weight_decay
 from fastmae.pretrain import cli
+from fastmae.visualize import main as visualize_main
 
 
 @pytest.fixture(scope="module")
@@ -129,3 +131,23 @@ def test_compiled_training_writes_a_plain_checkpoint(folder, tmp_path):
     assert run(folder, tmp_path, "--epochs", "1", "--compile", "--kernels", "triton") == 0
     state = torch.load(tmp_path / "checkpoint-0.pth", weights_only=False)["model"]
     assert "blocks.0.norm1.weight" in state and not any(k.startswith("_orig_mod") for k in state)
+
+
+def test_reconstruction_png_and_visualize_cli(folder, tmp_path):
+    assert run(folder, tmp_path, "--epochs", "1", "--vis_freq", "1", "--norm_pix_loss") == 0
+    png = Image.open(tmp_path / "reconstruction-0.png")
+    assert png.size == (4 * 32, 8 * 32)  # 8 images: original | masked | reconstruction | pasted
+    image = folder / "train" / "circle"
+    first = sorted(image.iterdir())[0]
+    out = tmp_path / "vis.png"
+    assert visualize_main(["--checkpoint", str(tmp_path / "checkpoint-0.pth"), "--image", str(first), str(first),
+                           "--out", str(out)]) == 0
+    assert Image.open(out).size == (4 * 32, 2 * 32)
+
+
+def test_visualize_refuses_an_encoder_only_checkpoint(tmp_path, capsys):
+    state = {k: v for k, v in create_model("mae_vit_tiny_patch4").state_dict().items() if not k.startswith("decoder")}
+    torch.save({"model": state}, tmp_path / "enc.pth")
+    with pytest.raises(SystemExit):
+        visualize_main(["--checkpoint", str(tmp_path / "enc.pth"), "--image", "x.png"])
+    assert "encoder only" in capsys.readouterr().err

@@ -33,8 +33,27 @@ class ReplaceUnreadable(Dataset):
         raise UnreadableImageError("no readable image in the dataset")
 
 
+class SeededSamples(Dataset):
+    """Items keyed ``(index, seed)``: the transform's random draws come from a generator seeded for
+    that sample, so augmentation depends on (run seed, epoch, sample) only, not on the worker, the
+    number of ranks, or where a resumed run restarted."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, seed = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.dataset[index]
+
+
 class _EpochBatches:
-    """DataLoader batch sampler: the current epoch's batches from ``start_batch`` on."""
+    """DataLoader batch sampler: the current epoch's batches from ``start_batch`` on, as
+    ``(index, sample seed)`` keys."""
 
     def __init__(self, loader: "TorchvisionLoader"):
         self.loader = loader
@@ -43,7 +62,9 @@ class _EpochBatches:
         lo = self.loader
         order = epoch_order(len(lo.dataset), epoch=lo.epoch, seed=lo.seed, rank=lo.rank,
                             world_size=lo.world_size, batch_size=lo.batch_size, shuffle=lo.shuffle)
-        yield from order.reshape(-1, lo.batch_size)[lo.start_batch:].tolist()
+        base = (lo.seed * 1_000_003 + lo.epoch) * len(lo.dataset)
+        for batch in order.reshape(-1, lo.batch_size)[lo.start_batch:].tolist():
+            yield [(i, base + i) for i in batch]
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -70,9 +91,10 @@ class TorchvisionLoader:
         self.epoch = self.start_batch = 0
         self.files_skipped = 0
         self._loader = DataLoader(
-            ReplaceUnreadable(dataset) if skip_unreadable else dataset,
+            SeededSamples(ReplaceUnreadable(dataset) if skip_unreadable else dataset),
             batch_sampler=_EpochBatches(self), num_workers=num_workers,
             pin_memory=pin_memory and device.type == "cuda", persistent_workers=num_workers > 0,
+            generator=torch.Generator(),  # its worker seeds must not draw from the global generator (masking's)
         )
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:

@@ -1,0 +1,117 @@
+"""The training step: distributed data parallel and gradient accumulation compute the same update
+as one process with the whole batch; FLOP counts; the reconstruction picture."""
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch.utils.flop_counter import FlopCounterMode
+
+from fastmae import ops
+from fastmae.data import TorchvisionLoader, pretrain_transform
+from fastmae.data.shapes import ShapesDataset
+from fastmae.distributed import cleanup, init_distributed
+from fastmae.engine import StepConfig, train_one_epoch
+from fastmae.flops import mae_forward_flops
+from fastmae.models import MaskedAutoencoderViT, create_model
+from fastmae.optim import param_groups_weight_decay
+from fastmae.visualize import reconstruction_grid
+
+IMAGES, BATCH = 32, 4
+
+
+class SampleNoiseMAE(MaskedAutoencoderViT):
+    """Masks drawn from each image itself (its patch sums), not from a random stream: the same
+    sample gets the same mask however the batch is split across ranks or micro-batches."""
+
+    def forward(self, imgs, mask_ratio=0.75, noise=None):
+        return super().forward(imgs, mask_ratio, ops.patchify(imgs, self.patch_size).float().sum(-1))
+
+
+def train(rank: int, world_size: int, batch_size: int, accum_iter: int, out: str, port: int) -> None:
+    if world_size > 1:  # a spawned process of its own
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        torch.set_num_threads(1)
+    dist = init_distributed("cpu")
+    torch.manual_seed(0)
+    model = SampleNoiseMAE(img_size=32, patch_size=4, embed_dim=32, depth=1, num_heads=2,
+                           decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
+    # SGD: Adam turns rounding noise in near-zero gradients into full-size steps, which would hide
+    # what is compared here (the gradients)
+    optimizer = torch.optim.SGD(param_groups_weight_decay(model, 0.05), lr=0.1)
+    step_model = torch.nn.parallel.DistributedDataParallel(model) if dist.enabled else model
+    loader = TorchvisionLoader(ShapesDataset(IMAGES, image_size=40, transform=pretrain_transform(32)),
+                               batch_size=batch_size, device=torch.device("cpu"), rank=dist.rank,
+                               world_size=dist.world_size, seed=1, num_workers=0)
+    cfg = StepConfig(mask_ratio=0.75, accum_iter=accum_iter, schedule=dict(lr=0.1, min_lr=0, warmup_epochs=0, epochs=2),
+                     print_freq=1)
+    losses = []
+    for epoch in range(2):
+        loader.set_epoch(epoch)
+        train_one_epoch(step_model, loader, optimizer, epoch, cfg, device=torch.device("cpu"),
+                        steps_per_epoch=len(loader), dist=dist, log=lambda r: losses.append(r["loss"]))
+    if dist.is_main:
+        torch.save({"params": [p.detach() for p in model.parameters()], "losses": losses}, out)
+    cleanup()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(tmp_path, world_size, batch_size, accum_iter):
+    out = str(tmp_path / f"w{world_size}b{batch_size}a{accum_iter}.pt")
+    if world_size == 1:
+        train(0, 1, batch_size, accum_iter, out, 0)
+    else:
+        mp.spawn(train, args=(world_size, batch_size, accum_iter, out, free_port()), nprocs=world_size)
+    return torch.load(out)
+
+
+@pytest.fixture(scope="module")
+def whole_batch(tmp_path_factory):
+    return run(tmp_path_factory.mktemp("whole"), 1, 2 * BATCH, 1)
+
+
+def assert_same_training(got, want):
+    for g, w in zip(got["params"], want["params"]):
+        torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-4)
+
+
+def test_two_process_ddp_equals_one_process_with_the_doubled_batch(tmp_path, whole_batch):
+    ddp = run(tmp_path, 2, BATCH, 1)
+    # the logged loss is the mean over ranks of each rank's batch mean: the whole batch's mean
+    np.testing.assert_allclose(ddp["losses"], whole_batch["losses"], rtol=1e-5)
+    assert_same_training(ddp, whole_batch)
+
+
+def test_accumulating_two_micro_batches_equals_the_doubled_batch(tmp_path, whole_batch):
+    accum = run(tmp_path, 1, BATCH, 2)
+    assert_same_training(accum, whole_batch)
+
+
+@pytest.mark.parametrize("name,kernels", [("mae_vit_tiny_patch4", "triton"), ("mae_vit_base_patch16", "torch")])
+def test_closed_form_flops_match_a_flop_counter(name, kernels):
+    model = create_model(name, kernel_backend=kernels, attention_backend="math")
+    n = 2
+    imgs = torch.randn(n, 3, *model.patch_embed.img_size)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(imgs, mask_ratio=0.75)
+    counted = counter.get_total_flops()
+    if kernels == "torch":  # the reference embeds every patch; the closed form counts the visible ones
+        L, K = model.num_patches, int(model.num_patches * 0.25)
+        counted -= 2 * n * (L - K) * model.decoder_pred.out_features * model.pos_embed.shape[-1]
+    assert counted == pytest.approx(n * mae_forward_flops(model, 0.75), rel=1e-6)
+
+
+def test_reconstruction_grid():
+    for norm_pix in (False, True):
+        model = create_model("mae_vit_tiny_patch4", depth=1, decoder_depth=1, norm_pix_loss=norm_pix)
+        grid = reconstruction_grid(model, torch.randn(3, 3, 32, 32))
+        assert grid.shape == (3 * 32, 4 * 32, 3) and grid.dtype == np.uint8
+        assert model.training

@@ -1,0 +1,108 @@
+"""A run killed at any point (SIGKILL, mid-epoch, mid-save) and resumed continues as if it had never
+stopped; a non-finite loss stops the run and leaves the last good checkpoint."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from fastmae.checkpoint import read_checkpoint
+from fastmae.data.shapes import ShapesDataset
+from fastmae.models import MaskedAutoencoderViT
+from fastmae.pretrain import cli
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes")
+    ShapesDataset(48, image_size=40).write_image_folder(root)
+    return root
+
+
+def args(folder, out, *extra):
+    return ["--data_path", str(folder), "--output_dir", str(out), "--batch_size", "8", "--epochs", "2",
+            "--num_workers", "0", "--print_freq", "1", "--warmup_epochs", "0.5", "--vis_freq", "0", *extra]
+
+
+def step_losses(out) -> dict:
+    """(epoch, batch) -> loss; a step redone after a resume keeps its last value."""
+    records = [json.loads(line) for line in (out / "log_steps.txt").read_text().splitlines()]
+    return {(r["epoch"], r["batch"]): r["loss"] for r in records}
+
+
+def start(argv):
+    return subprocess.Popen([sys.executable, "-m", "fastmae.pretrain", *argv],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def kill_after(proc, out, records: int, extra_delay: float = 0.0) -> bool:
+    """SIGKILL ``proc`` once ``records`` step records are logged (plus ``extra_delay`` s); False if it
+    finished first."""
+    log = out / "log_steps.txt"
+    while proc.poll() is None:
+        if log.exists() and len(log.read_text().splitlines()) >= records:
+            time.sleep(extra_delay)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return True
+        time.sleep(0.02)
+    return False
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("whole")
+    assert cli(args(folder, out)) == 0
+    return step_losses(out)
+
+
+def test_killed_mid_epoch_and_resumed_equals_uninterrupted(folder, tmp_path, uninterrupted):
+    assert kill_after(start(args(folder, tmp_path, "--checkpoint_steps", "2")), tmp_path, records=9)
+    assert (tmp_path / "checkpoint-last.pth").exists()
+    assert cli(args(folder, tmp_path, "--checkpoint_steps", "2", "--resume", "auto")) == 0
+    assert step_losses(tmp_path) == uninterrupted  # bit-identical losses, every step
+
+
+def test_killed_repeatedly_even_while_saving(folder, tmp_path, uninterrupted):
+    """A checkpoint every step, so that the kills often land inside a save."""
+    extra = ["--checkpoint_steps", "1"]
+    for records, delay in ((2, 0.0), (5, 0.01), (8, 0.03)):
+        proc = start(args(folder, tmp_path, *extra, "--resume", "auto"))
+        if not kill_after(proc, tmp_path, records, delay):
+            assert proc.returncode == 0, proc.stderr.read().decode()[-2000:]
+        read_checkpoint(tmp_path / "checkpoint-last.pth")  # never torn
+    assert cli(args(folder, tmp_path, *extra, "--resume", "auto")) == 0
+    assert step_losses(tmp_path) == uninterrupted
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(folder, tmp_path, monkeypatch, caplog):
+    calls = {"n": 0}
+    original = MaskedAutoencoderViT.forward_loss
+
+    def poisoned(self, imgs, pred, mask):
+        calls["n"] += 1
+        loss = original(self, imgs, pred, mask)
+        return loss * float("nan") if calls["n"] >= 9 else loss  # from the 3rd batch of epoch 1
+
+    monkeypatch.setattr(MaskedAutoencoderViT, "forward_loss", poisoned)
+    assert cli(args(folder, tmp_path, "--checkpoint_steps", "1")) == 1
+    assert "loss is nan" in caplog.text and "last checkpoint" in caplog.text
+    ckpt = read_checkpoint(tmp_path / "checkpoint-last.pth")
+    assert ckpt["data_position"] == {"epoch": 1, "batch": 2}
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_checkpoint_contents(folder, tmp_path):
+    assert cli(args(folder, tmp_path, "--epochs", "1")) == 0
+    ckpt = read_checkpoint(tmp_path / "checkpoint-0.pth")
+    assert {"model", "optimizer", "scaler", "epoch", "data_position", "args", "rng"} <= set(ckpt)
+    assert ckpt["epoch"] == 0 and ckpt["data_position"] == {"epoch": 1, "batch": 0}
+    assert os.path.samefile(tmp_path / "checkpoint-0.pth", tmp_path / "checkpoint-last.pth")
+    log = [json.loads(line) for line in (tmp_path / "log.txt").read_text().splitlines()]
+    assert {"train_loss", "train_lr", "epoch", "train_images_per_sec", "mfu", "train_peak_memory_gib"} <= set(log[0])
+    assert math.isfinite(log[0]["train_loss"])
