@@ -99,3 +99,25 @@ def measure(benchmark, fn, *, rounds: int | None = None, **info) -> float:
         cuda=torch.version.cuda if ON_GPU else None, median_ms=median * 1e3, **info,
     )
     return median
+
+
+def training_step(model, optimizer, imgs, autocast_dtype=torch.bfloat16):
+    """The timed unit of the end-to-end suites: forward, backward, optimizer step."""
+    def step():
+        with torch.autocast(DEVICE.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            loss, _, _ = model(imgs, mask_ratio=0.75)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def peak_memory_gib(fn) -> float | None:
+    if not ON_GPU:
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 2**30

@@ -1,23 +1,20 @@
-"""Render pytest-benchmark JSON files as markdown tables, one per suite: each case's median time for
-every provider, its derived figures (GB/s and fraction of copy bandwidth for the memory-bound
-kernels; TFLOP/s and peak memory for attention), and the speedup over the reference provider.
+"""Render benchmark JSON files (pytest-benchmark's ``--benchmark-json``) as markdown, and optionally
+a PNG chart: the visible-only speedup per preset (measured, predicted by FLOPs, the paper's) and the
+kernels' achieved bandwidth.
 
-    python benchmarks/summarize.py bench.json [more.json ...]
+    python benchmarks/summarize.py bench.json [more.json ...] [--png chart.png]
 """
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from collections import defaultdict
 
-REFERENCE = {"attention": "math", "loader": "torchvision"}  # every other op: "torch"
+REFERENCE = {"attention": "math", "loader": "torchvision", "training_step_e2e": "reference"}  # else "torch"
 
 
-def results(paths: list[str]):
-    for path in paths:
-        for b in json.load(open(path))["benchmarks"]:
-            if "op" in b.get("extra_info", {}):
-                yield b["extra_info"]
+def results(paths: list[str]) -> list[dict]:
+    return [b["extra_info"] for path in paths for b in json.load(open(path))["benchmarks"] if "op" in b.get("extra_info", {})]
 
 
 def figures(info: dict) -> str:
@@ -28,18 +25,40 @@ def figures(info: dict) -> str:
         parts.append(f"{info['tflops']:.3g} TFLOP/s")
     if info.get("images_per_sec") is not None:
         parts.append(f"{info['images_per_sec']:.0f} images/s")
+    if info.get("mfu") is not None:
+        parts.append(f"MFU {info['mfu']:.1%}")
     if info.get("peak_memory_mib") is not None:
-        parts.append(f"{info['peak_memory_mib']:.0f} MiB peak")
+        parts.append(f"{info['peak_memory_mib'] / 1024:.1f} GiB peak")
     return ", ".join(parts)
 
 
-def table(paths: list[str]) -> str:
+def speedup_table(infos: list[dict]) -> list[str]:
+    steps = defaultdict(dict)
+    for i in infos:
+        if i["op"] == "training_step":
+            steps[(i["preset"], i["mode"])][i["provider"]] = i
+    if not steps:
+        return []
+    out = ["### Visible-only encoder vs mask tokens in the encoder (one training step)", "",
+           "| preset | decoder | visible-only ms | w/ [M] ms | speedup | FLOP ratio | paper (Table 2) |",
+           "| --- | --- | --- | --- | --- | --- | --- |"]
+    for (preset, mode), by in sorted(steps.items()):
+        if len(by) < 2:
+            continue
+        vis, m = by["visible_only"], by["with_mask_tokens"]
+        paper = m.get("paper_speedup")
+        out.append(f"| {preset} | {mode.split('=')[1]} blocks | {vis['median_ms']:.1f} | {m['median_ms']:.1f} | "
+                   f"{m['median_ms'] / vis['median_ms']:.2f}x | {m['flops_per_image'] / vis['flops_per_image']:.2f}x | "
+                   f"{f'{paper}x' if paper else ''} |")
+    return out + [""]
+
+
+def table(infos: list[dict]) -> str:
+    devices = sorted({f"{i['device']} (torch {i['torch']}, triton {i['triton']})" for i in infos})
     groups: dict[tuple, dict[str, dict]] = defaultdict(dict)
-    devices = set()
-    for info in results(paths):
-        devices.add(f"{info['device']} (torch {info['torch']}, triton {info['triton']})")
-        groups[(info["op"], info["mode"], info["preset"])][info["provider"]] = info
-    out = [f"Device: {'; '.join(sorted(devices))}", "",
+    for i in infos:
+        groups[(i["op"], i["mode"], i["preset"])][i["provider"]] = i
+    out = [f"Device: {'; '.join(devices)}", "", *speedup_table(infos), "### Every result", "",
            "| op | mode | shape | provider | median ms | figures | speedup vs reference |",
            "| --- | --- | --- | --- | --- | --- | --- |"]
     for (op, mode, preset), by_provider in sorted(groups.items()):
@@ -50,5 +69,45 @@ def table(paths: list[str]) -> str:
     return "\n".join(out)
 
 
+def chart(infos: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.5))
+    rows = [(f"{i['preset'].replace('mae_vit_', '')}\n{i['mode'].split('=')[1]} dec", i) for i in infos
+            if i["op"] == "training_step" and i.get("speedup")]
+    for k, (label, i) in enumerate(rows):
+        for j, (value, name) in enumerate([(i["speedup"], "measured"), (i["flop_ratio"], "FLOP ratio"),
+                                           (i.get("paper_speedup") or 0, "paper")]):
+            ax1.bar(k + 0.27 * (j - 1), value, 0.27, color=f"C{j}", label=name if k == 0 else None)
+    ax1.set_xticks(range(len(rows)), [r[0] for r in rows], fontsize=8)
+    ax1.set_ylabel("speedup of the visible-only encoder")
+    ax1.set_title("MAE encoder without mask tokens vs with")
+    ax1.legend()
+    kernels = [i for i in infos if "fraction_of_copy_bandwidth" in i and i["mode"] == "fwd+bwd"]
+    labels = sorted({f"{i['op']}\n{i['preset']}" for i in kernels})
+    for j, provider in enumerate(sorted({i["provider"] for i in kernels})):
+        values = {f"{i['op']}\n{i['preset']}": i["gbps"] for i in kernels if i["provider"] == provider}
+        ax2.bar([k + 0.4 * j for k in range(len(labels))], [values.get(lab, 0) for lab in labels], 0.4, label=provider)
+    if kernels:
+        ax2.axhline(kernels[0]["copy_gbps"], color="k", ls="--", lw=1, label="copy bandwidth")
+    ax2.set_xticks([k + 0.2 for k in range(len(labels))], labels, fontsize=7, rotation=30, ha="right")
+    ax2.set_ylabel("GB/s (forward + backward)")
+    ax2.set_title("kernels: achieved bandwidth")
+    ax2.legend()
+    fig.suptitle(", ".join(sorted({i["device"] for i in infos})))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 if __name__ == "__main__":
-    print(table(sys.argv[1:]))
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("json", nargs="+")
+    p.add_argument("--png", help="also draw the chart here (needs matplotlib)")
+    args = p.parse_args()
+    infos = results(args.json)
+    print(table(infos))
+    if args.png:
+        chart(infos, args.png)

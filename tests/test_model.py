@@ -84,3 +84,16 @@ def test_presets_include_the_original_names():
     for name in ("mae_vit_base_patch16", "mae_vit_large_patch16", "mae_vit_huge_patch14",
                  "mae_vit_base_patch16_dec512d8b", "mae_vit_tiny_patch4"):
         assert name in PRESETS
+
+
+def test_encoder_mask_tokens_baseline():
+    """The paper's w/ [M]: all L positions through the encoder, same loss contract."""
+    model = create_model("mae_vit_tiny_patch4", depth=1, decoder_depth=1, encoder_mask_tokens=True)
+    imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 64)
+    latent, mask, _ = model.forward_encoder(imgs, 0.75, noise)
+    assert latent.shape == (2, 65, 192)
+    loss, pred, mask = model(imgs, noise=noise)
+    loss.backward()
+    assert pred.shape == (2, 64, 48) and mask.sum() == 2 * 48
+    assert model.encoder_mask_token.grad is not None and model.encoder_mask_token.grad.abs().sum() > 0
+    assert "encoder_mask_token" not in create_model("mae_vit_tiny_patch4").state_dict()

@@ -30,6 +30,9 @@ class MaskedAutoencoderViT(nn.Module):
         norm_pix_loss: regress per-patch normalized pixels.
         kernel_backend: ``fastmae.ops`` kernel backend (``torch``, ``triton``, ...; None: default).
         attention_backend: ``fastmae.ops`` attention backend (``sdpa``, ``math``, ...; None: default).
+        encoder_mask_tokens: the paper's "w/ [M]" baseline (Table 2), for benchmarks: the encoder
+            sees all L positions, a learned ``encoder_mask_token`` at the removed ones; the decoder
+            takes them in place. Not MAE: its parameters differ (one more) and it is 3-4x slower.
     """
 
     def __init__(
@@ -49,6 +52,7 @@ class MaskedAutoencoderViT(nn.Module):
         *,
         kernel_backend: str | None = None,
         attention_backend: str | None = None,
+        encoder_mask_tokens: bool = False,
     ):
         super().__init__()
         self.kernel_backend = kernel_backend
@@ -58,6 +62,9 @@ class MaskedAutoencoderViT(nn.Module):
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         num_patches = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.encoder_mask_tokens = encoder_mask_tokens
+        if encoder_mask_tokens:
+            self.encoder_mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         # fixed sin-cos embedding; a Parameter without grad, as the original, so its key is in the state dict
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim), requires_grad=False)
         self.blocks = nn.ModuleList(
@@ -123,6 +130,8 @@ class MaskedAutoencoderViT(nn.Module):
         nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
         nn.init.normal_(self.cls_token, std=0.02)
         nn.init.normal_(self.mask_token, std=0.02)
+        if self.encoder_mask_tokens:
+            nn.init.normal_(self.encoder_mask_token, std=0.02)
         self.apply(self._init_weights)
 
     @staticmethod
@@ -159,14 +168,19 @@ class MaskedAutoencoderViT(nn.Module):
         return ops.random_masking(noise, len_keep, backend=self.kernel_backend)
 
     def forward_encoder(self, imgs: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None):
-        """Encode the visible patches. Returns ``latent`` [N, 1+K, D], ``mask`` [N, L], ``ids_restore`` [N, L]."""
+        """Encode the visible patches. Returns ``latent`` [N, 1+K, D] (with ``encoder_mask_tokens``:
+        [N, 1+L, D] in position order), ``mask`` [N, L], ``ids_restore`` [N, L]."""
         self._check_imgs(imgs)
         n = imgs.shape[0]
         ids_keep, ids_restore, mask = self.random_masking(n, mask_ratio, noise, imgs.device)
         proj = self.patch_embed.proj
-        x = ops.embed_visible_patches(
-            imgs, ids_keep, proj.weight, proj.bias, self.pos_embed[0, 1:], backend=self.kernel_backend
-        )
+        if self.encoder_mask_tokens:
+            x = torch.where(mask.unsqueeze(-1).bool(), self.encoder_mask_token, self.patch_embed(imgs))
+            x = x + self.pos_embed[:, 1:, :]
+        else:
+            x = ops.embed_visible_patches(
+                imgs, ids_keep, proj.weight, proj.bias, self.pos_embed[0, 1:], backend=self.kernel_backend
+            )
 
         cls_token = self.cls_token + self.pos_embed[:, :1, :]
         x = torch.cat((cls_token.expand(n, -1, -1), x), dim=1)
@@ -177,9 +191,12 @@ class MaskedAutoencoderViT(nn.Module):
     def forward_decoder(self, x: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         """Latent [N, 1+K, D] -> per-patch pixel predictions [N, L, p*p*C]."""
         x = self.decoder_embed(x)
-        x = ops.unshuffle_with_mask_token(
-            x, ids_restore, self.mask_token, self.decoder_pos_embed[0], backend=self.kernel_backend
-        )
+        if self.encoder_mask_tokens:  # already every position, in order
+            x = x + self.decoder_pos_embed
+        else:
+            x = ops.unshuffle_with_mask_token(
+                x, ids_restore, self.mask_token, self.decoder_pos_embed[0], backend=self.kernel_backend
+            )
         x = self._run_blocks(self.decoder_blocks, x)
         x = self.decoder_norm(x)
         x = self.decoder_pred(x)
