@@ -1,5 +1,6 @@
-"""One pretraining epoch: mixed precision, gradient accumulation without needless all-reduces, and
-no host-device synchronization except where a log line or a checkpoint is due."""
+"""One training epoch and one evaluation pass, for every entry point: mixed precision, gradient
+accumulation without needless all-reduces, and no host-device synchronization except where a log
+line or a checkpoint is due."""
 from __future__ import annotations
 
 import math
@@ -25,7 +26,6 @@ class StepConfig:
     """How each training step runs.
 
     Args:
-        mask_ratio: fraction of patches removed.
         accum_iter: micro-batches per optimizer step (gradients all-reduced only on the last one).
         schedule: ``lr_at``'s keyword arguments (lr, min_lr, warmup_epochs, epochs).
         autocast_dtype: bf16 / fp16 autocast, or None for full precision.
@@ -34,7 +34,6 @@ class StepConfig:
         checkpoint_steps: call ``on_checkpoint`` every this many batches (0: never mid-epoch).
     """
 
-    mask_ratio: float
     accum_iter: int
     schedule: dict
     autocast_dtype: torch.dtype | None = None
@@ -49,6 +48,7 @@ def train_one_epoch(
     optimizer: torch.optim.Optimizer,
     epoch: int,
     cfg: StepConfig,
+    compute_loss: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor],
     *,
     device: torch.device,
     steps_per_epoch: int,
@@ -58,7 +58,8 @@ def train_one_epoch(
     log: Callable[[dict], None] = lambda record: None,
     on_checkpoint: Callable[[int, int], None] = lambda epoch, next_batch: None,
 ) -> dict:
-    """Train on ``loader`` (already positioned at ``start_batch`` of ``epoch``).
+    """Train on ``loader`` (already positioned at ``start_batch`` of ``epoch``); the loss of a batch
+    is ``compute_loss(model, images, labels)``.
 
     ``log`` receives a record ``{epoch, batch, loss, lr, images_per_sec, eta_seconds}`` every ``print_freq``
     batches (loss averaged over the batches since the last record and over the ranks); a non-finite
@@ -79,7 +80,7 @@ def train_one_epoch(
     start = window_start = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
     batch = start_batch - 1
-    for batch, (imgs, _) in enumerate(loader, start=start_batch):
+    for batch, (imgs, labels) in enumerate(loader, start=start_batch):
         if batch % accum == 0:
             lr = lr_at(epoch + batch / steps_per_epoch, **cfg.schedule)
             set_lr(optimizer, lr)
@@ -89,7 +90,7 @@ def train_one_epoch(
         sync = model.no_sync() if ddp and not update else nullcontext()
         with sync:
             with autocast:
-                loss, _, _ = model(imgs, mask_ratio=cfg.mask_ratio)
+                loss = compute_loss(model, imgs, labels)
             scaled = loss / accum
             (scaler.scale(scaled) if scaler else scaled).backward()
         if update:
@@ -141,6 +142,32 @@ def train_one_epoch(
         "images_per_sec": images * dist.world_size / (time.perf_counter() - start),
         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
     }
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, *, num_samples: int, device: torch.device, dist: DistInfo = DistInfo(),
+             autocast_dtype: torch.dtype | None = None) -> dict:
+    """Top-1 / top-5 accuracy (%) and cross-entropy over ``num_samples`` images, each counted once:
+    the loader deals sample ``j`` of this rank's shard from global position ``j * world + rank``,
+    and the positions past the end (padding) are left out."""
+    model.eval()
+    autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
+    totals = torch.zeros(4, device=device, dtype=torch.float64)  # loss sum, top-1, top-5, count
+    seen = 0
+    for imgs, labels in loader:
+        with autocast:
+            logits = model(imgs).float()
+        position = (seen + torch.arange(len(labels), device=device)) * dist.world_size + dist.rank
+        seen += len(labels)
+        valid = (position < num_samples).double()
+        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
+        totals += torch.stack([
+            (nn.functional.cross_entropy(logits, labels, reduction="none").double() * valid).sum(),
+            (top5[:, 0].double() * valid).sum(), (top5.any(dim=1).double() * valid).sum(), valid.sum(),
+        ])
+    totals = all_reduce_mean(totals) * dist.world_size
+    loss, acc1, acc5, count = totals.tolist()
+    return {"loss": loss / count, "acc1": 100 * acc1 / count, "acc5": 100 * acc5 / count, "images": round(count)}
 
 
 class Progress:

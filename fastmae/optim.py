@@ -80,3 +80,64 @@ def lr_at(epoch: float, *, lr: float, min_lr: float, warmup_epochs: float, epoch
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def layer_id_for_vit(name: str, num_layers: int) -> int:
+    """The original's grouping: cls token, position and patch embedding at layer 0, block i at layer
+    i + 1, everything after the blocks (norm, head) at ``num_layers``."""
+    if name in ("cls_token", "pos_embed") or name.startswith("patch_embed"):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return num_layers
+
+
+def param_groups_lrd(model: nn.Module, weight_decay: float = 0.05, no_weight_decay_list=(), layer_decay: float = 0.75) -> list[dict]:
+    """Layer-wise lr decay (the original ``util/lr_decay.py``): layer ``i`` of ``L + 1`` gets
+    ``lr_scale = layer_decay ** (L + 1 - i)``; no weight decay on 1-D parameters and on
+    ``no_weight_decay_list``. Frozen parameters are left out."""
+    num_layers = len(model.blocks) + 1
+    scales = [layer_decay ** (num_layers - i) for i in range(num_layers + 1)]
+    groups: dict[str, dict] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        no_decay = param.ndim == 1 or name in no_weight_decay_list
+        layer = layer_id_for_vit(name, num_layers)
+        key = f"layer_{layer}_{'no_decay' if no_decay else 'decay'}"
+        group = groups.setdefault(key, {"lr_scale": scales[layer], "weight_decay": 0.0 if no_decay else weight_decay,
+                                        "params": []})
+        group["params"].append(param)
+    return list(groups.values())
+
+
+class LARS(torch.optim.Optimizer):
+    """LARS (the original ``util/lars.py``, for linear probing): SGD with momentum whose update of each
+    parameter of 2 or more dimensions is scaled by ``trust_coefficient * |p| / |g + wd * p|``;
+    1-D parameters (biases, norms) get neither weight decay nor scaling."""
+
+    def __init__(self, params, lr: float = 0.0, weight_decay: float = 0.0, momentum: float = 0.9,
+                 trust_coefficient: float = 0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                      trust_coefficient=trust_coefficient))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for g in self.param_groups:
+            for p in g["params"]:
+                dp = p.grad
+                if dp is None:
+                    continue
+                if p.ndim > 1:
+                    dp = dp.add(p, alpha=g["weight_decay"])
+                    param_norm, update_norm = torch.norm(p), torch.norm(dp)
+                    one = torch.ones_like(param_norm)
+                    q = torch.where(param_norm > 0.0,
+                                    torch.where(update_norm > 0, g["trust_coefficient"] * param_norm / update_norm, one), one)
+                    dp = dp.mul(q)
+                state = self.state[p]
+                if "mu" not in state:
+                    state["mu"] = torch.zeros_like(p)
+                mu = state["mu"]
+                mu.mul_(g["momentum"]).add_(dp)
+                p.add_(mu, alpha=-g["lr"])

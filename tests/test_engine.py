@@ -46,12 +46,11 @@ def train(rank: int, world_size: int, batch_size: int, accum_iter: int, out: str
     loader = TorchvisionLoader(ShapesDataset(IMAGES, image_size=40, transform=pretrain_transform(32)),
                                batch_size=batch_size, device=torch.device("cpu"), rank=dist.rank,
                                world_size=dist.world_size, seed=1, num_workers=0)
-    cfg = StepConfig(mask_ratio=0.75, accum_iter=accum_iter, schedule=dict(lr=0.1, min_lr=0, warmup_epochs=0, epochs=2),
-                     print_freq=1)
+    cfg = StepConfig(accum_iter=accum_iter, schedule=dict(lr=0.1, min_lr=0, warmup_epochs=0, epochs=2), print_freq=1)
     losses = []
     for epoch in range(2):
         loader.set_epoch(epoch)
-        train_one_epoch(step_model, loader, optimizer, epoch, cfg, device=torch.device("cpu"),
+        train_one_epoch(step_model, loader, optimizer, epoch, cfg, lambda m, x, y: m(x)[0], device=torch.device("cpu"),
                         steps_per_epoch=len(loader), dist=dist, log=lambda r: losses.append(r["loss"]))
     if dist.is_main:
         torch.save({"params": [p.detach() for p in model.parameters()], "losses": losses}, out)

@@ -33,23 +33,38 @@ DATA_BACKENDS = ("auto", "dali", "torchvision", "synthetic")
 
 def pretrain_transform(input_size: int) -> transforms.Compose:
     """The original's pretraining augmentation."""
-    return transforms.Compose([
-        transforms.RandomResizedCrop(input_size, scale=(0.2, 1.0), interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(),
-        transforms.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD),
-    ])
+    return transform("pretrain", input_size)
 
 
-def builtin_shapes_folder(num_images: int, image_size: int) -> str:
+def transform(mode: str, input_size: int) -> transforms.Compose:
+    """The original's torchvision transforms. ``pretrain``: RandomResizedCrop(scale=(0.2, 1)) + flip;
+    ``train`` (linear probing): RandomResizedCrop + flip; ``train_randaug`` (fine-tuning): that +
+    RandAugment (torchvision's, 2 ops at magnitude 9: the closest to timm's rand-m9-mstd0.5-inc1);
+    ``eval``: resize to input_size * 256 / 224, center crop. All bicubic, then ImageNet normalization
+    (fine-tuning's random erasing and mixup act on batches: ``fastmae.data.augment``)."""
+    bicubic = transforms.InterpolationMode.BICUBIC
+    if mode == "eval":
+        steps = [transforms.Resize(int(input_size * 256 / 224), interpolation=bicubic), transforms.CenterCrop(input_size)]
+    else:
+        scale = (0.2, 1.0) if mode == "pretrain" else (0.08, 1.0)
+        steps = [transforms.RandomResizedCrop(input_size, scale=scale, interpolation=bicubic),
+                 transforms.RandomHorizontalFlip()]
+        if mode == "train_randaug":
+            steps.append(transforms.RandAugment(num_ops=2, magnitude=9, interpolation=bicubic))
+        elif mode not in ("pretrain", "train"):
+            raise ValueError(f"unknown transform mode {mode!r}")
+    return transforms.Compose(steps + [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def builtin_shapes_folder(num_images: int, image_size: int, seed: int = 0) -> str:
     """The built-in shapes dataset written once as an ImageFolder of PNGs (for loaders that read
     files), in ``$FASTMAE_CACHE`` or ``~/.cache/fastmae``."""
     cache = os.environ.get("FASTMAE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "fastmae"))
-    root = os.path.join(cache, f"shapes-{num_images}-{image_size}")
+    root = os.path.join(cache, f"shapes-{num_images}-{image_size}-{seed}")
     if not os.path.isdir(root):
         os.makedirs(cache, exist_ok=True)
         tmp = tempfile.mkdtemp(dir=cache)
-        ShapesDataset(num_images, image_size=image_size).write_image_folder(tmp)
+        ShapesDataset(num_images, image_size=image_size, seed=seed).write_image_folder(tmp)
         try:
             os.rename(tmp, root)
         except OSError:  # another process finished first
@@ -71,13 +86,14 @@ def resolve_data_backend(name: str, device: torch.device) -> str:
     return name
 
 
-def build_pretrain_loader(
-    *, backend: str, data_path: str | None, input_size: int, batch_size: int, device: torch.device,
+def build_loader(
+    *, backend: str, root: str | None, mode: str, input_size: int, batch_size: int, device: torch.device,
     rank: int = 0, world_size: int = 1, seed: int = 0, num_workers: int = 2, pin_memory: bool = True,
-    skip_unreadable: bool = False, builtin_size: int = 5000, synthetic_batches: int = 100,
+    skip_unreadable: bool = False, builtin: tuple[int, int] = (5000, 0), synthetic_batches: int = 100,
 ):
-    """The pretraining loader of ``backend`` over ``data_path`` (an ImageFolder root, or a folder of
-    tar shards for DALI), or over the built-in shapes dataset when ``data_path`` is None."""
+    """A loader of ``backend`` over the ImageFolder tree (or DALI tar shards) at ``root``, or over
+    the built-in shapes dataset ``builtin = (num_images, seed)`` when ``root`` is None, with the
+    ``mode`` augmentation (see :func:`transform`); ``eval`` reads in order."""
     backend = resolve_data_backend(backend, device)
     common = dict(batch_size=batch_size, device=device, rank=rank, world_size=world_size, seed=seed)
     if backend == "synthetic":
@@ -85,20 +101,21 @@ def build_pretrain_loader(
                                batches_per_epoch=synthetic_batches)
     builtin_image_size = max(40, input_size)
     if backend == "torchvision":
-        if data_path is None:
-            dataset = ShapesDataset(builtin_size, image_size=builtin_image_size, transform=pretrain_transform(input_size))
+        if root is None:
+            dataset = ShapesDataset(builtin[0], image_size=builtin_image_size, seed=builtin[1],
+                                    transform=transform(mode, input_size))
         else:
-            root = image_folder_root(data_path)
             if list_tar_shards(root):
                 raise ValueError(f"{root} holds tar shards, which only the DALI loader reads (--data_backend dali)")
             list_image_folder(root)  # a clear error for an empty or class-less folder
-            dataset = datasets.ImageFolder(root, transform=pretrain_transform(input_size), loader=load_rgb)
-        return TorchvisionLoader(dataset, num_workers=num_workers, pin_memory=pin_memory,
+            dataset = datasets.ImageFolder(root, transform=transform(mode, input_size), loader=load_rgb)
+        return TorchvisionLoader(dataset, num_workers=num_workers, pin_memory=pin_memory, shuffle=mode != "eval",
                                  skip_unreadable=skip_unreadable, **common)
     # dali
-    root = image_folder_root(data_path) if data_path else builtin_shapes_folder(builtin_size, builtin_image_size)
+    if root is None:
+        root = builtin_shapes_folder(builtin[0], builtin_image_size, builtin[1])
     dali = dict(image_size=input_size, num_threads=max(1, num_workers), skip_unreadable=skip_unreadable,
-                mean=IMAGENET_MEAN, std=IMAGENET_STD, **common)
+                mean=IMAGENET_MEAN, std=IMAGENET_STD, mode=mode, **common)
     shards = list_tar_shards(root)
     if shards:
         return DaliLoader(shards=shards, **dali)
@@ -106,7 +123,34 @@ def build_pretrain_loader(
     return DaliLoader(files, labels, **dali)
 
 
+def build_pretrain_loader(*, data_path: str | None, builtin_size: int = 5000, **kwargs):
+    """The pretraining loader over ``data_path`` (an ImageFolder root: ``DIR/train`` if it exists,
+    or a folder of tar shards for DALI), or over the built-in shapes dataset when it is None."""
+    root = image_folder_root(data_path) if data_path else None
+    return build_loader(root=root, mode="pretrain", builtin=(builtin_size, 0), **kwargs)
+
+
+def build_classification_loaders(*, data_path: str | None, train_mode: str, builtin_size: int = 5000, **kwargs):
+    """``(train loader, validation loader, class names)`` over ``DIR/train`` and ``DIR/val``, or
+    over the built-in shapes dataset (training images, and a held-out set drawn with another seed)."""
+    if data_path is None:
+        train_root = val_root = None
+        classes = list(ShapesDataset.classes)
+    else:
+        train_root, val_root = (os.path.join(data_path, split) for split in ("train", "val"))
+        for root in (train_root, val_root):
+            if not os.path.isdir(root):
+                raise FileNotFoundError(f"{root} is not a directory: evaluation needs DIR/train and DIR/val image folders")
+        if list_tar_shards(val_root):
+            raise ValueError(f"{val_root} holds tar shards: the validation set must be an image folder")
+        _, _, classes = list_image_folder(train_root)
+    train = build_loader(root=train_root, mode=train_mode, builtin=(builtin_size, 0), **kwargs)
+    val = build_loader(root=val_root, mode="eval", builtin=(builtin_size // 5, 1), **kwargs)
+    return train, val, classes
+
+
 __all__ = [
     "DATA_BACKENDS", "IMAGENET_MEAN", "IMAGENET_STD", "DaliLoader", "ShapesDataset", "SyntheticLoader",
-    "TorchvisionLoader", "UnreadableImageError", "build_pretrain_loader", "pretrain_transform",
+    "TorchvisionLoader", "UnreadableImageError", "build_classification_loaders", "build_loader",
+    "build_pretrain_loader", "pretrain_transform", "transform",
 ]

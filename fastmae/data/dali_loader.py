@@ -22,6 +22,7 @@ try:
     import nvidia.dali.fn as fn
     import nvidia.dali.types as types
     from nvidia.dali import pipeline_def
+    from nvidia.dali.auto_aug import rand_augment
     from nvidia.dali.plugin.pytorch import feed_ndarray
 
     DALI_IMPORT_ERROR = None
@@ -38,33 +39,51 @@ def dali_unavailable_reasons() -> list[str]:
     return []
 
 
-def _augment(encoded, *, size: int, on_gpu: bool, mean, std):
-    """The original's RandomResizedCrop(size, scale=(0.2, 1), bicubic) + flip + normalize, with the
-    crop fused into the decoder so only the crop is decoded."""
-    images = fn.decoders.image_random_crop(
-        encoded, device="mixed" if on_gpu else "cpu", output_type=types.RGB,
-        random_area=[0.2, 1.0], random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10,
-    )
-    images = fn.resize(images, resize_x=size, resize_y=size, interp_type=types.INTERP_CUBIC, antialias=True)
+# augmentation modes: the random-crop area range, and whether RandAugment follows
+CROP_AREA = {"pretrain": (0.2, 1.0), "train": (0.08, 1.0), "train_randaug": (0.08, 1.0)}
+MODES = (*CROP_AREA, "eval")
+
+
+def _augment(encoded, *, mode: str, size: int, on_gpu: bool, mean, std):
+    """The original's transforms. ``pretrain``: RandomResizedCrop(size, scale=(0.2, 1), bicubic) + flip;
+    ``train``: scale (0.08, 1) + flip (linear probing); ``train_randaug``: that + RandAugment(2 ops,
+    magnitude 9) (fine-tuning); ``eval``: resize the shorter side to size * 256 / 224, center crop.
+    Random crops are fused into the decoder so only the crop is decoded. Then normalize, CHW."""
+    decode_device = "mixed" if on_gpu else "cpu"
+    mirror = 0
+    if mode == "eval":
+        images = fn.decoders.image(encoded, device=decode_device, output_type=types.RGB)
+        images = fn.resize(images, resize_shorter=int(size * 256 / 224), interp_type=types.INTERP_CUBIC, antialias=True)
+    else:
+        images = fn.decoders.image_random_crop(
+            encoded, device=decode_device, output_type=types.RGB,
+            random_area=list(CROP_AREA[mode]), random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10,
+        )
+        images = fn.resize(images, resize_x=size, resize_y=size, interp_type=types.INTERP_CUBIC, antialias=True)
+        mirror = fn.random.coin_flip(probability=0.5)
+        if mode == "train_randaug":
+            images = fn.flip(images, horizontal=mirror)  # flip before RandAugment, as the torchvision order
+            mirror = 0
+            images = rand_augment.rand_augment(images, n=2, m=9)
     return fn.crop_mirror_normalize(
-        images, dtype=types.FLOAT, output_layout="CHW",
-        mean=[255 * m for m in mean], std=[255 * s for s in std], mirror=fn.random.coin_flip(probability=0.5),
+        images, dtype=types.FLOAT, output_layout="CHW", crop=(size, size),
+        mean=[255 * m for m in mean], std=[255 * s for s in std], mirror=mirror,
     )
 
 
-def _list_pipeline(files, labels, *, size, on_gpu, mean, std):
+def _list_pipeline(files, labels, *, mode, size, on_gpu, mean, std):
     encoded, label = fn.readers.file(files=files, labels=labels, random_shuffle=False, pad_last_batch=True,
                                      name="reader", prefetch_queue_depth=PREFETCH)
-    return _augment(encoded, size=size, on_gpu=on_gpu, mean=mean, std=std), label
+    return _augment(encoded, mode=mode, size=size, on_gpu=on_gpu, mean=mean, std=std), label
 
 
-def _tar_pipeline(shards, *, shard_id, num_shards, shuffle_seed, size, on_gpu, mean, std):
+def _tar_pipeline(shards, *, shard_id, num_shards, shuffle_seed, mode, size, on_gpu, mean, std):
     encoded, label = fn.readers.webdataset(
         paths=shards, ext=[IMAGE_EXTENSIONS, "cls"], shard_id=shard_id, num_shards=num_shards,
-        random_shuffle=True, initial_fill=1024, seed=shuffle_seed, pad_last_batch=True, name="reader",
+        random_shuffle=mode != "eval", initial_fill=1024, seed=shuffle_seed, pad_last_batch=True, name="reader",
         missing_component_behavior="error",
     )
-    return _augment(encoded, size=size, on_gpu=on_gpu, mean=mean, std=std), label
+    return _augment(encoded, mode=mode, size=size, on_gpu=on_gpu, mean=mean, std=std), label
 
 
 class DaliLoader:
@@ -77,16 +96,22 @@ class DaliLoader:
         rank, world_size, seed: sharding and shuffling (image lists: see ``epoch_order``).
         num_threads: DALI CPU threads per rank.
         skip_unreadable: replace undecodable files (image lists) instead of stopping.
+        mode: the augmentation (see ``_augment``): pretrain, train, train_randaug or eval (which
+            also reads in file order).
     """
 
     def __init__(self, files=None, labels=None, *, shards=None, batch_size: int, image_size: int,
                  device: torch.device, rank: int = 0, world_size: int = 1, seed: int = 0, num_threads: int = 4,
-                 skip_unreadable: bool = False, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)):
+                 skip_unreadable: bool = False, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+                 mode: str = "pretrain"):
         reasons = dali_unavailable_reasons()
         if reasons:
             raise ImportError(reasons[0])
         if (files is None) == (shards is None):
             raise ValueError("give the DALI loader either files and labels or tar shards")
+        if mode not in MODES:
+            raise ValueError(f"unknown DALI augmentation mode {mode!r}; choose one of {MODES}")
+        self.mode = mode
         self.files, self.labels, self.shards = files, labels, shards
         self.batch_size, self.image_size, self.device = batch_size, image_size, device
         self.rank, self.world_size, self.seed, self.num_threads = rank, world_size, seed, num_threads
@@ -98,6 +123,12 @@ class DaliLoader:
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch, self.start_batch = epoch, start_batch
+
+    @property
+    def num_samples(self) -> int:
+        if self.files is None:
+            raise ValueError("the number of samples in tar shards is DALI's to count; evaluate on an image folder")
+        return len(self.files)
 
     def __len__(self) -> int:
         if self.shards is not None:
@@ -112,11 +143,12 @@ class DaliLoader:
     def _pipeline_kwargs(self, seed: int) -> dict:
         on_gpu = self.device.type == "cuda"
         return dict(batch_size=self.batch_size, num_threads=self.num_threads, seed=seed,
-                    device_id=(self.device.index or 0) if on_gpu else None, prefetch_queue_depth=PREFETCH)
+                    device_id=(self.device.index or 0) if on_gpu else None, prefetch_queue_depth=PREFETCH,
+                    enable_conditionals=self.mode == "train_randaug")  # RandAugment branches per sample
 
     def _build_list(self, order: np.ndarray, seed: int):
         pipe = pipeline_def(_list_pipeline, **self._pipeline_kwargs(seed))(
-            [self.files[i] for i in order], self.labels[order].tolist(), size=self.image_size,
+            [self.files[i] for i in order], self.labels[order].tolist(), mode=self.mode, size=self.image_size,
             on_gpu=self.device.type == "cuda", mean=self.mean, std=self.std)
         pipe.build()
         return pipe
@@ -124,7 +156,7 @@ class DaliLoader:
     def _build_tar(self, seed: int):
         pipe = pipeline_def(_tar_pipeline, **self._pipeline_kwargs(seed))(
             self.shards, shard_id=self.rank, num_shards=self.world_size, shuffle_seed=self.seed + self.epoch,
-            size=self.image_size, on_gpu=self.device.type == "cuda", mean=self.mean, std=self.std)
+            mode=self.mode, size=self.image_size, on_gpu=self.device.type == "cuda", mean=self.mean, std=self.std)
         pipe.build()
         return pipe
 
@@ -149,7 +181,7 @@ class DaliLoader:
                 yield self._to_torch(*pipe.run())
             return
         order = epoch_order(len(self.files), epoch=self.epoch, seed=self.seed, rank=self.rank,
-                            world_size=self.world_size, batch_size=self.batch_size)
+                            world_size=self.world_size, batch_size=self.batch_size, shuffle=self.mode != "eval")
         pos = self.start_batch * self.batch_size
         while pos < len(order):
             order[pos:] = self._replace_bad(order[pos:])

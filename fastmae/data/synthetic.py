@@ -24,6 +24,10 @@ class SyntheticLoader:
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.start_batch = start_batch
 
+    @property
+    def num_samples(self) -> int:
+        return self.batches_per_epoch * len(self.batches[0][1])
+
     def __len__(self) -> int:
         return self.batches_per_epoch - self.start_batch
 

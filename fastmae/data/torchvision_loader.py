@@ -100,6 +100,10 @@ class TorchvisionLoader:
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch, self.start_batch = epoch, start_batch
 
+    @property
+    def num_samples(self) -> int:
+        return len(self.dataset)
+
     def __len__(self) -> int:
         return batches_per_epoch(len(self.dataset), world_size=self.world_size, batch_size=self.batch_size) - self.start_batch
 

@@ -71,6 +71,25 @@ class Attention(nn.Module):
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
 
+class DropPath(nn.Module):
+    """Stochastic depth: in training, drop the residual branch of a whole sample with probability
+    ``p`` (and scale the kept ones by 1 / (1 - p)), as timm's ``DropPath``."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
 class Block(nn.Module):
     """Pre-norm transformer block: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))``.
 
@@ -81,6 +100,7 @@ class Block(nn.Module):
         qkv_bias: bias on the qkv projection.
         norm_layer: normalization layer constructor.
         attention_backend: ``fastmae.ops`` attention backend name, or None for the default.
+        drop_path: stochastic depth rate of both residual branches (fine-tuning).
     """
 
     def __init__(
@@ -91,13 +111,15 @@ class Block(nn.Module):
         qkv_bias: bool = True,
         norm_layer: type[nn.Module] = nn.LayerNorm,
         attention_backend: str | None = None,
+        drop_path: float = 0.0,
     ):
         super().__init__()
         self.norm1 = norm_layer(dim)
         self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, attention_backend=attention_backend)
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))

@@ -1,0 +1,98 @@
+"""What fine-tuning and linear probing share: the classifier built around a pretrained encoder,
+the labelled loaders, and the evaluation after every epoch."""
+from __future__ import annotations
+
+import argparse
+
+from torch import nn
+
+from fastmae.checkpoint import read_checkpoint
+from fastmae.data import build_classification_loaders
+from fastmae.engine import evaluate
+from fastmae.models import ENCODERS, VisionTransformer, create_vit, load_encoder
+from fastmae.training import Run, logger
+
+
+def add_eval_args(p: argparse.ArgumentParser, *, global_pool: bool) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="vit_tiny_patch4", choices=sorted(ENCODERS), help="the encoder's preset")
+    g.add_argument("--input_size", default=None, type=int, help="image size (default: the preset's)")
+    g.add_argument("--finetune", default="", help="pretrained checkpoint: fastmae's or the original's, full or encoder-only")
+    g.add_argument("--global_pool", action="store_true", default=global_pool,
+                   help="classify the average of the patch tokens (with fc_norm)")
+    g.add_argument("--cls_token", action="store_false", dest="global_pool", help="classify the cls token instead")
+    g.add_argument("--nb_classes", default=None, type=int, help="classes (default: the class folders' count)")
+    g.add_argument("--eval", action="store_true", help="only evaluate the checkpoint given with --resume")
+
+
+def build_data(args: argparse.Namespace, run: Run, train_mode: str):
+    """``(train loader, validation loader, number of classes)`` at the model's input size."""
+    input_size = args.input_size or ENCODERS[args.model].get("img_size", 224)
+    train, val, classes = build_classification_loaders(
+        data_path=args.data_path, train_mode=train_mode, backend=args.data_backend, input_size=input_size,
+        batch_size=args.batch_size, device=run.device, rank=run.dist.rank, world_size=run.dist.world_size,
+        seed=args.seed, num_workers=args.num_workers, pin_memory=args.pin_mem, skip_unreadable=args.skip_unreadable,
+    )
+    logger.info("data: %s, %d classes, %d training steps per epoch per rank", args.data_path or "built-in shapes",
+                len(classes), len(train))
+    return train, val, args.nb_classes or len(classes)
+
+
+def build_classifier(args: argparse.Namespace, num_classes: int, head_init_std: float, **kwargs) -> VisionTransformer:
+    """The ViT of ``args.model`` with ``--finetune``'s encoder loaded (position embeddings
+    interpolated to ``--input_size``) and the head initialized as the original: truncated normal
+    with ``head_init_std``, zero bias."""
+    model = create_vit(args.model, num_classes=num_classes, global_pool=args.global_pool,
+                       attention_backend=args.attention,
+                       **({"img_size": args.input_size} if args.input_size else {}), **kwargs)
+    if args.finetune and not args.eval:
+        load_encoder(model, args.finetune)
+        logger.info("encoder from %s", args.finetune)
+    elif not args.eval:
+        logger.info("no --finetune checkpoint: the encoder is randomly initialized")
+    nn.init.trunc_normal_(model.head.weight, std=head_init_std)
+    nn.init.zeros_(model.head.bias)
+    return model
+
+
+class EpochEvaluation:
+    """``fit``'s ``after_epoch``: top-1 / top-5 on the validation set, and the best top-1 so far."""
+
+    def __init__(self, run: Run, model: nn.Module, val_loader):
+        self.run, self.model, self.loader = run, model, val_loader
+        self.best = 0.0
+
+    def __call__(self, epoch: int, train_model: nn.Module, stats: dict) -> dict:
+        result = self.evaluate()
+        self.best = max(self.best, result["acc1"])
+        logger.info("epoch %d: top-1 %.2f%%, top-5 %.2f%% on %d images; best top-1 %.2f%%",
+                    epoch, result["acc1"], result["acc5"], self.num_samples, self.best)
+        return {f"test_{k}": v for k, v in result.items()} | {"max_accuracy": self.best}
+
+    @property
+    def num_samples(self) -> int:
+        return self.loader.num_samples
+
+    def evaluate(self) -> dict:
+        return evaluate(self.model, self.loader, num_samples=self.num_samples, device=self.run.device,
+                        dist=self.run.dist, autocast_dtype=self.run.autocast_dtype)
+
+
+def evaluate_checkpoint(args: argparse.Namespace, run: Run, model: nn.Module, val_loader) -> dict:
+    """``--eval``: the model of ``--resume`` on the validation set."""
+    if not args.resume:
+        raise ValueError("--eval needs the checkpoint to evaluate: --resume PATH")
+    model.load_state_dict(read_checkpoint(args.resume)["model"])
+    result = EpochEvaluation(run, model, val_loader).evaluate()
+    logger.info("accuracy of %s on %d images: top-1 %.2f%%, top-5 %.2f%%", args.resume, val_loader.num_samples,
+                result["acc1"], result["acc5"])
+    return result
+
+
+def log_parameters(model: nn.Module) -> None:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    logger.info("parameters: %.2fM trainable of %.2fM", trainable / 1e6, total / 1e6)
+
+
+__all__ = ["EpochEvaluation", "add_eval_args", "build_classifier", "build_data", "evaluate_checkpoint", "log_parameters"]

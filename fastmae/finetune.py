@@ -1,0 +1,93 @@
+"""``python -m fastmae.finetune``: fine-tune a pretrained MAE encoder end to end (or its last blocks:
+``--finetune_blocks``), with the original ``main_finetune.py``'s recipe and flags: layer-wise lr
+decay, drop path, RandAugment, random erasing, mixup / cutmix with label smoothing, AdamW, warmup +
+cosine; top-1 / top-5 on the validation set after every epoch.
+
+With no arguments it fine-tunes a randomly initialized ``vit_tiny_patch4`` on the built-in shapes
+dataset (pass ``--finetune output_dir/checkpoint-9.pth`` to start from ``python -m fastmae.pretrain``'s).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from fastmae.data.augment import MixupCutmix, random_erasing, soft_target_cross_entropy
+from fastmae.evaluation import (
+    EpochEvaluation, add_eval_args, build_classifier, build_data, evaluate_checkpoint, log_parameters,
+)
+from fastmae.optim import param_groups_lrd
+from fastmae.training import Run, add_common_args, cli_main, fit, logger
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("python -m fastmae.finetune", description=__doc__,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_eval_args(p, global_pool=True)
+    g = p.add_argument_group("fine-tuning recipe")
+    g.add_argument("--drop_path", default=0.1, type=float, help="stochastic depth rate (ViT-L: 0.2, ViT-H: 0.3)")
+    g.add_argument("--layer_decay", default=0.75, type=float, help="layer-wise lr decay (ViT-B: 0.65)")
+    g.add_argument("--smoothing", default=0.1, type=float, help="label smoothing")
+    g.add_argument("--mixup", default=0.8, type=float, help="mixup alpha (0: off)")
+    g.add_argument("--cutmix", default=1.0, type=float, help="cutmix alpha (0: off)")
+    g.add_argument("--reprob", default=0.25, type=float, help="random erasing probability")
+    g.add_argument("--aa", default="rand-m9-mstd0.5-inc1", choices=["rand-m9-mstd0.5-inc1", "none"],
+                   help="RandAugment (torchvision's, 2 ops at magnitude 9) or none")
+    g.add_argument("--finetune_blocks", default=None, type=int,
+                   help="partial fine-tuning: train only the last k blocks (and the norm and head)")
+    add_common_args(p, epochs=10, warmup_epochs=1, min_lr=1e-6)
+    return p
+
+
+def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.finetune_blocks is not None and args.finetune_blocks < 0:
+        p.error(f"--finetune_blocks must be at least 0, got {args.finetune_blocks}")
+
+
+def freeze_all_but_last_blocks(model, k: int) -> None:
+    """Partial fine-tuning (the paper's Fig. 9): the last ``k`` blocks, the final norm and the
+    head train; the embeddings and the earlier blocks are frozen."""
+    if k > len(model.blocks):
+        raise ValueError(f"--finetune_blocks {k}: the model has {len(model.blocks)} blocks")
+    trainable = {f"blocks.{i}." for i in range(len(model.blocks) - k, len(model.blocks))} | {"norm.", "fc_norm.", "head."}
+    for name, param in model.named_parameters():
+        param.requires_grad = any(name.startswith(prefix) for prefix in trainable)
+
+
+def main(args: argparse.Namespace) -> dict:
+    run = Run(args)
+    train_loader, val_loader, num_classes = build_data(args, run, "train_randaug" if args.aa != "none" else "train")
+    model = build_classifier(args, num_classes, head_init_std=2e-5, drop_path_rate=args.drop_path).to(run.device)
+    if args.eval:
+        return evaluate_checkpoint(args, run, model, val_loader)
+    if args.finetune_blocks is not None:
+        freeze_all_but_last_blocks(model, args.finetune_blocks)
+    log_parameters(model)
+
+    groups = param_groups_lrd(model, args.weight_decay, no_weight_decay_list=model.no_weight_decay(),
+                              layer_decay=args.layer_decay)
+    optimizer = torch.optim.AdamW(groups, lr=run.lr(args), fused=run.device.type == "cuda")
+    mix = MixupCutmix(num_classes, args.mixup, args.cutmix, args.smoothing) if args.mixup > 0 or args.cutmix > 0 else None
+    logger.info("mixup %s, cutmix %s, label smoothing %s, random erasing %s, drop path %s, layer decay %s",
+                args.mixup, args.cutmix, args.smoothing, args.reprob, args.drop_path, args.layer_decay)
+
+    def compute_loss(m, imgs, labels):
+        if args.reprob > 0:
+            imgs = random_erasing(imgs, args.reprob)
+        if mix is not None:
+            imgs, target = mix(imgs, labels)
+            return soft_target_cross_entropy(m(imgs), target)
+        return F.cross_entropy(m(imgs).float(), labels, label_smoothing=args.smoothing)
+
+    return fit(run, args, model, optimizer, train_loader, compute_loss,
+               after_epoch=EpochEvaluation(run, model, val_loader))
+
+
+def cli(argv: list[str] | None = None) -> int:
+    return cli_main(get_args_parser(), main, check_args, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,259 @@
+"""What every training entry point shares (pretrain, finetune, linprobe): the common flags, the run's
+setup (device, process group, seeds, output files, precision), resume, and the epoch loop with
+checkpoints that survive faults, logs and progress."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from fastmae import ops
+from fastmae.checkpoint import link_or_copy, newest_checkpoint, read_checkpoint, rng_state, save_checkpoint, set_rng_state
+from fastmae.data import DATA_BACKENDS, UnreadableImageError
+from fastmae.distributed import DistInfo, all_gather_objects, barrier, cleanup, init_distributed
+from fastmae.engine import NonFiniteLossError, Progress, StepConfig, train_one_epoch
+
+logger = logging.getLogger("fastmae")
+PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+
+def add_common_args(p: argparse.ArgumentParser, **defaults) -> None:
+    """The flags every entry point takes (the original's, with the same meanings, and fastmae's);
+    ``defaults`` override the defaults per entry point."""
+    g = p.add_argument_group("schedule")
+    g.add_argument("--batch_size", default=64, type=int,
+                   help="batch size per device; effective batch = batch_size * accum_iter * devices")
+    g.add_argument("--epochs", default=10, type=int)
+    g.add_argument("--accum_iter", default=1, type=int, help="gradient accumulation steps")
+    g.add_argument("--weight_decay", default=0.05, type=float)
+    g.add_argument("--lr", default=None, type=float, help="absolute lr (default: blr * effective batch / 256)")
+    g.add_argument("--blr", default=1e-3, type=float, help="base lr, for an effective batch of 256")
+    g.add_argument("--min_lr", default=0.0, type=float, help="lower bound of the cosine schedule")
+    g.add_argument("--warmup_epochs", default=1, type=float, help="linear warmup epochs")
+    g.add_argument("--clip_grad", default=None, type=float, help="clip the gradient norm to this")
+    g.add_argument("--precision", default=None, choices=list(PRECISIONS),
+                   help="autocast dtype (fp16 adds a gradient scaler); default: bf16 on CUDA, fp32 on CPU")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--attention", default=None, choices=ops.backend_names("attention") + [ops.AUTO],
+                   help="attention backend (default: $FASTMAE_ATTENTION, else automatic)")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data_path", default=None, help="image folder root; default: the built-in shapes dataset")
+    g.add_argument("--data_backend", default="auto", choices=DATA_BACKENDS,
+                   help="auto: DALI on CUDA when installed, else torchvision; synthetic: random batches on the device")
+    g.add_argument("--skip_unreadable", action="store_true",
+                   help="replace unreadable image files by readable ones (logged and counted) instead of stopping")
+    g.add_argument("--num_workers", default=2, type=int, help="DataLoader workers (torchvision) or DALI threads")
+    g.add_argument("--pin_mem", action=argparse.BooleanOptionalAction, default=True,
+                   help="pin host memory in the loader for faster transfers to the GPU")
+
+    g = p.add_argument_group("run")
+    g.add_argument("--output_dir", default="./output_dir", help="checkpoints, log.txt, log_steps.txt")
+    g.add_argument("--log_dir", default=None, help="TensorBoard logs, when tensorboard is installed (default: output_dir)")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--seed", default=0, type=int)
+    g.add_argument("--resume", default="", help="checkpoint to resume from, or 'auto': the newest in --output_dir")
+    g.add_argument("--start_epoch", default=0, type=int)
+    g.add_argument("--save_freq", default=20, type=int, help="keep checkpoint-EPOCH.pth every this many epochs (and the last)")
+    g.add_argument("--checkpoint_steps", default=0, type=int,
+                   help="also update checkpoint-last.pth every this many batches within an epoch (0: epoch ends only)")
+    g.add_argument("--print_freq", default=20, type=int, help="log record (and loss check) every this many batches")
+    p.set_defaults(**defaults)
+
+
+def check_common_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    for name in ("batch_size", "epochs", "accum_iter", "save_freq", "print_freq"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device} was requested but no CUDA device is available")
+    if args.precision == "fp16" and not args.device.startswith("cuda"):
+        p.error("--precision fp16 needs a CUDA device (use bf16 or fp32 on the CPU)")
+
+
+class RunFiles:
+    """What rank 0 writes to ``output_dir``: ``log.txt`` (per epoch), ``log_steps.txt`` (every log
+    record), checkpoints, TensorBoard scalars."""
+
+    def __init__(self, args: argparse.Namespace, dist: DistInfo):
+        self.dir, self.enabled = args.output_dir, dist.is_main
+        self.writer = None
+        if self.enabled:
+            os.makedirs(self.dir, exist_ok=True)
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(log_dir=args.log_dir or self.dir)
+            except ImportError:
+                logger.info("tensorboard is not installed: no TensorBoard logs (log.txt has the same figures)")
+
+    def append(self, name: str, record: dict) -> None:
+        if self.enabled:
+            with open(os.path.join(self.dir, name), "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def scalars(self, record: dict, step: int) -> None:
+        if self.writer is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)):
+                    self.writer.add_scalar(f"train/{k}", v, step)
+            self.writer.flush()
+
+
+class Run:
+    """One process's share of a run: device, place in the process group, seeds, files, precision."""
+
+    def __init__(self, args: argparse.Namespace):
+        device = torch.device(args.device)
+        self.dist = init_distributed(device.type)
+        if device.type == "cuda" and self.dist.enabled:
+            device = torch.device("cuda", self.dist.local_rank)
+        self.device = device
+        if not self.dist.is_main:
+            logger.setLevel(logging.WARNING)
+        seed = args.seed + self.dist.rank
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+        random.seed(seed)
+        self.files = RunFiles(args, self.dist)
+        self.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+        self.autocast_dtype = PRECISIONS[self.precision]
+        self.scaler = torch.amp.GradScaler(device.type) if self.precision == "fp16" else None
+        logger.info("args: %s", json.dumps(vars(args)))
+
+    def lr(self, args: argparse.Namespace) -> float:
+        """``args.lr``, else ``blr * effective batch / 256`` (and set it in ``args``)."""
+        eff_batch_size = args.batch_size * args.accum_iter * self.dist.world_size
+        if args.lr is None:
+            args.lr = args.blr * eff_batch_size / 256
+        logger.info("base lr %.2e, actual lr %.2e, effective batch size %d; precision %s",
+                    args.lr * 256 / eff_batch_size, args.lr, eff_batch_size, self.precision)
+        return args.lr
+
+
+def load_training_state(path, model, optimizer, scaler, dist: DistInfo, device) -> tuple[int, int]:
+    """Restore a checkpoint (fastmae's, or the original's); returns where training continues
+    (epoch, batch)."""
+    ckpt = read_checkpoint(path)
+    model.load_state_dict(ckpt["model"])
+    if "optimizer" in ckpt and "epoch" in ckpt:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    if scaler is not None and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    position = ckpt.get("data_position") or {"epoch": ckpt.get("epoch", -1) + 1, "batch": 0}
+    rngs = ckpt.get("rng")
+    if rngs and ckpt.get("world_size") == dist.world_size:
+        set_rng_state(rngs[dist.rank], device)
+    elif rngs:
+        logger.warning("checkpoint from %s ranks, resuming on %s: random draws will differ from an uninterrupted run",
+                       ckpt.get("world_size"), dist.world_size)
+    logger.info("resumed from %s at epoch %d, batch %d", path, position["epoch"], position["batch"])
+    return position["epoch"], position["batch"]
+
+
+def fit(
+    run: Run,
+    args: argparse.Namespace,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader,
+    compute_loss: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor],
+    *,
+    after_epoch: Callable[[int, nn.Module, dict], dict] = lambda epoch, train_model, stats: {},
+) -> dict:
+    """Train ``model`` for ``args.epochs`` epochs from where ``args.resume`` left off: DDP across
+    the ranks, ``torch.compile`` with ``--compile``; a checkpoint (atomic) at every epoch end and
+    every ``--checkpoint_steps`` batches; ``log.txt`` gets the epoch's ``train_*`` figures and what
+    ``after_epoch(epoch, train_model)`` returns (evaluation, pictures). Returns the last record."""
+    dist, device = run.dist, run.device
+    steps_per_epoch = len(loader)
+    start_epoch, start_batch = args.start_epoch, 0
+    resume = newest_checkpoint(args.output_dir) if args.resume == "auto" else args.resume
+    if args.resume == "auto" and resume is None:
+        logger.info("--resume auto: no checkpoint in %s, starting afresh", args.output_dir)
+    if resume:
+        start_epoch, start_batch = load_training_state(resume, model, optimizer, run.scaler, dist, device)
+
+    # the step runs the distributed / compiled module; checkpoints hold the plain one's state dict
+    train_model = model
+    if dist.enabled:
+        train_model = nn.parallel.DistributedDataParallel(model, device_ids=[dist.local_rank] if device.type == "cuda" else None)
+    if args.compile:
+        train_model = torch.compile(train_model)
+    cfg = StepConfig(accum_iter=args.accum_iter, autocast_dtype=run.autocast_dtype, clip_grad=args.clip_grad,
+                     schedule=dict(lr=args.lr, min_lr=args.min_lr, warmup_epochs=args.warmup_epochs, epochs=args.epochs),
+                     print_freq=args.print_freq, checkpoint_steps=args.checkpoint_steps)
+
+    def checkpoint(epoch: int, next_batch: int, numbered: bool = False) -> None:
+        # every rank's random state, so that a resumed run draws the same masks and mixes
+        rngs = all_gather_objects({k: v.cpu() for k, v in rng_state(device).items()})
+        if dist.is_main:
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scaler": run.scaler.state_dict() if run.scaler else None,
+                     "epoch": epoch if next_batch == 0 else epoch - 1,  # the original's: last finished epoch
+                     "data_position": {"epoch": epoch + 1 if next_batch == 0 else epoch, "batch": next_batch},
+                     "args": args, "rng": rngs, "world_size": dist.world_size}
+            last = os.path.join(args.output_dir, "checkpoint-last.pth")
+            if numbered:
+                path = os.path.join(args.output_dir, f"checkpoint-{epoch}.pth")
+                save_checkpoint(state, path)
+                link_or_copy(path, last)
+            else:
+                save_checkpoint(state, last)
+        barrier()
+
+    record: dict = {}
+    start = time.time()
+    for epoch in range(start_epoch, args.epochs):
+        loader.set_epoch(epoch, start_batch)
+        progress = Progress(dist.is_main, epoch, steps_per_epoch, start_batch, logger.info)
+
+        def log(step_record, epoch=epoch):
+            progress(step_record)
+            run.files.append("log_steps.txt", step_record)
+            run.files.scalars({k: step_record[k] for k in ("loss", "lr", "images_per_sec")},
+                              epoch * steps_per_epoch + step_record["batch"])
+
+        stats = train_one_epoch(train_model, loader, optimizer, epoch, cfg, compute_loss, device=device,
+                                steps_per_epoch=steps_per_epoch, start_batch=start_batch, scaler=run.scaler,
+                                dist=dist, log=log, on_checkpoint=checkpoint)
+        progress.close()
+        start_batch = 0
+        checkpoint(epoch, 0, numbered=epoch % args.save_freq == 0 or epoch + 1 == args.epochs)
+        record = {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch,
+                  "files_skipped": loader.files_skipped, **after_epoch(epoch, train_model, stats)}
+        run.files.append("log.txt", record)
+        run.files.scalars(record, epoch)
+        logger.info("epoch %d: %s", epoch, ", ".join(f"{k} {v:.4g}" for k, v in record.items()
+                                                     if isinstance(v, float)))
+    logger.info("training time %.0fs", time.time() - start)
+    return record
+
+
+def cli_main(parser: argparse.ArgumentParser, main: Callable[[argparse.Namespace], object],
+             check: Callable[[argparse.ArgumentParser, argparse.Namespace], None], argv: list[str] | None) -> int:
+    """Parse, check, run ``main``; errors a user can fix become one log line and exit status 1."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    args = parser.parse_args(argv)
+    check_common_args(parser, args)
+    check(parser, args)
+    try:
+        main(args)
+    except (NonFiniteLossError, ops.BackendUnavailableError, FileNotFoundError, UnreadableImageError, ValueError) as e:
+        logger.error("error: %s", e)
+        return 1
+    except torch.OutOfMemoryError as e:
+        logger.error("error: out of memory at --batch_size %d (%s). Lower --batch_size and raise --accum_iter to "
+                     "keep the effective batch, or add --grad_checkpointing.", args.batch_size, str(e).splitlines()[0])
+        return 1
+    finally:
+        cleanup()
+    return 0

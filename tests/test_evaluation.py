@@ -1,0 +1,159 @@
+"""Fine-tuning and linear probing: the ViT, loading encoders, the recipe's parts, the entry points."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastmae.data import TorchvisionLoader, transform
+from fastmae.data.augment import MixupCutmix, random_erasing, soft_target_cross_entropy
+from fastmae.data.shapes import ShapesDataset
+from fastmae.engine import evaluate
+from fastmae.finetune import cli as finetune_cli
+from fastmae.finetune import freeze_all_but_last_blocks
+from fastmae.linprobe import cli as linprobe_cli
+from fastmae.models import create_model, create_vit, load_encoder
+from fastmae.optim import LARS, param_groups_lrd
+from fastmae.pretrain import cli as pretrain_cli
+
+
+def tiny_vit(**kw):
+    return create_vit("vit_tiny_patch4", depth=3, num_classes=10, **kw)
+
+
+def test_layer_decay_groups_follow_the_original_formula():
+    model = tiny_vit(global_pool=True)
+    groups = param_groups_lrd(model, 0.05, no_weight_decay_list=model.no_weight_decay(), layer_decay=0.65)
+    scale_of = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    decay_of = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    num_layers = len(model.blocks) + 1  # 4
+
+    def layer(name):
+        if name in ("cls_token", "pos_embed") or name.startswith("patch_embed"):
+            return 0
+        if name.startswith("blocks."):
+            return int(name.split(".")[1]) + 1
+        return num_layers
+
+    for name, p in model.named_parameters():
+        assert scale_of[id(p)] == pytest.approx(0.65 ** (num_layers - layer(name))), name
+        no_decay = p.ndim == 1 or name in ("cls_token", "pos_embed")
+        assert decay_of[id(p)] == (0.0 if no_decay else 0.05), name
+    assert scale_of[id(model.head.weight)] == 1.0 and scale_of[id(model.cls_token)] == pytest.approx(0.65**4)
+
+
+def test_lars_step_equals_its_formula():
+    w = torch.nn.Parameter(torch.tensor([[3.0, 4.0]]))
+    b = torch.nn.Parameter(torch.tensor([1.0, -1.0]))
+    w.grad, b.grad = torch.tensor([[1.0, 0.0]]), torch.tensor([0.5, 0.5])
+    opt = LARS([w, b], lr=0.1, weight_decay=0.1, momentum=0.9, trust_coefficient=0.001)
+    opt.step()
+    dp = torch.tensor([[1.0, 0.0]]) + 0.1 * torch.tensor([[3.0, 4.0]])  # grad + weight decay
+    q = 0.001 * 5.0 / dp.norm()  # trust ratio: |w| = 5
+    torch.testing.assert_close(w.data, torch.tensor([[3.0, 4.0]]) - 0.1 * q * dp)
+    torch.testing.assert_close(b.data, torch.tensor([1.0, -1.0]) - 0.1 * torch.tensor([0.5, 0.5]))  # 1-D: plain
+    w.grad = torch.tensor([[1.0, 0.0]])
+    opt.step()  # momentum: mu = 0.9 * mu + dp'
+    assert opt.state[w]["mu"].shape == w.shape
+
+
+def test_original_encoder_checkpoint_loads_with_14_to_16_interpolation():
+    mae = create_model("mae_vit_tiny_patch4", img_size=56)  # a 14x14 grid
+    # the released encoder-only format: the encoder's keys, as the original saves them
+    encoder = {k: v for k, v in mae.state_dict().items() if not (k.startswith("decoder") or k == "mask_token")}
+    vit = create_vit("vit_tiny_patch4", img_size=64, num_classes=7, global_pool=True)  # a 16x16 grid
+    missing = load_encoder(vit, {"model": encoder})
+    assert set(missing) == {"head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias"}
+    assert vit.pos_embed.shape == (1, 1 + 16 * 16, 192)
+    torch.testing.assert_close(vit.pos_embed[:, 0], encoder["pos_embed"][:, 0])  # cls row untouched
+    grid = encoder["pos_embed"][:, 1:].reshape(1, 14, 14, 192).permute(0, 3, 1, 2)
+    expected = F.interpolate(grid, size=(16, 16), mode="bicubic", align_corners=False).permute(0, 2, 3, 1).reshape(1, 256, 192)
+    torch.testing.assert_close(vit.pos_embed[:, 1:], expected)
+    torch.testing.assert_close(vit.blocks[2].mlp.fc2.weight, encoder["blocks.2.mlp.fc2.weight"])
+
+
+def test_a_checkpoint_that_is_not_an_encoder_is_refused():
+    with pytest.raises(ValueError, match="missing"):
+        load_encoder(tiny_vit(), {"model": {"cls_token": torch.zeros(1, 1, 192)}})
+
+
+def test_vit_pooling_and_drop_path():
+    x = torch.randn(2, 3, 32, 32)
+    for global_pool in (False, True):
+        model = tiny_vit(global_pool=global_pool, drop_path_rate=0.5)
+        assert model(x).shape == (2, 10)
+        assert hasattr(model, "fc_norm") == global_pool and hasattr(model, "norm") != global_pool
+        model.eval()
+        torch.testing.assert_close(model(x), model(x))  # no drop path in eval
+    assert [b.drop_path.p for b in model.blocks[1:]] == pytest.approx([0.25, 0.5])
+
+
+def test_partial_fine_tuning_trains_the_last_blocks_only():
+    model = tiny_vit(global_pool=True)
+    freeze_all_but_last_blocks(model, 1)
+    trainable = {n.split(".")[0] + ("." + n.split(".")[1] if n.startswith("blocks") else "")
+                 for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"blocks.2", "fc_norm", "head"}
+    freeze_all_but_last_blocks(model, 0)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {"fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias"}
+
+
+def test_batch_augmentations():
+    x = torch.zeros(4000, 3, 16, 16)
+    erased = (random_erasing(x, 0.25) != 0).flatten(1).any(1).float().mean()
+    assert abs(erased - 0.25) < 0.03
+    images, target = MixupCutmix(10, 0.8, 1.0, smoothing=0.1)(torch.randn(8, 3, 16, 16), torch.arange(8))
+    torch.testing.assert_close(target.sum(1), torch.ones(8))
+    assert target.min() >= 0.01 - 1e-6
+    _, plain = MixupCutmix(10, 0, 0, smoothing=0.1)(torch.randn(2, 3, 16, 16), torch.tensor([3, 4]))
+    assert plain[0, 3] == pytest.approx(0.91) and plain[0, 0] == pytest.approx(0.01)
+    logits = torch.randn(2, 10)
+    torch.testing.assert_close(soft_target_cross_entropy(logits, plain),
+                               F.cross_entropy(logits, torch.tensor([3, 4]), label_smoothing=0.1))
+
+
+def test_evaluate_counts_each_image_once():
+    data = ShapesDataset(21, image_size=40, transform=transform("eval", 32))
+    loader = TorchvisionLoader(data, batch_size=8, device=torch.device("cpu"), shuffle=False, num_workers=0)
+
+    class Oracle(torch.nn.Module):  # right on every image: logits from the labels the loader also yields
+        def __init__(self):
+            super().__init__()
+            self.labels = iter([torch.tensor(data.targets[i:i + 8] + [data.targets[-1]] * 3)[:8] for i in range(0, 24, 8)])
+
+        def forward(self, x):
+            return F.one_hot(next(self.labels), 10).float()
+
+    result = evaluate(Oracle(), loader, num_samples=len(data), device=torch.device("cpu"))
+    assert result["images"] == 21 and result["acc1"] == 100.0 and result["acc5"] == 100.0
+
+
+@pytest.fixture(scope="module")
+def labelled_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("labelled")
+    ShapesDataset(320, image_size=40, seed=0).write_image_folder(root / "train")
+    ShapesDataset(100, image_size=40, seed=1).write_image_folder(root / "val")
+    return root
+
+
+def run_eval(cli, folder, out, *extra):
+    common = ["--data_path", str(folder), "--output_dir", str(out), "--num_workers", "0", "--print_freq", "5"]
+    assert cli(common + list(extra)) == 0
+    return [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+
+
+def test_entry_points_run_and_resume(labelled_folder, tmp_path):
+    log = run_eval(linprobe_cli, labelled_folder, tmp_path / "lp", "--epochs", "1", "--batch_size", "64")
+    assert {"train_loss", "test_acc1", "test_acc5", "max_accuracy", "epoch"} <= set(log[0])
+    log = run_eval(finetune_cli, labelled_folder, tmp_path / "ft", "--epochs", "2", "--batch_size", "32",
+                   "--finetune_blocks", "2", "--resume", "auto")
+    assert [r["epoch"] for r in log] == [0, 1]
+    # --eval: a checkpoint's accuracy, nothing trained
+    assert finetune_cli(["--data_path", str(labelled_folder), "--output_dir", str(tmp_path / "ev"), "--eval",
+                         "--resume", str(tmp_path / "ft" / "checkpoint-1.pth"), "--num_workers", "0"]) == 0
+
+
+def test_eval_needs_train_and_val_folders(tmp_path, caplog):
+    ShapesDataset(20, image_size=40).write_image_folder(tmp_path / "train")
+    assert finetune_cli(["--data_path", str(tmp_path), "--output_dir", str(tmp_path / "o")]) == 1
+    assert "val" in caplog.text
