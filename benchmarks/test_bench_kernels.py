@@ -24,7 +24,7 @@ def runnable(name: str) -> list[str]:
 
 PROVIDERS = [
     pytest.param(name, marks=pytest.mark.skip(reason=f"{name}: {'; '.join(runnable(name))}") if runnable(name) else [])
-    for name in ("triton", "torch")
+    for name in ("triton", "cuda", "torch")
 ]
 if not ON_GPU:  # interpreted Triton timings mean nothing
     PROVIDERS[0] = pytest.param("triton", marks=pytest.mark.skip(reason="Triton timings need a GPU"))

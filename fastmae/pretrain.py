@@ -65,6 +65,7 @@ def main(args: argparse.Namespace) -> dict:
         backend=args.data_backend, data_path=args.data_path, input_size=args.input_size,
         batch_size=args.batch_size, device=device, rank=dist.rank, world_size=dist.world_size, seed=args.seed,
         num_workers=args.num_workers, pin_memory=args.pin_mem, skip_unreadable=args.skip_unreadable,
+        builtin_size=args.builtin_size,
     )
     logger.info("data: %s via %s, %d steps per epoch per rank, %d ranks",
                 args.data_path or "built-in shapes", type(loader).__name__, len(loader), dist.world_size)

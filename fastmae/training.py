@@ -47,6 +47,8 @@ def add_common_args(p: argparse.ArgumentParser, **defaults) -> None:
 
     g = p.add_argument_group("data")
     g.add_argument("--data_path", default=None, help="image folder root; default: the built-in shapes dataset")
+    g.add_argument("--builtin_size", default=5000, type=int,
+                   help="images in the built-in shapes dataset (its validation set: a fifth of that)")
     g.add_argument("--data_backend", default="auto", choices=DATA_BACKENDS,
                    help="auto: DALI on CUDA when installed, else torchvision; synthetic: random batches on the device")
     g.add_argument("--skip_unreadable", action="store_true",

@@ -6,6 +6,8 @@ it needs neither a memset nor atomics.
 
 ``gather_patches``: ``out[n, k] = the pixels of patch ids_keep[n, k] of imgs[n]``, flattened in the
 patch-embedding weight's (c, i, j) order, so that embedding only the visible patches is one GEMM.
+
+Fake kernels and autograd: :mod:`fastmae.ops.fused` (shared with the native backend).
 """
 from __future__ import annotations
 
@@ -107,12 +109,6 @@ def gather_visible_op(x: torch.Tensor, ids_keep: torch.Tensor, pos_embed: Option
     return out
 
 
-@gather_visible_op.register_fake
-def _(x, ids_keep, pos_embed):
-    dtype = x.dtype if pos_embed is None else torch.promote_types(x.dtype, pos_embed.dtype)
-    return x.new_empty(x.shape[0], ids_keep.shape[1], x.shape[2], dtype=dtype)
-
-
 @torch.library.custom_op("fastmae::gather_visible_backward", mutates_args=())
 def gather_visible_backward_op(dout: torch.Tensor, ids_keep: torch.Tensor, L: int, dtype: torch.dtype) -> torch.Tensor:
     dout = dout.contiguous()
@@ -128,31 +124,6 @@ def gather_visible_backward_op(dout: torch.Tensor, ids_keep: torch.Tensor, L: in
             BLOCK_R=t.BLOCK_R, BLOCK_W=t.BLOCK_W, num_warps=t.num_warps,
         )
     return dx
-
-
-@gather_visible_backward_op.register_fake
-def _(dout, ids_keep, L, dtype):
-    return dout.new_empty(dout.shape[0], L, dout.shape[2], dtype=dtype)
-
-
-def _gather_visible_setup(ctx, inputs, output):
-    x, ids_keep, pos_embed = inputs
-    ctx.save_for_backward(ids_keep)
-    ctx.L, ctx.x_dtype = x.shape[1], x.dtype
-    ctx.pos_dtype = pos_embed.dtype if pos_embed is not None else None
-
-
-def _gather_visible_backward(ctx, dout):
-    (ids_keep,) = ctx.saved_tensors
-    need_x, _, need_pos = ctx.needs_input_grad
-    if not (need_x or need_pos):
-        return None, None, None
-    dx = gather_visible_backward_op(dout, ids_keep, ctx.L, dout.dtype if need_pos else ctx.x_dtype)
-    dpos = dx.sum(0).to(ctx.pos_dtype) if need_pos else None
-    return (dx.to(ctx.x_dtype) if need_x else None), None, dpos
-
-
-gather_visible_op.register_autograd(_gather_visible_backward, setup_context=_gather_visible_setup)
 
 
 # -- gather_patches ------------------------------------------------------------------------------
@@ -172,28 +143,3 @@ def gather_patches_op(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: in
             P=p, BLOCK_R=t.BLOCK_R, BLOCK_W=t.BLOCK_W, num_warps=t.num_warps,
         )
     return out
-
-
-@gather_patches_op.register_fake
-def _(imgs, ids_keep, patch_size):
-    return imgs.new_empty(imgs.shape[0], ids_keep.shape[1], imgs.shape[1] * patch_size**2)
-
-
-def _gather_patches_setup(ctx, inputs, output):
-    imgs, ids_keep, patch_size = inputs
-    ctx.save_for_backward(ids_keep)
-    ctx.shape, ctx.patch_size = imgs.shape, patch_size
-
-
-def _gather_patches_backward(ctx, dpatches):
-    # Images rarely need a gradient; this path is plain PyTorch (scatter the rows, fold the patches).
-    (ids_keep,) = ctx.saved_tensors
-    n, c, H, W = ctx.shape
-    p = ctx.patch_size
-    full = dpatches.new_zeros(n, (H // p) * (W // p), c * p * p)
-    full.scatter_(1, ids_keep.unsqueeze(-1).expand(-1, -1, full.shape[2]), dpatches)
-    dimgs = full.reshape(n, H // p, W // p, c, p, p).permute(0, 3, 1, 4, 2, 5).reshape(n, c, H, W)
-    return dimgs, None, None
-
-
-gather_patches_op.register_autograd(_gather_patches_backward, setup_context=_gather_patches_setup)

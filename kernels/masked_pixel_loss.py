@@ -89,23 +89,3 @@ def masked_pixel_loss_op(
             BLOCK_R=t.BLOCK_R, BLOCK_IJ=block_ij, BLOCK_C=block_c, num_warps=t.num_warps,
         )
     return partial.sum() / msum.clamp_min(torch.finfo(acc).tiny), dpred
-
-
-@masked_pixel_loss_op.register_fake
-def _(pred, imgs, mask, patch_size, norm_pix, with_grad):
-    acc = torch.float64 if torch.float64 in (pred.dtype, imgs.dtype) else torch.float32
-    return pred.new_empty((), dtype=acc), (torch.empty_like(pred) if with_grad else pred.new_empty(0))
-
-
-def _setup(ctx, inputs, output):
-    ctx.save_for_backward(output[1])
-
-
-def _backward(ctx, dloss, _ddpred):
-    (dpred,) = ctx.saved_tensors
-    if dpred.numel() == 0 and ctx.needs_input_grad[0]:
-        raise RuntimeError("masked_pixel_loss was computed without its gradient (with_grad=False)")
-    return dpred * dloss, None, None, None, None, None
-
-
-masked_pixel_loss_op.register_autograd(_backward, setup_context=_setup)

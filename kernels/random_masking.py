@@ -46,10 +46,3 @@ def random_masking_op(noise: torch.Tensor, len_keep: int) -> tuple[torch.Tensor,
         _random_masking[(n,)](noise, ids_keep, ids_restore, mask, L, len_keep, BLOCK_L=block,
                               num_warps=4 if block <= 1024 else 8)
     return ids_keep, ids_restore, mask
-
-
-@random_masking_op.register_fake
-def _(noise, len_keep):
-    n, L = noise.shape
-    i64 = torch.int64
-    return noise.new_empty(n, len_keep, dtype=i64), noise.new_empty(n, L, dtype=i64), noise.new_empty(n, L, dtype=torch.float32)

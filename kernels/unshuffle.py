@@ -9,6 +9,7 @@ Backward walks the same rows: a kept position sends its gradient row to ``dx[n, 
 ``dx`` row is written exactly once, since ``ids_restore`` is a permutation), a removed one adds it to
 the mask token's gradient. That sum is deterministic: each program adds its rows in a fixed order
 into its own fp32 partial row, and the partial rows are summed by one ``torch.sum``.
+Fake kernels and autograd: :mod:`fastmae.ops.fused`.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import triton
 import triton.language as tl
 
 from fastmae.kernels._launch import accumulator_is_fp64, on_device, row_tiles
+from fastmae.ops.fused import unshuffle_dtype
 
 
 @triton.jit
@@ -78,11 +80,6 @@ def _unshuffle_bwd(
     tl.store(dtok_partial_ptr + i_p * D + o_d, b_dtok, mask=m_d)
 
 
-def _out_dtype(x, mask_token, pos_embed):
-    dtype = torch.promote_types(x.dtype, mask_token.dtype)
-    return dtype if pos_embed is None else torch.promote_types(dtype, pos_embed.dtype)
-
-
 @torch.library.custom_op("fastmae::unshuffle_with_mask_token", mutates_args=())
 def unshuffle_op(
     x: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor, pos_embed: Optional[torch.Tensor]
@@ -91,7 +88,7 @@ def unshuffle_op(
     ids_restore = ids_restore.contiguous()
     n, k1, d = x.shape
     L = ids_restore.shape[1]
-    out = torch.empty(n, L + 1, d, dtype=_out_dtype(x, mask_token, pos_embed), device=x.device)
+    out = torch.empty(n, L + 1, d, dtype=unshuffle_dtype(x, mask_token, pos_embed), device=x.device)
     t = row_tiles(n * (L + 1), d, x.device)
     with on_device(x):
         _unshuffle_fwd[t.grid](
@@ -101,11 +98,6 @@ def unshuffle_op(
             BLOCK_R=t.BLOCK_R, BLOCK_W=t.BLOCK_W, num_warps=t.num_warps,
         )
     return out
-
-
-@unshuffle_op.register_fake
-def _(x, ids_restore, mask_token, pos_embed):
-    return x.new_empty(x.shape[0], ids_restore.shape[1] + 1, x.shape[2], dtype=_out_dtype(x, mask_token, pos_embed))
 
 
 @torch.library.custom_op("fastmae::unshuffle_with_mask_token_backward", mutates_args=())
@@ -125,26 +117,3 @@ def unshuffle_backward_op(
             FP64=fp64, BLOCK_R=t.BLOCK_R, BLOCK_W=t.BLOCK_W, num_warps=t.num_warps,
         )
     return dx, partial.sum(0)
-
-
-@unshuffle_backward_op.register_fake
-def _(dout, ids_restore, k1, x_dtype):
-    acc = torch.float64 if dout.dtype == torch.float64 else torch.float32
-    return dout.new_empty(dout.shape[0], k1, dout.shape[2], dtype=x_dtype), dout.new_empty(dout.shape[2], dtype=acc)
-
-
-def _setup(ctx, inputs, output):
-    x, ids_restore, mask_token, pos_embed = inputs
-    ctx.save_for_backward(ids_restore)
-    ctx.k1, ctx.x_dtype, ctx.tok_dtype = x.shape[1], x.dtype, mask_token.dtype
-    ctx.pos_dtype = pos_embed.dtype if pos_embed is not None else None
-
-
-def _backward(ctx, dout):
-    (ids_restore,) = ctx.saved_tensors
-    dx, dtok = unshuffle_backward_op(dout, ids_restore, ctx.k1, ctx.x_dtype)
-    dpos = dout.sum(0).to(ctx.pos_dtype) if ctx.needs_input_grad[3] else None
-    return dx, None, dtok.to(ctx.tok_dtype), dpos
-
-
-unshuffle_op.register_autograd(_backward, setup_context=_setup)

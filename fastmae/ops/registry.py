@@ -86,6 +86,7 @@ OPS = {
 BACKENDS: dict[str, tuple[Backend, ...]] = {
     "kernels": (
         _backend("triton", "fastmae.kernels.backend", auto_devices=("cuda",)),
+        _backend("cuda", "fastmae.ops.native", auto_devices=("cuda",)),
         _backend("torch", "fastmae.ops.reference", auto_devices=("*",)),
     ),
     "attention": (

@@ -1,0 +1,456 @@
+// The CUDA kernels of the `fastmae_native` ops (the schemas are in fastmae_ops.cpp, loaded first).
+//
+// Row copies (gather, unshuffle and their backwards, the patch gather) run one warp per row, each
+// lane moving 16-byte vectors when the row width and the pointers allow it (else one element at
+// a time). The reductions are deterministic: no atomics; each block sums a fixed range of rows in
+// order into its own partial, and the partials are summed in block order.
+#include "fastmae_ops.h"
+
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+namespace fastmae {
+namespace {
+
+constexpr int kWarp = 32;
+constexpr int kWarpsPerBlock = 8;  // rows per block of the row kernels
+constexpr int kThreads = kWarp * kWarpsPerBlock;
+
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Vec {
+  T v[V];
+};
+
+template <int V, typename T>
+__device__ inline Vec<T, V> load(const T* p) {
+  return *reinterpret_cast<const Vec<T, V>*>(p);
+}
+
+template <int V, typename T>
+__device__ inline void store(T* p, const Vec<T, V>& v) {
+  *reinterpret_cast<Vec<T, V>*>(p) = v;
+}
+
+// Elements per lane and access: 16 bytes of the narrower of the two types.
+template <typename A, typename B>
+constexpr int vec_width() {
+  return 16 / (sizeof(A) < sizeof(B) ? sizeof(A) : sizeof(B));
+}
+
+template <int V, typename T>
+bool vec_aligned(const T* p) {
+  return p == nullptr || reinterpret_cast<uintptr_t>(p) % (sizeof(T) * V) == 0;
+}
+
+// Row r's pointers are its base plus a multiple of `width` elements: aligned when the base is.
+template <int V, typename... T>
+bool can_vectorize(int64_t width, const T*... ptrs) {
+  return width % V == 0 && (vec_aligned<V>(ptrs) && ...);
+}
+
+template <typename A>
+__device__ inline A warp_sum(A v) {
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;  // the same butterfly on every run, and the same total in every lane
+}
+
+cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream(); }
+
+unsigned row_blocks(int64_t rows) { return static_cast<unsigned>(ceil_div(rows, kWarpsPerBlock)); }
+
+// -- masking: one block per sample; each position's rank is the number of positions sorting before
+// it (O(L^2) comparisons from shared memory, L is a few hundred), which is argsort(stable=True).
+
+template <typename T>
+__global__ void random_masking_kernel(const T* __restrict__ noise, int64_t L, int64_t len_keep,
+                                      int64_t* __restrict__ ids_keep, int64_t* __restrict__ ids_restore,
+                                      float* __restrict__ mask) {
+  using A = acc_t<T>;
+  extern __shared__ __align__(sizeof(double)) unsigned char smem[];
+  A* key = reinterpret_cast<A*>(smem);
+  const int64_t n = blockIdx.x;
+  for (int64_t l = threadIdx.x; l < L; l += blockDim.x) key[l] = A(noise[n * L + l]);
+  __syncthreads();
+  for (int64_t l = threadIdx.x; l < L; l += blockDim.x) {
+    const A v = key[l];
+    int64_t rank = 0;
+    for (int64_t j = 0; j < L; ++j) rank += sorts_before(key[j], j, v, l);
+    if (rank < len_keep) ids_keep[n * len_keep + rank] = l;
+    ids_restore[n * L + l] = rank;
+    mask[n * L + l] = rank >= len_keep ? 1.0f : 0.0f;
+  }
+}
+
+// -- row copies, one warp per row ------------------------------------------------------------------
+
+template <typename X, typename O, int V>
+__global__ void __launch_bounds__(kThreads)
+    gather_rows_kernel(const X* __restrict__ x, const O* __restrict__ pos, const int64_t* __restrict__ ids,
+                       O* __restrict__ out, int64_t rows, int64_t K, int64_t L, int64_t D) {
+  using A = acc_t<O>;
+  const int64_t r = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;  // output row n*K + k
+  if (r >= rows) return;
+  const int64_t l = ids[r];
+  CUDA_KERNEL_ASSERT(0 <= l && l < L);
+  const X* src = x + ((r / K) * L + l) * D;
+  const O* p = pos ? pos + l * D : nullptr;
+  O* dst = out + r * D;
+  for (int64_t d = (threadIdx.x % kWarp) * V; d < D; d += kWarp * V) {
+    const Vec<X, V> a = load<V>(src + d);
+    Vec<O, V> b;
+    if (p) {
+      const Vec<O, V> q = load<V>(p + d);
+#pragma unroll
+      for (int k = 0; k < V; ++k) b.v[k] = static_cast<O>(A(a.v[k]) + A(q.v[k]));
+    } else {
+#pragma unroll
+      for (int k = 0; k < V; ++k) b.v[k] = to<O>(a.v[k]);
+    }
+    store<V>(dst + d, b);
+  }
+}
+
+template <typename G, typename X, int V>
+__global__ void __launch_bounds__(kThreads)
+    scatter_rows_kernel(const G* __restrict__ dout, const int64_t* __restrict__ inv, X* __restrict__ dx, int64_t rows,
+                        int64_t K, int64_t L, int64_t D) {
+  const int64_t r = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;  // dx row n*L + l
+  if (r >= rows) return;
+  const int64_t k = inv[r];  // visible index of position l, -1 if removed
+  const G* src = k >= 0 ? dout + ((r / L) * K + k) * D : nullptr;
+  X* dst = dx + r * D;
+  for (int64_t d = (threadIdx.x % kWarp) * V; d < D; d += kWarp * V) {
+    Vec<X, V> b;
+    if (src) {
+      const Vec<G, V> a = load<V>(src + d);
+#pragma unroll
+      for (int i = 0; i < V; ++i) b.v[i] = to<X>(a.v[i]);
+    } else {
+#pragma unroll
+      for (int i = 0; i < V; ++i) b.v[i] = X(0);
+    }
+    store<V>(dst + d, b);
+  }
+}
+
+template <typename T, int V>
+__global__ void __launch_bounds__(kThreads)
+    gather_patches_kernel(const T* __restrict__ imgs, const int64_t* __restrict__ ids, T* __restrict__ out,
+                          int64_t rows, int64_t K, int64_t C, int64_t H, int64_t W, int p) {
+  const int64_t r = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;  // output row n*K + k
+  if (r >= rows) return;
+  const int64_t GW = W / p, l = ids[r];
+  CUDA_KERNEL_ASSERT(0 <= l && l < (H / p) * GW);
+  const T* corner = imgs + ((r / K) * C * H + (l / GW) * p) * W + (l % GW) * p;
+  const int pp = p * p, E = static_cast<int>(C) * pp;
+  T* dst = out + r * E;
+  // element e = (c, i, j) of the patch; V divides p, so a vector stays within one image row
+  for (int e = (threadIdx.x % kWarp) * V; e < E; e += kWarp * V) {
+    const int c = e / pp, i = (e % pp) / p, j = e % p;
+    store<V>(dst + e, load<V>(corner + (c * H + i) * W + j));
+  }
+}
+
+template <typename X, typename O, int V>
+__global__ void __launch_bounds__(kThreads)
+    unshuffle_kernel(const X* __restrict__ x, const int64_t* __restrict__ ids, const O* __restrict__ token,
+                     const O* __restrict__ pos, O* __restrict__ out, int64_t rows, int64_t K, int64_t L, int64_t D) {
+  using A = acc_t<O>;
+  const int64_t r = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;  // output row n*(L+1) + j
+  if (r >= rows) return;
+  const int64_t n = r / (L + 1), j = r % (L + 1);  // j = 0: cls, 1 + l: position l
+  const int64_t src = j == 0 ? 0 : 1 + ids[n * L + j - 1];  // row of x; > K: removed
+  CUDA_KERNEL_ASSERT(j == 0 || (1 <= src && src <= L));
+  const X* row = src <= K ? x + (n * (K + 1) + src) * D : nullptr;
+  const O* p = pos ? pos + j * D : nullptr;
+  O* dst = out + r * D;
+  for (int64_t d = (threadIdx.x % kWarp) * V; d < D; d += kWarp * V) {
+    A a[V];
+    if (row) {
+      const Vec<X, V> v = load<V>(row + d);
+#pragma unroll
+      for (int k = 0; k < V; ++k) a[k] = A(v.v[k]);
+    } else {
+      const Vec<O, V> v = load<V>(token + d);
+#pragma unroll
+      for (int k = 0; k < V; ++k) a[k] = A(v.v[k]);
+    }
+    if (p) {
+      const Vec<O, V> q = load<V>(p + d);
+#pragma unroll
+      for (int k = 0; k < V; ++k) a[k] += A(q.v[k]);
+    }
+    Vec<O, V> b;
+#pragma unroll
+    for (int k = 0; k < V; ++k) b.v[k] = static_cast<O>(a[k]);
+    store<V>(dst + d, b);
+  }
+}
+
+// -- unshuffle backward: block b owns rows [b*R, (b+1)*R) of dout, each thread V columns of them;
+// kept rows go to their dx row, removed ones are summed in row order into partial[b].
+
+template <typename G, typename X, int V>
+__global__ void unshuffle_backward_kernel(const G* __restrict__ dout, const int64_t* __restrict__ ids,
+                                          X* __restrict__ dx, acc_t<G>* __restrict__ partial, int64_t rows,
+                                          int64_t rows_per_block, int64_t K, int64_t L, int64_t D) {
+  using A = acc_t<G>;
+  const int64_t first = int64_t(blockIdx.x) * rows_per_block;
+  const int64_t last = first + rows_per_block < rows ? first + rows_per_block : rows;
+  for (int64_t d = int64_t(threadIdx.x) * V; d < D; d += int64_t(blockDim.x) * V) {
+    A acc[V] = {};
+    for (int64_t r = first; r < last; ++r) {
+      const int64_t n = r / (L + 1), j = r % (L + 1);
+      const int64_t dst = j == 0 ? 0 : 1 + ids[n * L + j - 1];  // row of dx; > K: a mask token
+      CUDA_KERNEL_ASSERT(j == 0 || (1 <= dst && dst <= L));
+      const Vec<G, V> g = load<V>(dout + r * D + d);
+      if (dst <= K) {
+        Vec<X, V> b;
+#pragma unroll
+        for (int k = 0; k < V; ++k) b.v[k] = to<X>(g.v[k]);
+        store<V>(dx + (n * (K + 1) + dst) * D + d, b);
+      } else {
+#pragma unroll
+        for (int k = 0; k < V; ++k) acc[k] += A(g.v[k]);
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < V; ++k) partial[blockIdx.x * D + d + k] = acc[k];
+  }
+}
+
+// out[d] = sum over b of partial[b, d], in a fixed order: a block of kWarp x kWarpsPerBlock threads
+// per kWarp columns; thread (x, y) sums rows b = y, y + kWarpsPerBlock, ... of column x in order,
+// then thread (x, 0) adds the kWarpsPerBlock sums in order.
+template <typename A>
+__global__ void sum_partial_rows_kernel(const A* __restrict__ partial, int64_t blocks, int64_t D, A* __restrict__ out) {
+  __shared__ A sums[kWarpsPerBlock][kWarp];
+  const int64_t d = int64_t(blockIdx.x) * kWarp + threadIdx.x;
+  A s = 0;
+  if (d < D)
+    for (int64_t b = threadIdx.y; b < blocks; b += kWarpsPerBlock) s += partial[b * D + d];
+  sums[threadIdx.y][threadIdx.x] = s;
+  __syncthreads();
+  if (threadIdx.y == 0 && d < D) {
+    for (int y = 1; y < kWarpsPerBlock; ++y) s += sums[y][threadIdx.x];
+    out[d] = s;
+  }
+}
+
+// -- the loss: one warp per patch; three passes over the patch's pixels (mean, variance, error)
+// read the image in its own (c, i, j) order, the later two from cache. Where element e of a patch
+// lies in the image and in pred's row is the same for every patch: a table per block.
+
+template <typename P, typename I>
+__global__ void __launch_bounds__(kThreads)
+    masked_pixel_loss_kernel(const P* __restrict__ pred, const I* __restrict__ imgs,
+                             const loss_acc_t<P, I>* __restrict__ mask, const loss_acc_t<P, I>* __restrict__ msum,
+                             P* __restrict__ dpred, loss_acc_t<P, I>* __restrict__ partial, int64_t rows,
+                             int64_t rows_per_block, int64_t L, int64_t C, int64_t H, int64_t W, int p, bool norm_pix,
+                             loss_acc_t<P, I> tiny) {
+  using A = loss_acc_t<P, I>;
+  __shared__ A warp_loss[kWarpsPerBlock];
+  extern __shared__ int table[];
+  const int pp = p * p, E = static_cast<int>(C) * pp;
+  int* img_offset = table;  // [E]: element e = (c, i, j) -> its offset from the patch's corner in the image
+  int* pred_index = table + E;  // [E]: -> its index in pred's (i, j, c) row (patchify's nhwpqc)
+  for (int e = threadIdx.x; e < E; e += blockDim.x) {
+    const int c = e / pp, i = (e % pp) / p, j = e % p;
+    img_offset[e] = (c * static_cast<int>(H) + i) * static_cast<int>(W) + j;
+    pred_index[e] = (i * p + j) * static_cast<int>(C) + c;
+  }
+  __syncthreads();
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  const int64_t GW = W / p;
+  const A scale = A(2) / (A(E) * (*msum > tiny ? *msum : tiny));  // d loss / d diff, times 1 / mask
+  const int64_t first = int64_t(blockIdx.x) * rows_per_block;
+  const int64_t last = first + rows_per_block < rows ? first + rows_per_block : rows;
+  A loss = 0;  // this warp's rows, in order
+  for (int64_t r = first + warp; r < last; r += kWarpsPerBlock) {  // row n*L + l
+    const A m = mask[r];
+    P* g = dpred ? dpred + r * E : nullptr;
+    if (m == 0) {  // a kept patch: not read, no gradient
+      if (g)
+        for (int e = lane; e < E; e += kWarp) g[e] = P(0);
+      continue;
+    }
+    const int64_t l = r % L;
+    const I* corner = imgs + ((r / L) * C * H + (l / GW) * p) * W + (l % GW) * p;
+    auto pixel = [&](int e) { return A(corner[img_offset[e]]); };
+    A mean = 0, stdev = 1;
+    if (norm_pix) {
+      A s = 0;
+      for (int e = lane; e < E; e += kWarp) s += pixel(e);
+      mean = warp_sum(s) / A(E);
+      A v = 0;
+      for (int e = lane; e < E; e += kWarp) {
+        const A t = pixel(e) - mean;
+        v += t * t;
+      }
+      stdev = ::sqrt(warp_sum(v) / A(E - 1) + A(kNormPixEps));  // unbiased variance, as the original
+    }
+    A sq = 0;
+    for (int e = lane; e < E; e += kWarp) {
+      const A t = norm_pix ? (pixel(e) - mean) / stdev : pixel(e);
+      const int q = pred_index[e];
+      const A diff = A(pred[r * E + q]) - t;
+      sq += diff * diff;
+      if (g) g[q] = static_cast<P>(diff * (m * scale));
+    }
+    loss += m * (warp_sum(sq) / A(E));
+  }
+  if (lane == 0) warp_loss[warp] = loss;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    A s = 0;
+    for (int w = 0; w < kWarpsPerBlock; ++w) s += warp_loss[w];
+    partial[blockIdx.x] = s;
+  }
+}
+
+// loss = sum(partial) / max(msum, tiny): strided sums, then a fixed tree (one block)
+template <typename A>
+__global__ void finish_loss_kernel(const A* __restrict__ partial, int64_t blocks, const A* __restrict__ msum, A tiny,
+                                   A* __restrict__ loss) {
+  __shared__ A s[kThreads];
+  A v = 0;
+  for (int64_t b = threadIdx.x; b < blocks; b += kThreads) v += partial[b];
+  s[threadIdx.x] = v;
+  __syncthreads();
+  for (int stride = kThreads / 2; stride > 0; stride /= 2) {
+    if (threadIdx.x < stride) s[threadIdx.x] += s[threadIdx.x + stride];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) *loss = s[0] / (*msum > tiny ? *msum : tiny);
+}
+
+// Reductions use at most about this many blocks (partials), whatever the batch: the row ranges
+// depend on the shapes only, so the sums are the same on every run and every GPU.
+constexpr int64_t kMaxPartials = 2048;
+
+struct Cuda {
+  template <typename T>
+  static void random_masking(const T* noise, int64_t N, int64_t L, int64_t len_keep, int64_t* ids_keep,
+                             int64_t* ids_restore, float* mask) {
+    const size_t shared = L * sizeof(acc_t<T>);
+    TORCH_CHECK(shared <= 48 * 1024, "random_masking: the native CUDA kernel holds a row of noise in shared memory, "
+                "up to L = ", 48 * 1024 / sizeof(acc_t<T>), " (got L = ", L, "); use another backend");
+    const int threads = static_cast<int>(std::min<int64_t>(1024, ceil_div(L, kWarp) * kWarp));
+    random_masking_kernel<T><<<static_cast<unsigned>(N), threads, shared, stream()>>>(noise, L, len_keep, ids_keep,
+                                                                                     ids_restore, mask);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  template <typename X, typename O>
+  static void gather_rows(const X* x, const O* pos, const int64_t* ids, O* out, int64_t N, int64_t K, int64_t L,
+                          int64_t D) {
+    constexpr int V = vec_width<X, O>();
+    const int64_t rows = N * K;
+    if (can_vectorize<V>(D, x, pos, out))
+      gather_rows_kernel<X, O, V><<<row_blocks(rows), kThreads, 0, stream()>>>(x, pos, ids, out, rows, K, L, D);
+    else
+      gather_rows_kernel<X, O, 1><<<row_blocks(rows), kThreads, 0, stream()>>>(x, pos, ids, out, rows, K, L, D);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  template <typename G, typename X>
+  static void scatter_rows(const G* dout, const int64_t* inv, X* dx, int64_t N, int64_t K, int64_t L, int64_t D) {
+    constexpr int V = vec_width<G, X>();
+    const int64_t rows = N * L;
+    if (can_vectorize<V>(D, dout, dx))
+      scatter_rows_kernel<G, X, V><<<row_blocks(rows), kThreads, 0, stream()>>>(dout, inv, dx, rows, K, L, D);
+    else
+      scatter_rows_kernel<G, X, 1><<<row_blocks(rows), kThreads, 0, stream()>>>(dout, inv, dx, rows, K, L, D);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  template <typename T>
+  static void gather_patches(const T* imgs, const int64_t* ids, T* out, int64_t N, int64_t K, int64_t C, int64_t H,
+                             int64_t W, int64_t p) {
+    constexpr int V = 16 / sizeof(T);
+    const int64_t rows = N * K;
+    const int ip = static_cast<int>(p);
+    if (p % V == 0 && can_vectorize<V>(W, imgs, out))
+      gather_patches_kernel<T, V><<<row_blocks(rows), kThreads, 0, stream()>>>(imgs, ids, out, rows, K, C, H, W, ip);
+    else
+      gather_patches_kernel<T, 1><<<row_blocks(rows), kThreads, 0, stream()>>>(imgs, ids, out, rows, K, C, H, W, ip);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  template <typename X, typename O>
+  static void unshuffle(const X* x, const int64_t* ids, const O* token, const O* pos, O* out, int64_t N, int64_t K,
+                        int64_t L, int64_t D) {
+    constexpr int V = vec_width<X, O>();
+    const int64_t rows = N * (L + 1);
+    if (can_vectorize<V>(D, x, token, pos, out))
+      unshuffle_kernel<X, O, V><<<row_blocks(rows), kThreads, 0, stream()>>>(x, ids, token, pos, out, rows, K, L, D);
+    else
+      unshuffle_kernel<X, O, 1><<<row_blocks(rows), kThreads, 0, stream()>>>(x, ids, token, pos, out, rows, K, L, D);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  template <typename G, typename X>
+  static void unshuffle_backward(const G* dout, const int64_t* ids, X* dx, acc_t<G>* dtok, int64_t N, int64_t K,
+                                 int64_t L, int64_t D, const at::TensorOptions& options) {
+    using A = acc_t<G>;
+    constexpr int V = vec_width<G, X>();
+    const int64_t rows = N * (L + 1);
+    const int64_t rows_per_block = std::max<int64_t>(16, ceil_div(rows, kMaxPartials));
+    const int64_t blocks = ceil_div(rows, rows_per_block);
+    at::Tensor partial = at::empty({blocks, D}, options.dtype(c10::CppTypeToScalarType<A>::value));
+    const bool vec = can_vectorize<V>(D, dout, dx);
+    const int64_t lanes = ceil_div(D, vec ? V : 1);  // threads that own columns
+    const int threads = static_cast<int>(std::min<int64_t>(kThreads, ceil_div(lanes, kWarp) * kWarp));
+    const auto grid = static_cast<unsigned>(blocks);
+    if (vec)
+      unshuffle_backward_kernel<G, X, V><<<grid, threads, 0, stream()>>>(dout, ids, dx, partial.data_ptr<A>(), rows,
+                                                                         rows_per_block, K, L, D);
+    else
+      unshuffle_backward_kernel<G, X, 1><<<grid, threads, 0, stream()>>>(dout, ids, dx, partial.data_ptr<A>(), rows,
+                                                                         rows_per_block, K, L, D);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    sum_partial_rows_kernel<A><<<static_cast<unsigned>(ceil_div(D, kWarp)), dim3(kWarp, kWarpsPerBlock), 0, stream()>>>(
+        partial.data_ptr<A>(), blocks, D, dtok);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  template <typename P, typename I>
+  static void masked_pixel_loss(const P* pred, const I* imgs, const loss_acc_t<P, I>* mask,
+                                const loss_acc_t<P, I>* msum, loss_acc_t<P, I>* loss, P* dpred, int64_t N, int64_t L,
+                                int64_t C, int64_t H, int64_t W, int64_t p, bool norm_pix,
+                                const at::TensorOptions& options) {
+    using A = loss_acc_t<P, I>;
+    const A tiny = std::numeric_limits<A>::min();
+    const int64_t rows = N * L;
+    const int64_t rows_per_block = kWarpsPerBlock * std::max<int64_t>(1, ceil_div(rows, kWarpsPerBlock * kMaxPartials));
+    const int64_t blocks = ceil_div(rows, rows_per_block);
+    at::Tensor partial = at::empty({std::max<int64_t>(blocks, 1)}, options.dtype(c10::CppTypeToScalarType<A>::value));
+    const int64_t E = C * p * p;
+    TORCH_CHECK(C * H * W <= std::numeric_limits<int>::max() && 2 * E * sizeof(int) <= 48 * 1024,
+                "masked_pixel_loss: the native CUDA kernel takes images of fewer than 2^31 pixels and patches of "
+                "at most 6144 values (C*p*p); use another backend");
+    if (blocks > 0) {
+      masked_pixel_loss_kernel<P, I><<<static_cast<unsigned>(blocks), kThreads, 2 * E * sizeof(int), stream()>>>(
+          pred, imgs, mask, msum, dpred, partial.data_ptr<A>(), rows, rows_per_block, L, C, H, W, static_cast<int>(p),
+          norm_pix, tiny);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    finish_loss_kernel<A><<<1, kThreads, 0, stream()>>>(partial.data_ptr<A>(), blocks, msum, tiny, loss);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+};
+
+}  // namespace
+}  // namespace fastmae
+
+TORCH_LIBRARY_IMPL(fastmae_native, CUDA, m) {
+  using fastmae::Cuda;
+  m.impl("random_masking", TORCH_FN(fastmae::random_masking<Cuda>));
+  m.impl("gather_visible", TORCH_FN(fastmae::gather_visible<Cuda>));
+  m.impl("gather_visible_backward", TORCH_FN(fastmae::gather_visible_backward<Cuda>));
+  m.impl("gather_patches", TORCH_FN(fastmae::gather_patches<Cuda>));
+  m.impl("unshuffle_with_mask_token", TORCH_FN(fastmae::unshuffle_with_mask_token<Cuda>));
+  m.impl("unshuffle_with_mask_token_backward", TORCH_FN(fastmae::unshuffle_with_mask_token_backward<Cuda>));
+  m.impl("masked_pixel_loss", TORCH_FN(fastmae::masked_pixel_loss<Cuda>));
+}

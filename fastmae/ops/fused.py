@@ -1,0 +1,186 @@
+"""What the fused kernel backends (``triton``: ``kernels/``; ``cuda``: ``csrc/``) share around their
+``torch.library`` ops: the output shapes and dtypes (fake kernels, for ``torch.compile``), the
+autograd formulas that call each backend's backward kernels, and the Python side of the op
+interface (the visible-patch embedding, the loss's gradient switch).
+
+A backend describes its ops with :class:`FusedOps`, calls :func:`register` once, and answers the
+op interface through :class:`FusedBackend`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class FusedOps:
+    """One backend's ops: ``torch.library`` custom ops or ``OpOverload`` s (callable, and accepted by
+    ``torch.library.register_fake`` / ``register_autograd``), with the schemas of the Triton ones in
+    ``kernels/``."""
+
+    name: str
+    random_masking: Any  # (noise, len_keep) -> (ids_keep, ids_restore, mask)
+    gather_visible: Any  # (x, ids_keep, pos_embed?) -> out
+    gather_visible_backward: Any  # (dout, ids_keep, L, dtype) -> dx
+    gather_patches: Any  # (imgs, ids_keep, patch_size) -> patches in (c, i, j) order
+    unshuffle: Any  # (x, ids_restore, mask_token, pos_embed?) -> out
+    unshuffle_backward: Any  # (dout, ids_restore, 1 + K, x_dtype) -> (dx, d mask_token)
+    masked_pixel_loss: Any  # (pred, imgs, mask, patch_size, norm_pix, with_grad) -> (loss, dpred)
+
+
+def _acc(*dtypes: torch.dtype) -> torch.dtype:
+    """The accumulator: fp32, or fp64 when any input is fp64."""
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+def unshuffle_dtype(x, mask_token, pos_embed) -> torch.dtype:
+    dtype = torch.promote_types(x.dtype, mask_token.dtype)
+    return dtype if pos_embed is None else torch.promote_types(dtype, pos_embed.dtype)
+
+
+# -- fake kernels: shapes and dtypes only --------------------------------------------------------
+
+def _random_masking_fake(noise, len_keep):
+    n, L = noise.shape
+    i64 = torch.int64
+    return noise.new_empty(n, len_keep, dtype=i64), noise.new_empty(n, L, dtype=i64), noise.new_empty(n, L, dtype=torch.float32)
+
+
+def _gather_visible_fake(x, ids_keep, pos_embed):
+    dtype = x.dtype if pos_embed is None else torch.promote_types(x.dtype, pos_embed.dtype)
+    return x.new_empty(x.shape[0], ids_keep.shape[1], x.shape[2], dtype=dtype)
+
+
+def _gather_visible_backward_fake(dout, ids_keep, L, dtype):
+    return dout.new_empty(dout.shape[0], L, dout.shape[2], dtype=dtype)
+
+
+def _gather_patches_fake(imgs, ids_keep, patch_size):
+    return imgs.new_empty(imgs.shape[0], ids_keep.shape[1], imgs.shape[1] * patch_size**2)
+
+
+def _unshuffle_fake(x, ids_restore, mask_token, pos_embed):
+    return x.new_empty(x.shape[0], ids_restore.shape[1] + 1, x.shape[2], dtype=unshuffle_dtype(x, mask_token, pos_embed))
+
+
+def _unshuffle_backward_fake(dout, ids_restore, k1, x_dtype):
+    return dout.new_empty(dout.shape[0], k1, dout.shape[2], dtype=x_dtype), dout.new_empty(dout.shape[2], dtype=_acc(dout.dtype))
+
+
+def _masked_pixel_loss_fake(pred, imgs, mask, patch_size, norm_pix, with_grad):
+    return pred.new_empty((), dtype=_acc(pred.dtype, imgs.dtype)), (torch.empty_like(pred) if with_grad else pred.new_empty(0))
+
+
+# -- autograd ------------------------------------------------------------------------------------
+
+def _gather_visible_setup(ctx, inputs, output):
+    x, ids_keep, pos_embed = inputs
+    ctx.save_for_backward(ids_keep)
+    ctx.L, ctx.x_dtype = x.shape[1], x.dtype
+    ctx.pos_dtype = pos_embed.dtype if pos_embed is not None else None
+
+
+def _gather_patches_setup(ctx, inputs, output):
+    imgs, ids_keep, patch_size = inputs
+    ctx.save_for_backward(ids_keep)
+    ctx.shape, ctx.patch_size = imgs.shape, patch_size
+
+
+def _gather_patches_backward(ctx, dpatches):
+    # Images rarely need a gradient; this path is plain PyTorch (scatter the rows, fold the patches).
+    (ids_keep,) = ctx.saved_tensors
+    n, c, H, W = ctx.shape
+    p = ctx.patch_size
+    full = dpatches.new_zeros(n, (H // p) * (W // p), c * p * p)
+    full.scatter_(1, ids_keep.unsqueeze(-1).expand(-1, -1, full.shape[2]), dpatches)
+    dimgs = full.reshape(n, H // p, W // p, c, p, p).permute(0, 3, 1, 4, 2, 5).reshape(n, c, H, W)
+    return dimgs, None, None
+
+
+def _unshuffle_setup(ctx, inputs, output):
+    x, ids_restore, mask_token, pos_embed = inputs
+    ctx.save_for_backward(ids_restore)
+    ctx.k1, ctx.x_dtype, ctx.tok_dtype = x.shape[1], x.dtype, mask_token.dtype
+    ctx.pos_dtype = pos_embed.dtype if pos_embed is not None else None
+
+
+def _masked_pixel_loss_setup(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+
+
+def _masked_pixel_loss_backward(ctx, dloss, _ddpred):
+    # the forward wrote d loss / d pred already: the backward only scales it
+    (dpred,) = ctx.saved_tensors
+    if dpred.numel() == 0 and ctx.needs_input_grad[0]:
+        raise RuntimeError("masked_pixel_loss was computed without its gradient (with_grad=False)")
+    return dpred * dloss, None, None, None, None, None
+
+
+def register(ops: FusedOps) -> None:
+    """Fake kernels and autograd for a backend's ops (once per process)."""
+    for op, fake in [
+        (ops.random_masking, _random_masking_fake), (ops.gather_visible, _gather_visible_fake),
+        (ops.gather_visible_backward, _gather_visible_backward_fake), (ops.gather_patches, _gather_patches_fake),
+        (ops.unshuffle, _unshuffle_fake), (ops.unshuffle_backward, _unshuffle_backward_fake),
+        (ops.masked_pixel_loss, _masked_pixel_loss_fake),
+    ]:
+        torch.library.register_fake(op, fake)
+
+    def gather_visible_backward(ctx, dout):
+        (ids_keep,) = ctx.saved_tensors
+        need_x, _, need_pos = ctx.needs_input_grad
+        if not (need_x or need_pos):
+            return None, None, None
+        # with pos_embed to differentiate, dx stays in dout's (wider) dtype for the sum over the batch
+        dx = ops.gather_visible_backward(dout, ids_keep, ctx.L, dout.dtype if need_pos else ctx.x_dtype)
+        dpos = dx.sum(0).to(ctx.pos_dtype) if need_pos else None
+        return (dx.to(ctx.x_dtype) if need_x else None), None, dpos
+
+    def unshuffle_backward(ctx, dout):
+        (ids_restore,) = ctx.saved_tensors
+        dx, dtok = ops.unshuffle_backward(dout, ids_restore, ctx.k1, ctx.x_dtype)
+        dpos = dout.sum(0).to(ctx.pos_dtype) if ctx.needs_input_grad[3] else None
+        return dx, None, dtok.to(ctx.tok_dtype), dpos
+
+    for op, backward, setup in [
+        (ops.gather_visible, gather_visible_backward, _gather_visible_setup),
+        (ops.gather_patches, _gather_patches_backward, _gather_patches_setup),
+        (ops.unshuffle, unshuffle_backward, _unshuffle_setup),
+        (ops.masked_pixel_loss, _masked_pixel_loss_backward, _masked_pixel_loss_setup),
+    ]:
+        torch.library.register_autograd(op, backward, setup_context=setup)
+
+
+class FusedBackend:
+    """The op interface (as :mod:`fastmae.ops.reference` defines it) on a backend's fused ops."""
+
+    def __init__(self, ops: FusedOps):
+        self.ops = ops
+
+    def random_masking(self, noise, len_keep):
+        return self.ops.random_masking(noise, len_keep)
+
+    def gather_visible(self, x, ids_keep, pos_embed=None):
+        return self.ops.gather_visible(x, ids_keep, pos_embed)
+
+    def embed_visible_patches(self, imgs, ids_keep, weight, bias, pos_embed=None):
+        # Only the visible patches are read from the image and embedded: one GEMM over N*K patches
+        # instead of a convolution over all N*L of them.
+        patches = self.ops.gather_patches(imgs, ids_keep, weight.shape[-1])
+        x = F.linear(patches, weight.reshape(weight.shape[0], -1), bias)
+        return x if pos_embed is None else x + pos_embed[ids_keep]
+
+    def unshuffle_with_mask_token(self, x, ids_restore, mask_token, pos_embed=None):
+        return self.ops.unshuffle(x, ids_restore, mask_token, pos_embed)
+
+    def masked_pixel_loss(self, pred, imgs, mask, patch_size, norm_pix):
+        if imgs.requires_grad or mask.requires_grad:
+            raise NotImplementedError(
+                f"the {self.ops.name} masked_pixel_loss differentiates with respect to pred only; "
+                "use backend='torch' for gradients of imgs or mask"
+            )
+        with_grad = torch.is_grad_enabled() and pred.requires_grad
+        return self.ops.masked_pixel_loss(pred, imgs, mask, patch_size, norm_pix, with_grad)[0]

@@ -1,0 +1,96 @@
+"""The ``cuda`` kernel backend of :mod:`fastmae.ops`: native C++/CUDA kernels (``csrc/``).
+
+The same ops as the Triton backend, as a cross-check of it on GPUs, a fallback where Triton is
+unavailable, and the C++ side of the kernel benchmarks. Its CPU kernels run on the CPU device too
+(``backend="cuda"`` with CPU tensors), which is how they are tested without a GPU; automatic
+selection never picks it on a CPU, and on CUDA only after ``triton``.
+
+The ops live in the ``torch.ops.fastmae_native`` namespace, defined by the native library
+(``TORCH_LIBRARY``); their fake (meta) kernels and autograd formulas (:mod:`fastmae.ops.fused`,
+shared with the Triton backend) are registered once the library is loaded, so ``torch.compile``
+traces them and ``torch.library.opcheck`` passes.
+
+Importing this module builds nothing. The first ``unavailable_reasons(device)`` (an explicit
+``backend="cuda"``, the availability report, the tests' backend list) builds what that device needs
+(see :mod:`fastmae.ops.native.build`): about a minute for the CPU library, minutes for the CUDA one,
+once; later processes load the cached build in about a second. A build that fails is reported as
+the reason, so automatic selection passes over the backend and an explicit request raises with it.
+``python -m fastmae.ops.native`` builds ahead of time.
+"""
+from __future__ import annotations
+
+import torch
+
+from fastmae.ops.fused import FusedBackend, FusedOps, register
+from fastmae.ops.native.build import BuildError, build_and_load, cuda_archs, cuda_library_name, find_cuda_home
+
+NAMESPACE = "fastmae_native"
+
+
+def unavailable_reasons(device_type: str) -> list[str]:
+    if device_type not in ("cpu", "cuda"):
+        return [f"the native kernels run on CPU and CUDA, not {device_type}"]
+    error = load("cpu") or (load("cuda") if device_type == "cuda" else None)
+    return [error] if error else []
+
+
+_load_errors: dict[str, str | None] = {}
+
+
+def load(target: str, verbose: bool = False) -> str | None:
+    """Builds if needed and loads the ``cpu`` library (schemas and CPU kernels) or the ``cuda`` one
+    (CUDA kernels; needs the ``cpu`` one first): None once loaded, else why it cannot be. Once per
+    process: a failing build is not tried again."""
+    if target not in _load_errors:
+        try:
+            if target == "cpu":
+                build_and_load("fastmae_native", ["fastmae_ops.cpp"], verbose=verbose)
+                _attach_ops()
+            else:
+                archs = cuda_archs()
+                build_and_load(cuda_library_name(archs), ["fastmae_ops_cuda.cu"], cuda_home=find_cuda_home(),
+                               archs=archs, verbose=verbose)
+            _load_errors[target] = None
+        except BuildError as e:
+            _load_errors[target] = str(e)
+    return _load_errors[target]
+
+
+_backend: FusedBackend | None = None
+
+
+def _attach_ops() -> None:
+    """The ops the native library has just defined: registered, and behind the op interface."""
+    global _backend
+    native = torch.ops.fastmae_native
+    ops = FusedOps(
+        name="native", random_masking=native.random_masking.default, gather_visible=native.gather_visible.default,
+        gather_visible_backward=native.gather_visible_backward.default, gather_patches=native.gather_patches.default,
+        unshuffle=native.unshuffle_with_mask_token.default,
+        unshuffle_backward=native.unshuffle_with_mask_token_backward.default,
+        masked_pixel_loss=native.masked_pixel_loss.default,
+    )
+    register(ops)
+    _backend = FusedBackend(ops)
+
+
+# -- the op interface (called only after unavailable_reasons found the library loaded) -------------
+
+def random_masking(noise, len_keep):
+    return _backend.random_masking(noise, len_keep)
+
+
+def gather_visible(x, ids_keep, pos_embed=None):
+    return _backend.gather_visible(x, ids_keep, pos_embed)
+
+
+def embed_visible_patches(imgs, ids_keep, weight, bias, pos_embed=None):
+    return _backend.embed_visible_patches(imgs, ids_keep, weight, bias, pos_embed)
+
+
+def unshuffle_with_mask_token(x, ids_restore, mask_token, pos_embed=None):
+    return _backend.unshuffle_with_mask_token(x, ids_restore, mask_token, pos_embed)
+
+
+def masked_pixel_loss(pred, imgs, mask, patch_size, norm_pix):
+    return _backend.masked_pixel_loss(pred, imgs, mask, patch_size, norm_pix)

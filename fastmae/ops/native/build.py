@@ -1,0 +1,201 @@
+"""Building the native libraries from ``csrc/`` with ``torch.utils.cpp_extension.load`` (ninja).
+
+Two shared libraries, each loaded with ``torch.ops.load_library``:
+
+- ``fastmae_native`` (``csrc/fastmae_ops.cpp``): the op schemas and the CPU kernels; always built.
+- ``fastmae_native_cuda_sm80_sm90`` (``csrc/fastmae_ops_cuda.cu``, named after its architectures):
+  the CUDA kernels of the same ops; built only with a CUDA toolkit whose major version is PyTorch's.
+
+A build is cached under ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``), in a
+folder per PyTorch and Python version; ninja rebuilds only what changed, so a later process loads
+the library in about a second. ``python -m fastmae.ops.native`` builds ahead of time.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger("fastmae")
+
+# A100 and H100, when TORCH_CUDA_ARCH_LIST is unset and no GPU is visible
+DEFAULT_CUDA_ARCHS = ("8.0", "9.0")
+
+
+class BuildError(RuntimeError):
+    """A native library cannot be built or loaded here; the message says why."""
+
+
+def sources_dir() -> Path:
+    """``csrc/``: installed as ``fastmae/csrc`` (pyproject.toml's package-dir), or beside ``fastmae/``
+    in a source checkout."""
+    package = Path(__file__).resolve().parents[2]
+    for candidate in (package / "csrc", package.parent / "csrc"):
+        if (candidate / "fastmae_ops.cpp").is_file():
+            return candidate
+    raise BuildError(f"the native sources are missing: no csrc/fastmae_ops.cpp in {package} or {package.parent}")
+
+
+def _cpp_extension():
+    # Importing it logs its own guess of CUDA_HOME (nvcc's grandparent folder, wrong where nvcc is a
+    # wrapper script) on machines without a GPU; find_cuda_home below is what the build uses.
+    log = logging.getLogger("torch.utils.cpp_extension")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        log.setLevel(level)
+    return cpp_extension
+
+
+def build_root() -> Path:
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or _cpp_extension().get_default_build_root()
+    version = f"fastmae-torch{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}"
+    return Path(root) / version.replace("+", "_")
+
+
+# -- CUDA toolkit and architectures ---------------------------------------------------------------
+
+def _toolkit_problem(home: Path, want: str) -> str | None:
+    nvcc = home / "bin" / "nvcc"
+    if not nvcc.is_file():
+        return "no bin/nvcc"
+    if not any((home / d / "libcudart.so").exists() for d in ("lib64", "lib")):
+        return "no lib64/libcudart.so or lib/libcudart.so (the link needs it)"
+    try:
+        version = subprocess.run([str(nvcc), "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"nvcc --version failed: {e}"
+    found = re.search(r"release (\d+)\.(\d+)", version)
+    if not found:
+        return "cannot read the CUDA version from nvcc --version"
+    if found[1] != want.split(".")[0]:
+        return f"nvcc is CUDA {found[1]}.{found[2]}, PyTorch was built with CUDA {want}"
+    return None
+
+
+def find_cuda_home() -> Path:
+    """The CUDA toolkit to build with: ``CUDA_HOME`` (or ``CUDA_PATH``) when set, else the first of
+    nvcc's toolkit on the PATH, ``/usr/local/cuda-<PyTorch's CUDA version>`` and ``/usr/local/cuda``
+    that holds ``bin/nvcc`` and ``lib64/libcudart.so`` (or ``lib/``) of PyTorch's CUDA major version.
+
+    PyTorch's own guess (nvcc's grandparent folder) is not used: where ``nvcc`` on the PATH is a
+    wrapper script (``/usr/local/bin/nvcc``), it names a folder without ``libcudart.so`` and the
+    link fails with ``cannot find -lcudart``."""
+    want = torch.version.cuda
+    if not want:
+        raise BuildError(f"this PyTorch ({torch.__version__}) is built without CUDA")
+    explicit = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if explicit:
+        candidates = [Path(explicit)]
+    else:
+        nvcc = shutil.which("nvcc")
+        candidates = [Path(nvcc).resolve().parents[1]] if nvcc else []
+        candidates += [Path(f"/usr/local/cuda-{want}"), Path("/usr/local/cuda")]
+    problems = []
+    for home in dict.fromkeys(candidates):  # in order, without repeats
+        problem = _toolkit_problem(home, want)
+        if problem is None:
+            return home
+        problems.append(f"{home}: {problem}")
+    source = "CUDA_HOME/CUDA_PATH" if explicit else "nvcc on the PATH and /usr/local"
+    raise BuildError(f"no CUDA {want.split('.')[0]}.x toolkit found (looked at {source}: {'; '.join(problems)}); "
+                     f"set CUDA_HOME to the toolkit folder that holds bin/nvcc and lib64/libcudart.so")
+
+
+def cuda_archs() -> list[str]:
+    """The GPU architectures to build for: ``TORCH_CUDA_ARCH_LIST`` when set (e.g. ``8.0;9.0``),
+    else the compute capabilities of the visible GPUs, else 8.0 and 9.0 (A100, H100)."""
+    env = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if env:
+        return [a for a in re.split(r"[;\s]+", env) if a]
+    if torch.cuda.is_available():
+        caps = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
+        return [f"{major}.{minor}" for major, minor in sorted(caps)]
+    return list(DEFAULT_CUDA_ARCHS)
+
+
+def _gencode_flags(archs: list[str]) -> list[str]:
+    flags = []
+    for arch in archs:
+        parsed = re.fullmatch(r"(\d+)\.(\d+)(a?)(\+PTX)?", arch)
+        if not parsed:
+            raise BuildError(f"cannot read the CUDA architecture {arch!r}: TORCH_CUDA_ARCH_LIST takes e.g. '8.0;9.0' "
+                             f"or '9.0+PTX'")
+        num = parsed[1] + parsed[2] + parsed[3]
+        flags.append(f"-gencode=arch=compute_{num},code=sm_{num}")
+        if parsed[4]:  # also PTX, which newer GPUs compile when they load the library
+            flags.append(f"-gencode=arch=compute_{num},code=compute_{num}")
+    return flags
+
+
+def cuda_library_name(archs: list[str]) -> str:
+    return "fastmae_native_cuda_" + "_".join("sm" + re.sub(r"\W", "", a.replace("+PTX", "ptx")) for a in archs)
+
+
+# -- building -------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _cuda_home(home: Path | None):
+    # cpp_extension reads its module-level CUDA_HOME, fixed when it was imported, for nvcc, the CUDA
+    # headers and the -lcudart link path: point it at the toolkit found here for this build only.
+    cpp_extension = _cpp_extension()
+    saved = cpp_extension.CUDA_HOME
+    if home is not None:
+        cpp_extension.CUDA_HOME = str(home)
+    try:
+        yield
+    finally:
+        cpp_extension.CUDA_HOME = saved
+
+
+def _summary(error: Exception) -> str:
+    """The compiler's error lines out of a failed build's (long) message."""
+    lines = str(error).splitlines()
+    errors = [line.strip() for line in lines if re.search(r"error:|cannot find|undefined reference", line)]
+    return " | ".join((errors or lines[-3:])[:4])
+
+
+def build_and_load(name: str, sources: list[str], *, cuda_home: Path | None = None, archs: list[str] | None = None,
+                   verbose: bool = False) -> Path:
+    """Builds (or finds up to date in the cache) the library ``name`` from ``csrc/sources`` and
+    loads it into this process; returns its build folder."""
+    cpp_extension = _cpp_extension()
+    csrc = sources_dir()
+    directory = build_root() / name
+    directory.mkdir(parents=True, exist_ok=True)
+    cuda_flags = []
+    if archs is not None:
+        # --threads: nvcc compiles the architectures in parallel
+        cuda_flags = ["-O3", f"--threads={min(len(archs), os.cpu_count() or 1)}", *_gencode_flags(archs)]
+    built = (directory / f"{name}.so").exists()
+    logger.info("fastmae native library %s: %s in %s", name,
+                "checking the cached build" if built else "building (minutes, once)", directory)
+    start = time.perf_counter()
+    try:
+        with _cuda_home(cuda_home):
+            cpp_extension.load(
+                name, [str(csrc / s) for s in sources],
+                extra_cflags=["-O3", "-fopenmp"],  # OpenMP: at::parallel_for runs the rows on all cores
+                extra_ldflags=["-fopenmp"],
+                extra_cuda_cflags=cuda_flags,
+                extra_include_paths=[str(csrc)],
+                build_directory=str(directory),
+                is_python_module=False,
+                verbose=verbose,
+            )
+    except Exception as e:  # noqa: BLE001 - a compiler, linker or loader failure of any kind
+        raise BuildError(
+            f"building {name} failed: {_summary(e)} (full log: python -m fastmae.ops.native --verbose)"
+        ) from e
+    logger.info("fastmae native library %s ready in %.1f s", name, time.perf_counter() - start)
+    return directory

@@ -1,0 +1,277 @@
+"""The native backend (``cuda``, csrc/): its build, registration (opcheck, torch.compile) and its own
+behaviour. Numerical agreement with the reference, forward and backward, is in test_ops.py, which
+runs every test for each backend that can run here: the native CPU kernels on a CPU-only machine,
+and its CUDA kernels too on a GPU. The model's parity with the original on it is in test_parity.py.
+
+The CPU library is built (once, into the extension cache) when the backends are listed at
+collection; the CUDA library is compiled here for sm_80 and sm_90 in a separate process (minutes).
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastmae import ops
+from fastmae.models import create_model
+from fastmae.ops import native, reference, registry
+from fastmae.ops.native import build
+from fastmae.testing import assert_close, backend_cases
+
+f = torch.ops.fastmae_native
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def device(request):
+    """The native kernels of each device here; a library that cannot be built fails the test."""
+    reasons = native.unavailable_reasons(request.param)
+    assert not reasons, reasons
+    with torch.device(request.param):
+        yield request.param
+
+
+def masking(n, L, k):
+    return reference.random_masking(torch.rand(n, L), k)
+
+
+# -- build and selection ----------------------------------------------------------------------------
+
+def test_cpu_library_builds_and_is_tested_with_the_others():
+    assert native.unavailable_reasons("cpu") == []
+    assert ("cuda", "cpu") in [case.values[0] for case in backend_cases("kernels")]  # so test_ops.py runs it
+
+
+def test_automatic_choice_never_takes_it_on_cpu(monkeypatch):
+    monkeypatch.delenv("FASTMAE_KERNELS", raising=False)
+    monkeypatch.setattr(registry, "_resolved", {})
+    assert ops.resolve("kernels", None, "cpu") == "torch"
+    assert ops.resolve("kernels", "cuda", "cpu") == "cuda"
+
+
+def test_a_failed_build_is_the_reason(monkeypatch):
+    monkeypatch.setattr(registry, "_resolved", {})
+    monkeypatch.setattr(native, "load", lambda target, verbose=False: f"building {target}: compiler exploded")
+    assert native.unavailable_reasons("cpu") == ["building cpu: compiler exploded"]
+    with pytest.raises(ops.BackendUnavailableError, match="'cuda' was requested.*compiler exploded"):
+        ops.gather_visible(torch.randn(1, 4, 2), torch.zeros(1, 2, dtype=torch.long), backend="cuda")
+
+
+def test_a_wrong_cuda_home_is_named(monkeypatch, tmp_path):
+    if not torch.version.cuda:
+        pytest.skip("this PyTorch has no CUDA")
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path))
+    with pytest.raises(build.BuildError, match=f"{tmp_path}: no bin/nvcc"):
+        build.find_cuda_home()
+
+
+def test_cuda_architectures(monkeypatch):
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0 9.0+PTX")
+    assert build.cuda_archs() == ["8.0", "9.0+PTX"]
+    assert build._gencode_flags(build.cuda_archs()) == [
+        "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
+        "-gencode=arch=compute_90,code=compute_90",
+    ]
+    assert build.cuda_library_name(["8.0", "9.0"]) == "fastmae_native_cuda_sm80_sm90"
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST")
+    if not torch.cuda.is_available():
+        assert build.cuda_archs() == ["8.0", "9.0"]
+    with pytest.raises(build.BuildError, match="'Ampere'"):
+        build._gencode_flags(["Ampere"])
+
+
+@pytest.mark.slow
+def test_cuda_library_compiles_for_a100_and_h100_and_loads():
+    """nvcc compiles the CUDA kernels for sm_80 and sm_90 and the library loads, GPU or not (minutes
+    on 2 cores the first time; cached after). CUDA_HOME is left to the toolkit search."""
+    if not torch.version.cuda:
+        pytest.skip("this PyTorch has no CUDA")
+    env = {k: v for k, v in os.environ.items() if k not in ("CUDA_HOME", "CUDA_PATH")}
+    env["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+    result = subprocess.run([sys.executable, "-m", "fastmae.ops.native", "--cuda"], env=env, capture_output=True,
+                            text=True, timeout=1500)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert "CUDA library fastmae_native_cuda_sm80_sm90 for 8.0;9.0: loaded" in result.stdout
+    for op in ("random_masking", "gather_visible", "gather_visible_backward", "gather_patches",
+               "unshuffle_with_mask_token", "unshuffle_with_mask_token_backward", "masked_pixel_loss"):
+        assert f"fastmae_native::{op}: CPU, CUDA\n" in result.stdout
+
+
+# -- registration ------------------------------------------------------------------------------------
+
+def opcheck_cases():
+    n, L, d, k = 2, 16, 24, 5
+    ids_keep, ids_restore, mask = masking(n, L, k)
+    x = torch.randn(n, L, d, requires_grad=True)
+    xv = torch.randn(n, 1 + k, d, dtype=torch.bfloat16, requires_grad=True)
+    token = torch.randn(d, requires_grad=True)
+    pred = torch.randn(n, L, 48, requires_grad=True)
+    imgs = torch.randn(n, 3, 16, 16)
+    return [
+        (f.random_masking.default, (torch.rand(n, L), k)),
+        (f.random_masking.default, (torch.randn(n, L, dtype=torch.float64), 0)),
+        (f.gather_visible.default, (x, ids_keep, torch.randn(L, d))),
+        (f.gather_visible.default, (x.detach().bfloat16().requires_grad_(), ids_keep, None)),
+        (f.gather_visible_backward.default, (torch.randn(n, k, d), ids_keep, L, torch.bfloat16)),
+        (f.gather_patches.default, (torch.randn(n, 3, 16, 16, requires_grad=True), ids_keep, 4)),
+        (f.unshuffle_with_mask_token.default, (xv, ids_restore, token, torch.randn(L + 1, d))),
+        (f.unshuffle_with_mask_token.default, (xv, ids_restore, token, None)),
+        (f.unshuffle_with_mask_token_backward.default, (torch.randn(n, L + 1, d), ids_restore, 1 + k, torch.bfloat16)),
+        (f.masked_pixel_loss.default, (pred, imgs, mask, 4, True, True)),
+        (f.masked_pixel_loss.default, (pred.detach().bfloat16().requires_grad_(), imgs, mask, 4, False, True)),
+        (f.masked_pixel_loss.default, (pred.detach(), imgs, mask, 4, False, False)),
+    ]
+
+
+OPCHECK_CASES = 12  # len(opcheck_cases()), written out: collecting must not need the built library
+
+
+@pytest.mark.parametrize("case", range(OPCHECK_CASES))
+def test_opcheck(device, case):
+    cases = opcheck_cases()
+    assert len(cases) == OPCHECK_CASES
+    op, args = cases[case]
+    torch.library.opcheck(op, args)
+
+
+def test_compiled_model_matches_eager(device):
+    """torch.compile traces the model through the native ops without a graph break."""
+    model = create_model("mae_vit_tiny_patch4", depth=1, decoder_depth=1, norm_pix_loss=True,
+                         kernel_backend="cuda", attention_backend="sdpa")
+    imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 64)
+
+    def loss_and_grads(m):
+        model.zero_grad()
+        loss, pred, mask = m(imgs, noise=noise)
+        loss.backward()
+        return [loss, pred, mask] + [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    eager = loss_and_grads(model)
+    torch._dynamo.reset()
+    compiled = loss_and_grads(torch.compile(model, fullgraph=True))
+    for c, e in zip(compiled, eager):
+        assert_close(c, e, backward=True)
+
+
+# -- the native kernels' own behaviour ---------------------------------------------------------------
+
+def test_reductions_do_not_depend_on_the_thread_count():
+    """The CPU kernels sum fixed chunks of rows, then the chunks in order."""
+    n, L, d, k = 4, 196, 40, 49
+    _, ids_restore, mask = masking(n, L, k)
+    x = torch.randn(n, 1 + k, d, requires_grad=True)
+    token = torch.randn(d, requires_grad=True)
+    pred, imgs = torch.randn(n, L, 48, requires_grad=True), torch.randn(n, 3, 56, 56)
+    dy = torch.randn(n, L + 1, d)
+
+    def run(threads):
+        torch.set_num_threads(threads)
+        out = ops.unshuffle_with_mask_token(x, ids_restore, token, backend="cuda")
+        loss = ops.masked_pixel_loss(pred, imgs, mask, 4, True, backend="cuda")
+        return [loss, *torch.autograd.grad((out * dy).sum() + loss, (x, token, pred))]
+
+    for a, b in zip(run(1), run(2)):
+        assert torch.equal(a, b)
+
+
+def test_loss_does_not_read_kept_patches(device):
+    pred, imgs = torch.randn(2, 16, 48), torch.randn(2, 3, 16, 16)
+    _, _, mask = masking(2, 16, 4)
+    pred[mask == 0] = float("nan")
+    pred.requires_grad_()
+    loss = ops.masked_pixel_loss(pred, imgs, mask, 4, True, backend="cuda")
+    loss.backward()
+    clean = pred.detach().nan_to_num().requires_grad_()
+    assert_close(loss, reference.masked_pixel_loss(clean, imgs, mask, 4, True))
+    assert torch.all(pred.grad[mask == 0] == 0)
+
+
+def test_out_of_range_indices_raise():
+    x = torch.randn(1, 4, 2)
+    with pytest.raises(RuntimeError, match="outside"):
+        ops.gather_visible(x, torch.tensor([[0, 4]]), backend="cuda")
+    with pytest.raises(RuntimeError, match="outside"):
+        ids_restore = torch.tensor([[0, 1, 2, 7]])
+        ops.unshuffle_with_mask_token(torch.randn(1, 2, 2), ids_restore, torch.randn(2), backend="cuda")
+
+
+def test_masking_takes_float64_noise(device):
+    noise = torch.rand(3, 49, dtype=torch.float64)
+    noise[:, 10] = noise[:, 20]  # a tie, broken by position
+    for got, want in zip(ops.random_masking(noise, 12, backend="cuda"), reference.random_masking(noise, 12)):
+        assert torch.equal(got, want)
+
+
+# -- the CUDA kernels at MAE sizes (on a GPU) --------------------------------------------------------
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("enc_dim,patch", [(768, 16), (1280, 14)])
+def test_mae_sizes_on_gpu(enc_dim, patch):
+    """Each op at ViT-B/16 and ViT-H/14 training shapes (batch 16, bf16 activations) against the
+    reference, and the reductions bit-identical across runs."""
+    with torch.device("cuda"):
+        n, dec = 16, 512
+        L = (224 // patch) ** 2
+        K = L // 4
+        noise = torch.rand(n, L)
+        noise[:, 1] = noise[:, 0]  # a tie
+        got = ops.random_masking(noise, K, backend="cuda")
+        want = reference.random_masking(noise, K)
+        assert all(torch.equal(g, w) for g, w in zip(got, want))
+        ids_keep, ids_restore, mask = want
+
+        imgs = torch.randn(n, 3, 224, 224)
+        weight = torch.randn(enc_dim, 3, patch, patch, requires_grad=True)
+        bias = torch.randn(enc_dim, requires_grad=True)
+        pos = torch.randn(L, enc_dim)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            outs = [ops.embed_visible_patches(imgs, ids_keep, weight, bias, pos, backend=b) for b in ("cuda", "torch")]
+        assert_close(outs[0].bfloat16(), outs[1].bfloat16())
+
+        x = torch.randn(n, L, enc_dim, dtype=torch.bfloat16, requires_grad=True)
+        outs = [ops.gather_visible(x, ids_keep, pos, backend=b) for b in ("cuda", "torch")]
+        assert_close(outs[0], outs[1])
+        dy = torch.randn_like(outs[1])
+        g, w = (torch.autograd.grad(o, x, dy)[0] for o in outs)
+        assert_close(g, w, backward=True)
+
+        x = torch.randn(n, 1 + K, dec, dtype=torch.bfloat16, requires_grad=True)
+        token = torch.randn(dec, requires_grad=True)
+        dpos = torch.randn(L + 1, dec)
+        outs = [ops.unshuffle_with_mask_token(x, ids_restore, token, dpos, backend=b) for b in ("cuda", "torch")]
+        assert_close(outs[0], outs[1])
+        dy = torch.randn_like(outs[1])
+        grads = [torch.autograd.grad(o, (x, token), dy, retain_graph=True) for o in outs]
+        for g, w in zip(*grads):
+            assert_close(g, w, backward=True)
+        again = torch.autograd.grad(outs[0], (x, token), dy)
+        assert all(torch.equal(a, b) for a, b in zip(grads[0], again))
+
+        pred = torch.randn(n, L, patch * patch * 3, dtype=torch.bfloat16, requires_grad=True)
+        losses = [ops.masked_pixel_loss(pred, imgs, mask, patch, True, backend=b) for b in ("cuda", "torch")]
+        assert_close(losses[0], losses[1])
+        g, w = (torch.autograd.grad(loss, pred)[0] for loss in losses)
+        assert_close(g, w, backward=True)
+        assert torch.equal(ops.masked_pixel_loss(pred, imgs, mask, patch, True, backend="cuda"), losses[0])
+
+
+@pytest.mark.cuda
+def test_unaligned_rows_on_gpu():
+    """Rows that cannot be read as 16-byte vectors (odd width, offset views) take the scalar path."""
+    with torch.device("cuda"):
+        n, L, K = 3, 49, 12
+        ids_keep, ids_restore, _ = reference.random_masking(torch.rand(n, L), K)
+        for d in (37, 64):
+            x = torch.randn(n * L * d + 1)[1:].view(n, L, d)  # contiguous, 4 bytes off 16-byte alignment
+            pos = torch.randn(L * d + 1)[1:].view(L, d)
+            assert_close(ops.gather_visible(x, ids_keep, pos, backend="cuda"),
+                         reference.gather_visible(x, ids_keep, pos))
+            xv = torch.randn(n, 1 + K, d)
+            token = torch.randn(d)
+            assert_close(ops.unshuffle_with_mask_token(xv, ids_restore, token, backend="cuda"),
+                         reference.unshuffle_with_mask_token(xv, ids_restore, token))
+        imgs = torch.randn(2, 3, 28, 28)  # patch 14: rows of 14 pixels, not a multiple of 4
+        weight, bias = torch.randn(32, 3, 14, 14), torch.randn(32)
+        ids = reference.random_masking(torch.rand(2, 4), 2)[0]
+        assert_close(ops.embed_visible_patches(imgs, ids, weight, bias, backend="cuda"),
+                     reference.embed_visible_patches(imgs, ids, weight, bias))
