@@ -10,7 +10,6 @@ import importlib.util
 import os
 
 import pytest
-import torch
 from PIL import Image
 
 from bench_utils import DEVICE, ON_GPU, measure

@@ -72,7 +72,7 @@ def masked_pixel_loss_op(
     """-> (loss, dpred): dpred is d loss / d pred when ``with_grad``, else an empty tensor."""
     pred, imgs, mask = pred.contiguous(), imgs.contiguous(), mask.contiguous()
     n, c, H, W = imgs.shape
-    L, P = pred.shape[1], pred.shape[2]
+    L = pred.shape[1]
     fp64 = accumulator_is_fp64(pred, imgs)
     acc = torch.float64 if fp64 else torch.float32
     msum = mask.sum(dtype=acc)

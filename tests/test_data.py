@@ -293,3 +293,18 @@ def test_pretrain_runs_on_dali_cpu_mode(flat_folder, tmp_path):
     assert cli(["--data_path", str(flat_folder), "--data_backend", "dali", "--output_dir", str(tmp_path),
                 "--batch_size", "8", "--epochs", "1", "--num_workers", "1"]) == 0
     assert (tmp_path / "checkpoint-0.pth").exists()
+
+
+@pytest.mark.parametrize("backend", LOADERS)
+def test_evaluation_and_finetuning_modes(backend, flat_folder):
+    """eval: every file once, in file order, center-cropped; the fine-tuning augmentation (with
+    RandAugment) yields batches of the same form."""
+    from fastmae.data import build_loader
+
+    common = dict(backend=backend, root=str(flat_folder), input_size=16, batch_size=4, device=CPU, num_workers=0)
+    images, labels = read_epoch(build_loader(mode="eval", **common))
+    files, file_labels, _ = list_image_folder(str(flat_folder))
+    number = [int(os.path.basename(f)[:3]) for f in files]
+    assert decode_file_index(images)[:43] == number and labels[:43].tolist() == file_labels.tolist()
+    images, labels = read_epoch(build_loader(mode="train_randaug", **common))
+    assert images.shape == (44, 3, 16, 16) and torch.isfinite(images).all()

@@ -73,37 +73,52 @@ def test_masking_refuses_float64_noise(triton_device):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("enc_dim", [768, 1024])
-def test_mae_sizes_on_gpu(enc_dim):
-    """Each op at ViT-B/L training shapes (batch 16, bf16 activations) against the reference."""
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("enc_dim,patch", [(768, 16), (1024, 16), (1280, 14)])
+def test_mae_sizes_on_gpu(backend, enc_dim, patch):
+    """Each fused backend's ops at ViT-B/16, ViT-L/16 and ViT-H/14 training shapes (batch 16, bf16
+    activations) against the reference, and the reductions bit-identical across runs."""
     with torch.device("cuda"):
-        n, L, K, dec, p = 16, 196, 49, 512, 16
+        n, dec = 16, 512
+        L = (224 // patch) ** 2
+        K = L // 4
         noise = torch.rand(n, L)
-        got = ops.random_masking(noise, K, backend="triton")
+        noise[:, 1] = noise[:, 0]  # a tie
+        got = ops.random_masking(noise, K, backend=backend)
         want = reference.random_masking(noise, K)
         assert all(torch.equal(g, w) for g, w in zip(got, want))
         ids_keep, ids_restore, mask = want
 
         imgs = torch.randn(n, 3, 224, 224)
-        weight = torch.randn(enc_dim, 3, p, p, requires_grad=True)
+        weight = torch.randn(enc_dim, 3, patch, patch, requires_grad=True)
         bias = torch.randn(enc_dim, requires_grad=True)
         pos = torch.randn(L, enc_dim)
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            outs = [ops.embed_visible_patches(imgs, ids_keep, weight, bias, pos, backend=b) for b in ("triton", "torch")]
-        # a bf16 GEMM against a bf16 convolution (fp32 after the position embedding): compare as bf16
+            outs = [ops.embed_visible_patches(imgs, ids_keep, weight, bias, pos, backend=b) for b in (backend, "torch")]
         assert_close(outs[0].bfloat16(), outs[1].bfloat16())
+
+        x = torch.randn(n, L, enc_dim, dtype=torch.bfloat16, requires_grad=True)
+        outs = [ops.gather_visible(x, ids_keep, pos, backend=b) for b in (backend, "torch")]
+        assert_close(outs[0], outs[1])
+        dy = torch.randn_like(outs[1])
+        g, w = (torch.autograd.grad(o, x, dy)[0] for o in outs)
+        assert_close(g, w, backward=True)
 
         x = torch.randn(n, 1 + K, dec, dtype=torch.bfloat16, requires_grad=True)
         token = torch.randn(dec, requires_grad=True)
         dpos = torch.randn(L + 1, dec)
-        outs = [ops.unshuffle_with_mask_token(x, ids_restore, token, dpos, backend=b) for b in ("triton", "torch")]
+        outs = [ops.unshuffle_with_mask_token(x, ids_restore, token, dpos, backend=b) for b in (backend, "torch")]
         assert_close(outs[0], outs[1])
         dy = torch.randn_like(outs[1])
-        for g, w in zip(torch.autograd.grad(outs[0], (x, token), dy), torch.autograd.grad(outs[1], (x, token), dy)):
+        grads = [torch.autograd.grad(o, (x, token), dy, retain_graph=True) for o in outs]
+        for g, w in zip(*grads):
             assert_close(g, w, backward=True)
+        again = torch.autograd.grad(outs[0], (x, token), dy)
+        assert all(torch.equal(a, b) for a, b in zip(grads[0], again))
 
-        pred = torch.randn(n, L, p * p * 3, dtype=torch.bfloat16, requires_grad=True)
-        losses = [ops.masked_pixel_loss(pred, imgs, mask, p, True, backend=b) for b in ("triton", "torch")]
+        pred = torch.randn(n, L, patch * patch * 3, dtype=torch.bfloat16, requires_grad=True)
+        losses = [ops.masked_pixel_loss(pred, imgs, mask, patch, True, backend=b) for b in (backend, "torch")]
         assert_close(losses[0], losses[1])
         g, w = (torch.autograd.grad(loss, pred)[0] for loss in losses)
         assert_close(g, w, backward=True)
+        assert torch.equal(ops.masked_pixel_loss(pred, imgs, mask, patch, True, backend=backend), losses[0])

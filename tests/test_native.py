@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from fastmae import ops
-from fastmae.models import create_model
 from fastmae.ops import native, reference, registry
 from fastmae.ops.native import build
 from fastmae.testing import assert_close, backend_cases
@@ -134,25 +133,6 @@ def test_opcheck(device, case):
     torch.library.opcheck(op, args)
 
 
-def test_compiled_model_matches_eager(device):
-    """torch.compile traces the model through the native ops without a graph break."""
-    model = create_model("mae_vit_tiny_patch4", depth=1, decoder_depth=1, norm_pix_loss=True,
-                         kernel_backend="cuda", attention_backend="sdpa")
-    imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 64)
-
-    def loss_and_grads(m):
-        model.zero_grad()
-        loss, pred, mask = m(imgs, noise=noise)
-        loss.backward()
-        return [loss, pred, mask] + [p.grad.clone() for p in model.parameters() if p.requires_grad]
-
-    eager = loss_and_grads(model)
-    torch._dynamo.reset()
-    compiled = loss_and_grads(torch.compile(model, fullgraph=True))
-    for c, e in zip(compiled, eager):
-        assert_close(c, e, backward=True)
-
-
 # -- the native kernels' own behaviour ---------------------------------------------------------------
 
 def test_reductions_do_not_depend_on_the_thread_count():
@@ -200,59 +180,6 @@ def test_masking_takes_float64_noise(device):
     noise[:, 10] = noise[:, 20]  # a tie, broken by position
     for got, want in zip(ops.random_masking(noise, 12, backend="cuda"), reference.random_masking(noise, 12)):
         assert torch.equal(got, want)
-
-
-# -- the CUDA kernels at MAE sizes (on a GPU) --------------------------------------------------------
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("enc_dim,patch", [(768, 16), (1280, 14)])
-def test_mae_sizes_on_gpu(enc_dim, patch):
-    """Each op at ViT-B/16 and ViT-H/14 training shapes (batch 16, bf16 activations) against the
-    reference, and the reductions bit-identical across runs."""
-    with torch.device("cuda"):
-        n, dec = 16, 512
-        L = (224 // patch) ** 2
-        K = L // 4
-        noise = torch.rand(n, L)
-        noise[:, 1] = noise[:, 0]  # a tie
-        got = ops.random_masking(noise, K, backend="cuda")
-        want = reference.random_masking(noise, K)
-        assert all(torch.equal(g, w) for g, w in zip(got, want))
-        ids_keep, ids_restore, mask = want
-
-        imgs = torch.randn(n, 3, 224, 224)
-        weight = torch.randn(enc_dim, 3, patch, patch, requires_grad=True)
-        bias = torch.randn(enc_dim, requires_grad=True)
-        pos = torch.randn(L, enc_dim)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            outs = [ops.embed_visible_patches(imgs, ids_keep, weight, bias, pos, backend=b) for b in ("cuda", "torch")]
-        assert_close(outs[0].bfloat16(), outs[1].bfloat16())
-
-        x = torch.randn(n, L, enc_dim, dtype=torch.bfloat16, requires_grad=True)
-        outs = [ops.gather_visible(x, ids_keep, pos, backend=b) for b in ("cuda", "torch")]
-        assert_close(outs[0], outs[1])
-        dy = torch.randn_like(outs[1])
-        g, w = (torch.autograd.grad(o, x, dy)[0] for o in outs)
-        assert_close(g, w, backward=True)
-
-        x = torch.randn(n, 1 + K, dec, dtype=torch.bfloat16, requires_grad=True)
-        token = torch.randn(dec, requires_grad=True)
-        dpos = torch.randn(L + 1, dec)
-        outs = [ops.unshuffle_with_mask_token(x, ids_restore, token, dpos, backend=b) for b in ("cuda", "torch")]
-        assert_close(outs[0], outs[1])
-        dy = torch.randn_like(outs[1])
-        grads = [torch.autograd.grad(o, (x, token), dy, retain_graph=True) for o in outs]
-        for g, w in zip(*grads):
-            assert_close(g, w, backward=True)
-        again = torch.autograd.grad(outs[0], (x, token), dy)
-        assert all(torch.equal(a, b) for a, b in zip(grads[0], again))
-
-        pred = torch.randn(n, L, patch * patch * 3, dtype=torch.bfloat16, requires_grad=True)
-        losses = [ops.masked_pixel_loss(pred, imgs, mask, patch, True, backend=b) for b in ("cuda", "torch")]
-        assert_close(losses[0], losses[1])
-        g, w = (torch.autograd.grad(loss, pred)[0] for loss in losses)
-        assert_close(g, w, backward=True)
-        assert torch.equal(ops.masked_pixel_loss(pred, imgs, mask, patch, True, backend="cuda"), losses[0])
 
 
 @pytest.mark.cuda

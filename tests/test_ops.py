@@ -2,7 +2,6 @@
 original's formulas written out as loops."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 from fastmae import ops
 from fastmae.ops import reference

@@ -17,7 +17,7 @@ import torch
 from torchvision import datasets, transforms
 
 from fastmae.data.dali_loader import DaliLoader, dali_unavailable_reasons
-from fastmae.data.shapes import ShapesDataset
+from fastmae.data.shapes import SHAPES_VERSION, ShapesDataset
 from fastmae.data.sources import (
     UnreadableImageError, image_folder_root, list_image_folder, list_tar_shards, load_rgb,
 )
@@ -60,7 +60,7 @@ def builtin_shapes_folder(num_images: int, image_size: int, seed: int = 0) -> st
     """The built-in shapes dataset written once as an ImageFolder of PNGs (for loaders that read
     files), in ``$FASTMAE_CACHE`` or ``~/.cache/fastmae``."""
     cache = os.environ.get("FASTMAE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "fastmae"))
-    root = os.path.join(cache, f"shapes-{num_images}-{image_size}-{seed}")
+    root = os.path.join(cache, f"shapes-v{SHAPES_VERSION}-{num_images}-{image_size}-{seed}")
     if not os.path.isdir(root):
         os.makedirs(cache, exist_ok=True)
         tmp = tempfile.mkdtemp(dir=cache)
