@@ -88,12 +88,14 @@ def chart(infos: list[dict], path: str) -> None:
     ax1.legend()
     kernels = [i for i in infos if "fraction_of_copy_bandwidth" in i and i["mode"] == "fwd+bwd"]
     labels = sorted({f"{i['op']}\n{i['preset']}" for i in kernels})
-    for j, provider in enumerate(sorted({i["provider"] for i in kernels})):
+    providers = sorted({i["provider"] for i in kernels})
+    width = 0.8 / max(len(providers), 1)
+    for j, provider in enumerate(providers):
         values = {f"{i['op']}\n{i['preset']}": i["gbps"] for i in kernels if i["provider"] == provider}
-        ax2.bar([k + 0.4 * j for k in range(len(labels))], [values.get(lab, 0) for lab in labels], 0.4, label=provider)
+        ax2.bar([k + width * j for k in range(len(labels))], [values.get(lab, 0) for lab in labels], width, label=provider)
     if kernels:
         ax2.axhline(kernels[0]["copy_gbps"], color="k", ls="--", lw=1, label="copy bandwidth")
-    ax2.set_xticks([k + 0.2 for k in range(len(labels))], labels, fontsize=7, rotation=30, ha="right")
+    ax2.set_xticks([k + 0.4 - width / 2 for k in range(len(labels))], labels, fontsize=7, rotation=30, ha="right")
     ax2.set_ylabel("GB/s (forward + backward)")
     ax2.set_title("kernels: achieved bandwidth")
     ax2.legend()

@@ -155,8 +155,6 @@ struct Cpu {
                                 int64_t C, int64_t H, int64_t W, int64_t p, bool norm_pix, const at::TensorOptions&) {
     using A = loss_acc_t<P, I>;
     const int64_t E = p * p * C, GW = W / p, rows = N * L, chunks = ceil_div(rows, kRowsPerChunk);
-    const A denom = std::max(*msum, std::numeric_limits<A>::min());
-    const A scale = A(2) / (A(E) * denom);  // d loss / d diff = 2 * mask * diff / (E * mask.sum())
     std::vector<A> partial(chunks);
     at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
       std::vector<A> target(E);
@@ -188,7 +186,7 @@ struct Cpu {
           for (int64_t e = 0; e < E; ++e) {
             const A diff = A(x[e]) - target[e];
             sq += diff * diff;
-            if (g) g[e] = static_cast<P>(diff * (m * scale));
+            if (g) g[e] = static_cast<P>(m * diff);
           }
           sum += m * (sq / A(E));
         }
@@ -197,7 +195,7 @@ struct Cpu {
     });
     A total = 0;
     for (A v : partial) total += v;
-    *loss = total / denom;
+    *loss = total / std::max(*msum, std::numeric_limits<A>::min());
   }
 };
 

@@ -240,8 +240,10 @@ std::tuple<at::Tensor, at::Tensor> unshuffle_with_mask_token_backward(const at::
   return {dx, dtok};
 }
 
-// -> (loss, dpred): the loss as a 0-dim tensor in the accumulator dtype, and d loss / d pred when
-// with_grad (else an empty tensor), computed in the same pass so that the backward is one scale.
+// -> (loss, g): the loss as a 0-dim tensor in the accumulator dtype, and, when with_grad (else an
+// empty tensor), g = mask * (pred - target) in pred's dtype, computed in the same pass: d loss / d pred
+// is g * 2 / (p*p*C * mask.sum()), one scale in the backward (where the loss scale of fp16 training
+// joins it before anything is rounded: g itself is of the size of the pixels, never subnormal).
 // Kept patches (mask 0) are not read.
 template <class Dev>
 std::tuple<at::Tensor, at::Tensor> masked_pixel_loss(const at::Tensor& pred_, const at::Tensor& imgs_,

@@ -263,7 +263,6 @@ __global__ void __launch_bounds__(kThreads)
   __syncthreads();
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
   const int64_t GW = W / p;
-  const A scale = A(2) / (A(E) * (*msum > tiny ? *msum : tiny));  // d loss / d diff, times 1 / mask
   const int64_t first = int64_t(blockIdx.x) * rows_per_block;
   const int64_t last = first + rows_per_block < rows ? first + rows_per_block : rows;
   A loss = 0;  // this warp's rows, in order
@@ -296,7 +295,7 @@ __global__ void __launch_bounds__(kThreads)
       const int q = pred_index[e];
       const A diff = A(pred[r * E + q]) - t;
       sq += diff * diff;
-      if (g) g[q] = static_cast<P>(diff * (m * scale));
+      if (g) g[q] = static_cast<P>(m * diff);
     }
     loss += m * (warp_sum(sq) / A(E));
   }

@@ -6,7 +6,7 @@ import argparse
 
 from torch import nn
 
-from fastmae.checkpoint import read_checkpoint
+from fastmae.checkpoint import model_state_dict
 from fastmae.data import build_classification_loaders
 from fastmae.engine import evaluate
 from fastmae.models import ENCODERS, VisionTransformer, create_vit, load_encoder
@@ -32,7 +32,7 @@ def build_data(args: argparse.Namespace, run: Run, train_mode: str):
         data_path=args.data_path, train_mode=train_mode, backend=args.data_backend, input_size=input_size,
         batch_size=args.batch_size, device=run.device, rank=run.dist.rank, world_size=run.dist.world_size,
         seed=args.seed, num_workers=args.num_workers, pin_memory=args.pin_mem, skip_unreadable=args.skip_unreadable,
-        builtin_size=args.builtin_size,
+        builtin_size=args.builtin_size, **({"num_classes": args.nb_classes} if args.nb_classes else {}),
     )
     logger.info("data: %s, %d classes, %d training steps per epoch per rank", args.data_path or "built-in shapes",
                 len(classes), len(train))
@@ -83,7 +83,7 @@ def evaluate_checkpoint(args: argparse.Namespace, run: Run, model: nn.Module, va
     """``--eval``: the model of ``--resume`` on the validation set."""
     if not args.resume:
         raise ValueError("--eval needs the checkpoint to evaluate: --resume PATH")
-    model.load_state_dict(read_checkpoint(args.resume)["model"])
+    model.load_state_dict(model_state_dict(args.resume))
     result = EpochEvaluation(run, model, val_loader).evaluate()
     logger.info("accuracy of %s on %d images: top-1 %.2f%%, top-5 %.2f%%", args.resume, val_loader.num_samples,
                 result["acc1"], result["acc5"])

@@ -31,7 +31,7 @@ def mae_forward_flops(model, mask_ratio: float) -> float:
         + _blocks(1 + visible, enc_dim, len(model.blocks), mlp_ratio)
         + 2 * (1 + visible) * enc_dim * dec_dim
         + _blocks(1 + L, dec_dim, len(model.decoder_blocks), dec_mlp)
-        + 2 * (1 + L) * dec_dim * patch_dim
+        + 2 * L * dec_dim * patch_dim
     )
 
 

@@ -82,7 +82,7 @@ def main(args: argparse.Namespace) -> dict:
             from fastmae.visualize import save_reconstructions
 
             if not vis_batch:
-                vis_batch.append(next(iter(loader))[0][:8])
+                vis_batch.append(next(iter(loader))[0][:8].clone())  # not a view that keeps the batch
             save_reconstructions(model, vis_batch[0], args.mask_ratio,
                                  os.path.join(args.output_dir, f"reconstruction-{epoch}.png"))
         # model FLOPs utilization: the closed-form FLOPs of the images trained, against the GPUs' peak

@@ -9,6 +9,7 @@ import logging
 import os
 import random
 import time
+import traceback
 from typing import Callable
 
 import numpy as np
@@ -16,9 +17,11 @@ import torch
 from torch import nn
 
 from fastmae import ops
-from fastmae.checkpoint import link_or_copy, newest_checkpoint, read_checkpoint, rng_state, save_checkpoint, set_rng_state
+from fastmae.checkpoint import (
+    link_or_copy, model_state_dict, newest_checkpoint, read_checkpoint, rng_state, save_checkpoint, set_rng_state,
+)
 from fastmae.data import DATA_BACKENDS, UnreadableImageError
-from fastmae.distributed import DistInfo, all_gather_objects, barrier, cleanup, init_distributed
+from fastmae.distributed import DistInfo, all_gather_objects, all_reduce_mean, barrier, cleanup, init_distributed
 from fastmae.engine import NonFiniteLossError, Progress, StepConfig, train_one_epoch
 
 logger = logging.getLogger("fastmae")
@@ -68,6 +71,14 @@ def add_common_args(p: argparse.ArgumentParser, **defaults) -> None:
     g.add_argument("--checkpoint_steps", default=0, type=int,
                    help="also update checkpoint-last.pth every this many batches within an epoch (0: epoch ends only)")
     g.add_argument("--print_freq", default=20, type=int, help="log record (and loss check) every this many batches")
+
+    g = p.add_argument_group("the original's launch flags", "accepted so that its launch scripts run unchanged; "
+                             "fastmae takes ranks from the launcher's environment (torchrun, srun)")
+    g.add_argument("--no_pin_mem", action="store_false", dest="pin_mem", help="as --no-pin_mem")
+    g.add_argument("--world_size", default=None, type=int, help="ignored: the launcher's WORLD_SIZE / SLURM_NTASKS")
+    g.add_argument("--local_rank", "--local-rank", default=None, type=int, help="ignored: LOCAL_RANK / SLURM_LOCALID")
+    g.add_argument("--dist_url", default="env://", help="only env:// (MASTER_ADDR, MASTER_PORT)")
+    g.add_argument("--dist_eval", action="store_true", help="always on: every rank evaluates its share, each image once")
     p.set_defaults(**defaults)
 
 
@@ -79,6 +90,9 @@ def check_common_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> N
         p.error(f"--device {args.device} was requested but no CUDA device is available")
     if args.precision == "fp16" and not args.device.startswith("cuda"):
         p.error("--precision fp16 needs a CUDA device (use bf16 or fp32 on the CPU)")
+    if args.dist_url != "env://":
+        p.error(f"--dist_url {args.dist_url}: fastmae meets its ranks through the environment (env://); "
+                "launch with torchrun, or srun with MASTER_ADDR and MASTER_PORT exported")
 
 
 class RunFiles:
@@ -145,9 +159,14 @@ def load_training_state(path, model, optimizer, scaler, dist: DistInfo, device) 
     """Restore a checkpoint (fastmae's, or the original's); returns where training continues
     (epoch, batch)."""
     ckpt = read_checkpoint(path)
-    model.load_state_dict(ckpt["model"])
+    model.load_state_dict(model_state_dict(ckpt))
     if "optimizer" in ckpt and "epoch" in ckpt:
+        # the saved groups carry the saving run's implementation flags (a CPU run's non-fused AdamW):
+        # keep this run's
+        implementation = [{k: g[k] for k in ("fused", "foreach", "capturable") if k in g} for g in optimizer.param_groups]
         optimizer.load_state_dict(ckpt["optimizer"])
+        for group, flags in zip(optimizer.param_groups, implementation):
+            group.update(flags)
     if scaler is not None and ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
     position = ckpt.get("data_position") or {"epoch": ckpt.get("epoch", -1) + 1, "batch": 0}
@@ -155,8 +174,11 @@ def load_training_state(path, model, optimizer, scaler, dist: DistInfo, device) 
     if rngs and ckpt.get("world_size") == dist.world_size:
         set_rng_state(rngs[dist.rank], device)
     elif rngs:
-        logger.warning("checkpoint from %s ranks, resuming on %s: random draws will differ from an uninterrupted run",
-                       ckpt.get("world_size"), dist.world_size)
+        # a data position counts one rank's batches, which mean other samples on another number of ranks
+        logger.warning("checkpoint from %s ranks, resuming on %s: epoch %d restarts from its first batch, and "
+                       "random draws differ from an uninterrupted run", ckpt.get("world_size"), dist.world_size,
+                       position["epoch"])
+        position = {"epoch": position["epoch"], "batch": 0}
     logger.info("resumed from %s at epoch %d, batch %d", path, position["epoch"], position["batch"])
     return position["epoch"], position["batch"]
 
@@ -230,8 +252,9 @@ def fit(
         progress.close()
         start_batch = 0
         checkpoint(epoch, 0, numbered=epoch % args.save_freq == 0 or epoch + 1 == args.epochs)
+        skipped = all_reduce_mean(torch.tensor(float(loader.files_skipped), device=device)) * dist.world_size
         record = {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch,
-                  "files_skipped": loader.files_skipped, **after_epoch(epoch, train_model, stats)}
+                  "files_skipped": round(skipped.item()), **after_epoch(epoch, train_model, stats)}
         run.files.append("log.txt", record)
         run.files.scalars(record, epoch)
         logger.info("epoch %d: %s", epoch, ", ".join(f"{k} {v:.4g}" for k, v in record.items()
@@ -250,11 +273,13 @@ def cli_main(parser: argparse.ArgumentParser, main: Callable[[argparse.Namespace
     try:
         main(args)
     except (NonFiniteLossError, ops.BackendUnavailableError, FileNotFoundError, UnreadableImageError, ValueError) as e:
-        logger.error("error: %s", e)
+        where = traceback.extract_tb(e.__traceback__)[-1]  # an internal error, too, says where it came from
+        logger.error("error: %s (raised at %s:%d)", e, where.filename, where.lineno)
         return 1
     except torch.OutOfMemoryError as e:
+        hint = ", or add --grad_checkpointing" if hasattr(args, "grad_checkpointing") else ""
         logger.error("error: out of memory at --batch_size %d (%s). Lower --batch_size and raise --accum_iter to "
-                     "keep the effective batch, or add --grad_checkpointing.", args.batch_size, str(e).splitlines()[0])
+                     "keep the effective batch%s.", args.batch_size, str(e).splitlines()[0], hint)
         return 1
     finally:
         cleanup()

@@ -3,8 +3,10 @@
 Each program reads rows ``n*L + l`` of ``pred`` [N, L, P] (P = p*p*C) and the matching patch of
 ``imgs`` [N, C, H, W] directly, in the target's ``nhwpqc`` layout; the normalized target lives only
 in registers. Rows whose mask is 0 are not read at all. When the prediction needs a gradient, the
-same pass also writes ``dpred = 2 * mask * (pred - target) / (P * mask.sum())`` (zeros for kept rows),
-so the backward is only ``dpred * grad_loss``: the loss's inputs are never read twice.
+same pass also writes ``g = mask * (pred - target)`` (zeros for kept rows), so the backward is only
+``g * (2 * grad_loss / (P * mask.sum()))``: the loss's inputs are never read twice. (``g`` holds
+values of the size of the pixels, not of the gradient: an fp16 gradient, tiny until the loss scale
+multiplies it, would lose its small entries to underflow if it were rounded before that.)
 Per-row losses are summed per program in a fixed order, and the per-program partial sums by one
 ``torch.sum``: the result is deterministic.
 """
@@ -20,7 +22,7 @@ from fastmae.ops.reference import NORM_PIX_EPS
 
 @triton.jit
 def _masked_pixel_loss_fwd(
-    pred_ptr, img_ptr, mask_ptr, msum_ptr, loss_partial_ptr, dpred_ptr,
+    pred_ptr, img_ptr, mask_ptr, loss_partial_ptr, dpred_ptr,
     n_rows, L, H, W, GW, tiles_per_program,
     C: tl.constexpr, PATCH: tl.constexpr, EPS: tl.constexpr, NORM_PIX: tl.constexpr, WITH_GRAD: tl.constexpr,
     FP64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_IJ: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -36,8 +38,6 @@ def _masked_pixel_loss_fwd(
     m_e = (o_ij < PATCH * PATCH) & (o_c < C)
     o_pred = o_ij * C + o_c  # [1, BIJ, BC] offset within a pred row
     o_img = (o_c * H + o_ij // PATCH) * W + o_ij % PATCH  # [1, BIJ, BC] offset from the patch's corner
-    if WITH_GRAD:
-        b_scale = 2.0 / (P * tl.maximum(tl.load(msum_ptr).to(acc_dtype), 1e-30))
     b_loss = tl.zeros([BLOCK_R], dtype=acc_dtype)
     for i_t in range(tiles_per_program):
         o_r = (i_p * tiles_per_program + i_t) * BLOCK_R + tl.arange(0, BLOCK_R)  # row n*L + l
@@ -59,7 +59,7 @@ def _masked_pixel_loss_fwd(
         b_diff = tl.where(m, b_pred - b_t, 0.0)
         b_loss += b_m * (tl.sum(tl.sum(b_diff * b_diff, axis=2), axis=1) / P)
         if WITH_GRAD:
-            b_dpred = b_diff * (b_m * b_scale)[:, None, None]
+            b_dpred = b_diff * b_m[:, None, None]
             tl.store(dpred_ptr + o_r[:, None, None] * P + o_pred, b_dpred.to(dpred_ptr.dtype.element_ty),
                      mask=m_r[:, None, None] & m_e)
     tl.store(loss_partial_ptr + i_p, tl.sum(b_loss, axis=0))
@@ -69,7 +69,8 @@ def _masked_pixel_loss_fwd(
 def masked_pixel_loss_op(
     pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, patch_size: int, norm_pix: bool, with_grad: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (loss, dpred): dpred is d loss / d pred when ``with_grad``, else an empty tensor."""
+    """-> (loss, g): ``g = mask * (pred - target)`` when ``with_grad`` (d loss / d pred is
+    ``g * 2 / (P * mask.sum())``), else an empty tensor."""
     pred, imgs, mask = pred.contiguous(), imgs.contiguous(), mask.contiguous()
     n, c, H, W = imgs.shape
     L = pred.shape[1]
@@ -83,7 +84,7 @@ def masked_pixel_loss_op(
     dpred = torch.empty_like(pred) if with_grad else pred.new_empty(0)
     with on_device(pred):
         _masked_pixel_loss_fwd[t.grid](
-            pred, imgs, mask, msum, partial, dpred,
+            pred, imgs, mask, partial, dpred,
             n * L, L, H, W, W // patch_size, t.tiles_per_program,
             C=c, PATCH=patch_size, EPS=NORM_PIX_EPS, NORM_PIX=norm_pix, WITH_GRAD=with_grad, FP64=fp64,
             BLOCK_R=t.BLOCK_R, BLOCK_IJ=block_ij, BLOCK_C=block_c, num_warps=t.num_warps,

@@ -40,7 +40,7 @@ CASES = [
        dict(FP64=g == "fp64", BLOCK_R=8, BLOCK_W=512), 8)
       for g, x, acc in [("fp32", "bf16", "fp32"), ("fp64", "fp64", "fp64")]],
     *[(masked_pixel_loss._masked_pixel_loss_fwd,
-       dict(pred_ptr=f"*{pred}", img_ptr=f"*{img}", mask_ptr="*fp32", msum_ptr=f"*{acc}", loss_partial_ptr=f"*{acc}",
+       dict(pred_ptr=f"*{pred}", img_ptr=f"*{img}", mask_ptr="*fp32", loss_partial_ptr=f"*{acc}",
             dpred_ptr=f"*{pred}", n_rows="i32", L="i32", H="i32", W="i32", GW="i32", tiles_per_program="i32"),
        dict(C=3, PATCH=patch, EPS=1e-6, NORM_PIX=norm_pix, WITH_GRAD=grad, FP64=acc == "fp64",
             BLOCK_R=4, BLOCK_IJ=256, BLOCK_C=4), 8)

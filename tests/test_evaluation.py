@@ -181,3 +181,16 @@ def test_pretrain_then_probe_and_finetune_on_the_builtin_data(tmp_path):
             accuracy[f"{name} {init}"] = log[-1]["max_accuracy"]
     print("top-1 on 200 held-out images (chance 10%):", accuracy)
     assert accuracy["finetune pretrained"] > 20
+
+
+def test_the_originals_launch_flags_are_accepted(labelled_folder, tmp_path):
+    assert linprobe_cli(["--data_path", str(labelled_folder), "--output_dir", str(tmp_path), "--epochs", "1",
+                         "--num_workers", "0", "--no_pin_mem", "--dist_eval", "--local-rank", "0",
+                         "--world_size", "1", "--dist_url", "env://"]) == 0
+    with pytest.raises(SystemExit):
+        linprobe_cli(["--dist_url", "tcp://10.0.0.1:23456"])
+
+
+def test_synthetic_labels_fit_the_classes(tmp_path):
+    assert finetune_cli(["--data_backend", "synthetic", "--nb_classes", "7", "--output_dir", str(tmp_path),
+                         "--epochs", "1", "--batch_size", "8", "--builtin_size", "40"]) == 0

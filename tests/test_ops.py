@@ -279,3 +279,20 @@ def test_deterministic(backend):
 def test_bad_input_is_named(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_masked_pixel_loss_fp16_gradient_under_a_loss_scale(backend):
+    """fp16 training (GradScaler): at MAE sizes d loss / d pred is ~1e-7 before the scale multiplies
+    it, below fp16's normal range. The fused loss must apply the scale before rounding, as the
+    reference's fp32 chain does, or it loses the small entries."""
+    n, p = 64, 16
+    L, K = 196, 49
+    _, _, _, mask = masking_inputs(n, L, K)
+    imgs = torch.randn(n, 3, 224, 224)
+    pred = torch.randn(n, L, p * p * 3, dtype=torch.float16, requires_grad=True)
+    scale = torch.tensor(65536.0)
+    got = torch.autograd.grad(ops.masked_pixel_loss(pred, imgs, mask, p, True, backend=backend), pred, scale)[0]
+    want = torch.autograd.grad(reference.masked_pixel_loss(pred, imgs, mask, p, True), pred, scale)[0]
+    # nothing flushed to zero (entries at fp16's subnormal floor may round either way)
+    assert ((got == 0) & (want.abs() > 1e-6)).sum() == 0
+    assert_close(got / want.abs().max(), want / want.abs().max(), backward=True)

@@ -39,7 +39,8 @@ def pretrain_transform(input_size: int) -> transforms.Compose:
 def transform(mode: str, input_size: int) -> transforms.Compose:
     """The original's torchvision transforms. ``pretrain``: RandomResizedCrop(scale=(0.2, 1)) + flip;
     ``train`` (linear probing): RandomResizedCrop + flip; ``train_randaug`` (fine-tuning): that +
-    RandAugment (torchvision's, 2 ops at magnitude 9: the closest to timm's rand-m9-mstd0.5-inc1);
+    RandAugment (torchvision's, 2 ops at magnitude 9 of 10, filled with the mean colour, as timm's
+    rand-m9-mstd0.5-inc1 but without its magnitude noise and its increasing-severity variants);
     ``eval``: resize to input_size * 256 / 224, center crop. All bicubic, then ImageNet normalization
     (fine-tuning's random erasing and mixup act on batches: ``fastmae.data.augment``)."""
     bicubic = transforms.InterpolationMode.BICUBIC
@@ -50,7 +51,8 @@ def transform(mode: str, input_size: int) -> transforms.Compose:
         steps = [transforms.RandomResizedCrop(input_size, scale=scale, interpolation=bicubic),
                  transforms.RandomHorizontalFlip()]
         if mode == "train_randaug":
-            steps.append(transforms.RandAugment(num_ops=2, magnitude=9, interpolation=bicubic))
+            steps.append(transforms.RandAugment(num_ops=2, magnitude=9, num_magnitude_bins=11,
+                                                interpolation=bicubic, fill=[124, 116, 104]))
         elif mode not in ("pretrain", "train"):
             raise ValueError(f"unknown transform mode {mode!r}")
     return transforms.Compose(steps + [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
@@ -90,15 +92,17 @@ def build_loader(
     *, backend: str, root: str | None, mode: str, input_size: int, batch_size: int, device: torch.device,
     rank: int = 0, world_size: int = 1, seed: int = 0, num_workers: int = 2, pin_memory: bool = True,
     skip_unreadable: bool = False, builtin: tuple[int, int] = (5000, 0), synthetic_batches: int = 100,
+    num_classes: int = 1000,
 ):
     """A loader of ``backend`` over the ImageFolder tree (or DALI tar shards) at ``root``, or over
     the built-in shapes dataset ``builtin = (num_images, seed)`` when ``root`` is None, with the
-    ``mode`` augmentation (see :func:`transform`); ``eval`` reads in order."""
+    ``mode`` augmentation (see :func:`transform`); ``eval`` reads in order. ``num_classes``: the
+    synthetic source's labels."""
     backend = resolve_data_backend(backend, device)
     common = dict(batch_size=batch_size, device=device, rank=rank, world_size=world_size, seed=seed)
     if backend == "synthetic":
         return SyntheticLoader(batch_size=batch_size, image_size=input_size, device=device, seed=seed + rank,
-                               batches_per_epoch=synthetic_batches)
+                               batches_per_epoch=synthetic_batches, num_classes=num_classes)
     builtin_image_size = max(40, input_size)
     if backend == "torchvision":
         if root is None:
@@ -144,6 +148,7 @@ def build_classification_loaders(*, data_path: str | None, train_mode: str, buil
         if list_tar_shards(val_root):
             raise ValueError(f"{val_root} holds tar shards: the validation set must be an image folder")
         _, _, classes = list_image_folder(train_root)
+    kwargs.setdefault("num_classes", len(classes))
     train = build_loader(root=train_root, mode=train_mode, builtin=(builtin_size, 0), **kwargs)
     val = build_loader(root=val_root, mode="eval", builtin=(builtin_size // 5, 1), **kwargs)
     return train, val, classes

@@ -23,8 +23,15 @@ def inspect(path: str) -> tuple[str, str | None]:
         return "", str(e)
 
 
-def check(root: str, workers: int) -> tuple[dict[str, int], list[str]]:
-    files, _, _ = list_image_folder(image_folder_root(root))
+def dataset_folders(data_path: str) -> list[str]:
+    """``DIR/train`` and ``DIR/val`` when they exist (the layout the entry points read), else ``DIR``."""
+    root = image_folder_root(data_path)
+    val = os.path.join(data_path, "val")
+    return [root, val] if root != data_path and os.path.isdir(val) else [root]
+
+
+def check(data_path: str, workers: int) -> tuple[dict[str, int], list[str]]:
+    files = [f for root in dataset_folders(data_path) for f in list_image_folder(root)[0]]
     kinds: collections.Counter = collections.Counter()
     bad = []
     with ProcessPoolExecutor(workers) as pool:
@@ -38,7 +45,7 @@ def check(root: str, workers: int) -> tuple[dict[str, int], list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser("python -m fastmae.data.check", description=__doc__)
-    p.add_argument("data_path", help="ImageFolder root (DIR/train if it exists, else DIR)")
+    p.add_argument("data_path", help="ImageFolder root: DIR/train and DIR/val when they exist, else DIR")
     p.add_argument("--workers", type=int, default=os.cpu_count())
     args = p.parse_args(argv)
     try:

@@ -47,7 +47,7 @@ MODES = (*CROP_AREA, "eval")
 def _augment(encoded, *, mode: str, size: int, on_gpu: bool, mean, std):
     """The original's transforms. ``pretrain``: RandomResizedCrop(size, scale=(0.2, 1), bicubic) + flip;
     ``train``: scale (0.08, 1) + flip (linear probing); ``train_randaug``: that + RandAugment(2 ops,
-    magnitude 9) (fine-tuning); ``eval``: resize the shorter side to size * 256 / 224, center crop.
+    magnitude 9 of 10) (fine-tuning); ``eval``: resize the shorter side to size * 256 / 224, center crop.
     Random crops are fused into the decoder so only the crop is decoded. Then normalize, CHW."""
     decode_device = "mixed" if on_gpu else "cpu"
     mirror = 0
@@ -64,7 +64,8 @@ def _augment(encoded, *, mode: str, size: int, on_gpu: bool, mean, std):
         if mode == "train_randaug":
             images = fn.flip(images, horizontal=mirror)  # flip before RandAugment, as the torchvision order
             mirror = 0
-            images = rand_augment.rand_augment(images, n=2, m=9)
+            # magnitude 9 of 10 (timm's scale), filled with a mid grey
+            images = rand_augment.rand_augment(images, n=2, m=9, num_magnitude_bins=11, fill_value=128)
     return fn.crop_mirror_normalize(
         images, dtype=types.FLOAT, output_layout="CHW", crop=(size, size),
         mean=[255 * m for m in mean], std=[255 * s for s in std], mirror=mirror,
@@ -177,6 +178,8 @@ class DaliLoader:
         seed = hash((self.seed, self.rank, self.epoch)) % 2**31  # augmentation randomness
         if self.shards is not None:
             pipe = self._build_tar(seed)
+            for _ in range(self.start_batch):  # DALI's reader cannot seek: read past the batches done
+                pipe.run()
             for _ in range(len(self)):
                 yield self._to_torch(*pipe.run())
             return

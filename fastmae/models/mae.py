@@ -199,8 +199,9 @@ class MaskedAutoencoderViT(nn.Module):
             )
         x = self._run_blocks(self.decoder_blocks, x)
         x = self.decoder_norm(x)
-        x = self.decoder_pred(x)
-        return x[:, 1:, :]
+        # the original predicts cls too and drops it; dropping it first saves a row of the projection
+        # and gives the loss a contiguous prediction
+        return self.decoder_pred(x[:, 1:, :])
 
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Mean squared error on the removed patches (normalized pixels with ``norm_pix_loss``)."""

@@ -28,7 +28,7 @@ class FusedOps:
     gather_patches: Any  # (imgs, ids_keep, patch_size) -> patches in (c, i, j) order
     unshuffle: Any  # (x, ids_restore, mask_token, pos_embed?) -> out
     unshuffle_backward: Any  # (dout, ids_restore, 1 + K, x_dtype) -> (dx, d mask_token)
-    masked_pixel_loss: Any  # (pred, imgs, mask, patch_size, norm_pix, with_grad) -> (loss, dpred)
+    masked_pixel_loss: Any  # (pred, imgs, mask, patch_size, norm_pix, with_grad) -> (loss, mask * (pred - target))
 
 
 def _acc(*dtypes: torch.dtype) -> torch.dtype:
@@ -108,15 +108,18 @@ def _unshuffle_setup(ctx, inputs, output):
 
 
 def _masked_pixel_loss_setup(ctx, inputs, output):
-    ctx.save_for_backward(output[1])
+    ctx.save_for_backward(output[1], inputs[2])
 
 
-def _masked_pixel_loss_backward(ctx, dloss, _ddpred):
-    # the forward wrote d loss / d pred already: the backward only scales it
-    (dpred,) = ctx.saved_tensors
-    if dpred.numel() == 0 and ctx.needs_input_grad[0]:
+def _masked_pixel_loss_backward(ctx, dloss, _dg):
+    # the forward wrote g = mask * (pred - target): d loss / d pred = g * 2 / (P * mask.sum()). The
+    # whole factor, loss scale included, is formed in fp32 and applied in one rounding (PyTorch
+    # multiplies fp16/bf16 tensors by a 0-dim fp32 tensor in fp32).
+    g, mask = ctx.saved_tensors
+    if g.numel() == 0 and ctx.needs_input_grad[0]:
         raise RuntimeError("masked_pixel_loss was computed without its gradient (with_grad=False)")
-    return dpred * dloss, None, None, None, None, None
+    msum = mask.sum(dtype=dloss.dtype).clamp_min(torch.finfo(dloss.dtype).tiny)
+    return g * (2 * dloss / (g.shape[-1] * msum)), None, None, None, None, None
 
 
 def register(ops: FusedOps) -> None:
