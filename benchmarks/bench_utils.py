@@ -85,18 +85,20 @@ def copy_bandwidth_gbps() -> float:
     return 2 * src.numel() * src.element_size() / sorted(times)[len(times) // 2] / 1e9
 
 
-def measure(benchmark, fn, *, rounds: int | None = None, **info) -> float:
-    """Time ``fn`` (synchronized inside the timed call) and record ``info``; returns the median
-    seconds."""
+def measure(benchmark, fn, *, rounds: int | None = None, calls_per_round: int = 1, **info) -> float:
+    """Time ``fn`` and record ``info``; returns the median seconds per call. A round is
+    ``calls_per_round`` calls and one synchronization, so that calls of a few microseconds are not
+    timed as the synchronization's cost (pytest-benchmark's own table shows seconds per round)."""
     def run():
-        fn()
+        for _ in range(calls_per_round):
+            fn()
         sync()
 
     benchmark.pedantic(run, rounds=rounds or (50 if ON_GPU else 5), warmup_rounds=3 if ON_GPU else 1, iterations=1)
-    median = benchmark.stats.stats.median
+    median = benchmark.stats.stats.median / calls_per_round
     benchmark.extra_info.update(
         device=device_name(), torch=torch.__version__, triton=triton.__version__,
-        cuda=torch.version.cuda if ON_GPU else None, median_ms=median * 1e3, **info,
+        cuda=torch.version.cuda if ON_GPU else None, median_ms=median * 1e3, calls_per_round=calls_per_round, **info,
     )
     return median
 

@@ -8,13 +8,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections import defaultdict
 
 REFERENCE = {"attention": "math", "loader": "torchvision", "training_step_e2e": "reference"}  # else "torch"
 
 
 def results(paths: list[str]) -> list[dict]:
-    return [b["extra_info"] for path in paths for b in json.load(open(path))["benchmarks"] if "op" in b.get("extra_info", {})]
+    out = []
+    for path in paths:
+        try:
+            benchmarks = json.load(open(path))["benchmarks"]
+        except (OSError, ValueError, KeyError) as e:  # a suite stopped before it wrote its results
+            print(f"skipping {path}: no pytest-benchmark results in it ({e})", file=sys.stderr)
+            continue
+        out += [b["extra_info"] for b in benchmarks if "op" in b.get("extra_info", {})]
+    return out
 
 
 def figures(info: dict) -> str:
