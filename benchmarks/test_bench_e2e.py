@@ -40,7 +40,7 @@ def test_training_step(benchmark, preset, config):
     step = training_step(step_model, optimizer, imgs, torch.bfloat16 if ON_GPU else None)
     step()
     memory = peak_memory_gib(step)
-    seconds = measure(benchmark, step, rounds=10 if ON_GPU else 3, op="training_step_e2e", provider=config,
+    seconds = measure(benchmark, step, rounds=10 if ON_GPU else 3, op="training_step_e2e", provider=config, batch=batch,
                       mode="compiled" if COMPILE and config == "fastmae" else "eager", preset=preset,
                       peak_memory_mib=memory and memory * 1024, optimizer=optimizer_name, **CONFIGS[config])
     rate = batch / seconds

@@ -37,7 +37,7 @@ def test_training_step(benchmark, preset, decoder_depth, encoder):
     step = training_step(model, optimizer, imgs, torch.bfloat16 if ON_GPU else None)
     step()
     memory = peak_memory_gib(step)
-    seconds = measure(benchmark, step, rounds=10 if ON_GPU else 3, op="training_step", provider=encoder,
+    seconds = measure(benchmark, step, rounds=10 if ON_GPU else 3, op="training_step", provider=encoder, batch=batch,
                       mode=f"decoder_depth={decoder_depth}", preset=preset, peak_memory_mib=memory and memory * 1024)
     flops = train_flops_per_image(model, 0.75)
     benchmark.extra_info.update(images_per_sec=batch / seconds, flops_per_image=flops)

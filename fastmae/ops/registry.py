@@ -70,7 +70,11 @@ def _backend(name: str, module_name: str, auto_devices: tuple[str, ...], **optio
     try:
         return Backend(name, module_name, auto_devices, opts, module=importlib.import_module(module_name))
     except ImportError as e:
-        return Backend(name, module_name, auto_devices, opts, import_error=str(e))
+        reason = str(e)
+        if e.name == "fastmae.kernels":  # the package-dir mapping of kernels/ is missing
+            reason += (" (the checkout's kernels/ is installed as fastmae.kernels: install with pip install -e . "
+                       "and setuptools >= 77, and do not run from a checkout whose fastmae/ shadows an installed copy)")
+        return Backend(name, module_name, auto_devices, opts, import_error=reason)
 
 
 ENV_VARS = {"kernels": "FASTMAE_KERNELS", "attention": "FASTMAE_ATTENTION", "norm": "FASTMAE_NORM"}
