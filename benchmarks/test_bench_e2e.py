@@ -1,4 +1,5 @@
-"""A full training step (forward, backward, optimizer) with fastmae's fastest configuration against
+"""A full training step (forward, backward, optimizer) with fastmae's automatic backends (the fastest
+available: Triton kernels, else the native ones; xformers, else SDPA; each result records which) against
 the all-reference one (torch kernels, math attention), same batch, bf16 autocast on a GPU: images/s,
 model FLOPs utilization and peak memory, for each preset. Set FASTMAE_BENCH_COMPILE=1 to add
 torch.compile to the fast configuration (several minutes of compilation per preset).
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from bench_utils import DEVICE, ON_GPU, measure, peak_memory_gib, training_step
+from fastmae import ops
 from fastmae.flops import peak_flops, train_flops_per_image
 from fastmae.models import create_model
 from fastmae.optim import build_optimizer, param_groups_weight_decay
@@ -22,7 +24,7 @@ PRESETS = ({"mae_vit_base_patch16": 512, "mae_vit_large_patch16": 256, "mae_vit_
            if ON_GPU else {"mae_vit_tiny_patch4": 64})
 COMPILE = os.environ.get("FASTMAE_BENCH_COMPILE") == "1"
 CONFIGS = {
-    "fastmae": dict(kernel_backend="triton" if ON_GPU else "torch", attention_backend=None),
+    "fastmae": dict(kernel_backend=None, attention_backend=None),  # the automatic choices (recorded)
     "reference": dict(kernel_backend="torch", attention_backend="math"),
 }
 
@@ -42,7 +44,9 @@ def test_training_step(benchmark, preset, config):
     memory = peak_memory_gib(step)
     seconds = measure(benchmark, step, rounds=10 if ON_GPU else 3, op="training_step_e2e", provider=config, batch=batch,
                       mode="compiled" if COMPILE and config == "fastmae" else "eager", preset=preset,
-                      peak_memory_mib=memory and memory * 1024, optimizer=optimizer_name, **CONFIGS[config])
+                      peak_memory_mib=memory and memory * 1024, optimizer=optimizer_name,
+                      kernels=ops.resolve("kernels", CONFIGS[config]["kernel_backend"], DEVICE.type),
+                      attention=ops.resolve("attention", CONFIGS[config]["attention_backend"], DEVICE.type))
     rate = batch / seconds
     peak = peak_flops(DEVICE)
     benchmark.extra_info.update(images_per_sec=rate,
