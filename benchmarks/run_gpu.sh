@@ -11,17 +11,10 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 pack() { [ -n "${ARCHIVE:-}" ] && tar czf "$ARCHIVE" -C "$OUT" . ; return 0; }
 
-# Install without touching the machine's packages (it may have no network); fall back to a copy
-# on PYTHONPATH laid out as the installed package (fastmae.kernels <- kernels/, fastmae.csrc <- csrc/).
-if ! pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1; then
-  shim=$(mktemp -d)
-  cp -r fastmae "$shim/" && cp -r kernels "$shim/fastmae/kernels" && cp -r csrc "$shim/fastmae/csrc"
-  export PYTHONPATH="$shim${PYTHONPATH:+:$PYTHONPATH}"
-  echo "pip install failed (see install.log); using $shim" | tee -a "$OUT/install.log"
-fi
-
-# An editable install that cannot map fastmae.kernels <- kernels/ (older setuptools), or the repository's
-# own fastmae/ shadowing it from the working directory: run from a copy laid out as the installed package.
+# Install without touching the machine's packages (it may have no network). Where that fails, or
+# maps no fastmae.kernels <- kernels/ (an older setuptools without build isolation; the checkout's own
+# fastmae/ comes first on sys.path either way), run from a copy laid out as the installed package.
+pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || echo "pip install failed" >>"$OUT/install.log"
 if ! python -c "import fastmae.kernels" 2>/dev/null; then
   OUT=$(cd "$OUT" && pwd)
   copy=$(mktemp -d)
@@ -37,7 +30,7 @@ done
 
 {
   date -u +"date: %Y-%m-%dT%H:%M:%SZ"
-  echo "commit: ${COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (dirty)')}"
+  echo "commit: $(git rev-parse HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (dirty)')"
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>/dev/null || echo "no GPU (nvidia-smi not found)"
   python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
   python -m fastmae.ops
