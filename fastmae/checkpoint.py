@@ -79,11 +79,24 @@ def load_checkpoint(
 
 
 def save_checkpoint(obj: Mapping[str, Any], path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename: a crash or kill during
-    the save leaves any previous file at ``path`` intact."""
+    """``torch.save`` to a temporary file in the same folder, flushed to disk, then rename: a kill
+    during the save, or a node crash after it, leaves any previous file at ``path`` intact."""
     tmp = f"{os.fspath(path)}.tmp"
-    torch.save(obj, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    _replace_durably(tmp, path)
+
+
+def _replace_durably(tmp: str, path: str | os.PathLike) -> None:
+    # the rename is atomic, and fsync of the folder makes it survive a crash of the node
     os.replace(tmp, path)
+    folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 def newest_checkpoint(output_dir: str | os.PathLike) -> str | None:
@@ -107,7 +120,9 @@ def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
         import shutil
 
         shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+    _replace_durably(tmp, dst)
 
 
 def rng_state(device: torch.device) -> dict[str, torch.Tensor]:

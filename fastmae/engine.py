@@ -131,7 +131,8 @@ def train_one_epoch(
         if checkpoint_due:
             on_checkpoint(epoch, batch + 1)
     if batch < start_batch:
-        raise RuntimeError("the data loader yielded no batches (is the dataset smaller than one batch?)")
+        raise RuntimeError(f"the data loader yielded no batches from batch {start_batch} of epoch {epoch} "
+                           f"(the loader has {steps_per_epoch} per epoch)")
     if (batch + 1) % accum:
         # an incomplete accumulation at the end of the epoch is dropped, as in the original
         optimizer.zero_grad(set_to_none=True)

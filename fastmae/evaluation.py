@@ -10,7 +10,7 @@ from fastmae.checkpoint import model_state_dict
 from fastmae.data import build_classification_loaders
 from fastmae.engine import evaluate
 from fastmae.models import ENCODERS, VisionTransformer, create_vit, load_encoder
-from fastmae.training import Run, logger
+from fastmae.training import Run, logger, resume_path
 
 
 def add_eval_args(p: argparse.ArgumentParser, *, global_pool: bool) -> None:
@@ -34,6 +34,9 @@ def build_data(args: argparse.Namespace, run: Run, train_mode: str):
         seed=args.seed, num_workers=args.num_workers, pin_memory=args.pin_mem, skip_unreadable=args.skip_unreadable,
         builtin_size=args.builtin_size, **({"num_classes": args.nb_classes} if args.nb_classes else {}),
     )
+    if args.nb_classes and args.nb_classes < len(classes):
+        raise ValueError(f"--nb_classes {args.nb_classes} is fewer than the {len(classes)} classes of "
+                         f"{args.data_path or 'the built-in shapes'}: labels would fall outside the head")
     logger.info("data: %s, %d classes, %d training steps per epoch per rank", args.data_path or "built-in shapes",
                 len(classes), len(train))
     return train, val, args.nb_classes or len(classes)
@@ -81,11 +84,12 @@ class EpochEvaluation:
 
 def evaluate_checkpoint(args: argparse.Namespace, run: Run, model: nn.Module, val_loader) -> dict:
     """``--eval``: the model of ``--resume`` on the validation set."""
-    if not args.resume:
-        raise ValueError("--eval needs the checkpoint to evaluate: --resume PATH")
-    model.load_state_dict(model_state_dict(args.resume))
+    path = resume_path(args)
+    if not path:
+        raise ValueError(f"--eval needs the checkpoint to evaluate: --resume PATH, or auto with one in {args.output_dir}")
+    model.load_state_dict(model_state_dict(path))
     result = EpochEvaluation(run, model, val_loader).evaluate()
-    logger.info("accuracy of %s on %d images: top-1 %.2f%%, top-5 %.2f%%", args.resume, val_loader.num_samples,
+    logger.info("accuracy of %s on %d images: top-1 %.2f%%, top-5 %.2f%%", path, val_loader.num_samples,
                 result["acc1"], result["acc5"])
     return result
 

@@ -86,6 +86,9 @@ def check_common_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> N
     for name in ("batch_size", "epochs", "accum_iter", "save_freq", "print_freq"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.checkpoint_steps < 0 or args.checkpoint_steps % args.accum_iter:
+        p.error(f"--checkpoint_steps {args.checkpoint_steps}: checkpoints fall between optimizer steps, so it must be "
+                f"0 or a positive multiple of --accum_iter {args.accum_iter}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error(f"--device {args.device} was requested but no CUDA device is available")
     if args.precision == "fp16" and not args.device.startswith("cuda"):
@@ -155,9 +158,20 @@ class Run:
         return args.lr
 
 
-def load_training_state(path, model, optimizer, scaler, dist: DistInfo, device) -> tuple[int, int]:
+def resume_path(args: argparse.Namespace) -> str | None:
+    """The checkpoint ``--resume`` names: a path, or with ``auto`` the newest in ``--output_dir``."""
+    if args.resume != "auto":
+        return args.resume or None
+    path = newest_checkpoint(args.output_dir)
+    if path is None:
+        logger.info("--resume auto: no checkpoint in %s, starting afresh", args.output_dir)
+    return path
+
+
+def load_training_state(path, model, optimizer, scaler, dist: DistInfo, device, layout: dict) -> tuple[int, int]:
     """Restore a checkpoint (fastmae's, or the original's); returns where training continues
-    (epoch, batch)."""
+    (epoch, batch). ``layout``: this run's batches (batch_size, accum_iter, steps_per_epoch), which
+    a mid-epoch position must have been counted in."""
     ckpt = read_checkpoint(path)
     model.load_state_dict(model_state_dict(ckpt))
     if "optimizer" in ckpt and "epoch" in ckpt:
@@ -178,6 +192,12 @@ def load_training_state(path, model, optimizer, scaler, dist: DistInfo, device) 
         logger.warning("checkpoint from %s ranks, resuming on %s: epoch %d restarts from its first batch, and "
                        "random draws differ from an uninterrupted run", ckpt.get("world_size"), dist.world_size,
                        position["epoch"])
+        position = {"epoch": position["epoch"], "batch": 0}
+    changed = {k: (position[k], v) for k, v in layout.items() if k in position and position[k] != v}
+    if position["batch"] and changed:
+        # a batch count means other samples (and another place in the accumulation) in other batches
+        logger.warning("checkpoint counted its batches with %s; this run's differ: epoch %d restarts from its first batch",
+                       ", ".join(f"{k} {old} (now {new})" for k, (old, new) in changed.items()), position["epoch"])
         position = {"epoch": position["epoch"], "batch": 0}
     logger.info("resumed from %s at epoch %d, batch %d", path, position["epoch"], position["batch"])
     return position["epoch"], position["batch"]
@@ -200,11 +220,10 @@ def fit(
     dist, device = run.dist, run.device
     steps_per_epoch = len(loader)
     start_epoch, start_batch = args.start_epoch, 0
-    resume = newest_checkpoint(args.output_dir) if args.resume == "auto" else args.resume
-    if args.resume == "auto" and resume is None:
-        logger.info("--resume auto: no checkpoint in %s, starting afresh", args.output_dir)
+    layout = {"batch_size": args.batch_size, "accum_iter": args.accum_iter, "steps_per_epoch": steps_per_epoch}
+    resume = resume_path(args)
     if resume:
-        start_epoch, start_batch = load_training_state(resume, model, optimizer, run.scaler, dist, device)
+        start_epoch, start_batch = load_training_state(resume, model, optimizer, run.scaler, dist, device, layout)
 
     # the step runs the distributed / compiled module; checkpoints hold the plain one's state dict
     train_model = model
@@ -223,15 +242,13 @@ def fit(
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scaler": run.scaler.state_dict() if run.scaler else None,
                      "epoch": epoch if next_batch == 0 else epoch - 1,  # the original's: last finished epoch
-                     "data_position": {"epoch": epoch + 1 if next_batch == 0 else epoch, "batch": next_batch},
+                     "data_position": {"epoch": epoch + 1 if next_batch == 0 else epoch, "batch": next_batch, **layout},
                      "args": args, "rng": rngs, "world_size": dist.world_size}
+            # checkpoint-last.pth first: a kill before the numbered copy still resumes from here
             last = os.path.join(args.output_dir, "checkpoint-last.pth")
+            save_checkpoint(state, last)
             if numbered:
-                path = os.path.join(args.output_dir, f"checkpoint-{epoch}.pth")
-                save_checkpoint(state, path)
-                link_or_copy(path, last)
-            else:
-                save_checkpoint(state, last)
+                link_or_copy(last, os.path.join(args.output_dir, f"checkpoint-{epoch}.pth"))
         barrier()
 
     record: dict = {}

@@ -62,7 +62,7 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     save_checkpoint({"model": {"w": torch.ones(2)}}, path)
 
     def crash(obj, f):
-        open(f, "wb").write(b"partial")
+        f.write(b"partial")
         raise KeyboardInterrupt
 
     monkeypatch.setattr(torch, "save", crash)

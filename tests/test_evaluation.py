@@ -149,9 +149,20 @@ def test_entry_points_run_and_resume(labelled_folder, tmp_path):
     log = run_eval(finetune_cli, labelled_folder, tmp_path / "ft", "--epochs", "2", "--batch_size", "32",
                    "--finetune_blocks", "2", "--resume", "auto")
     assert [r["epoch"] for r in log] == [0, 1]
+    log = run_eval(finetune_cli, labelled_folder, tmp_path / "ft", "--epochs", "3", "--batch_size", "32",
+                   "--finetune_blocks", "2", "--resume", "auto")
+    assert [r["epoch"] for r in log] == [0, 1, 2]  # resumed after epoch 1
     # --eval: a checkpoint's accuracy, nothing trained
     assert finetune_cli(["--data_path", str(labelled_folder), "--output_dir", str(tmp_path / "ev"), "--eval",
                          "--resume", str(tmp_path / "ft" / "checkpoint-1.pth"), "--num_workers", "0"]) == 0
+    assert finetune_cli(["--data_path", str(labelled_folder), "--output_dir", str(tmp_path / "ft"), "--eval",
+                         "--resume", "auto", "--num_workers", "0"]) == 0
+
+
+def test_fewer_classes_than_folders_is_refused(labelled_folder, tmp_path, caplog):
+    assert finetune_cli(["--data_path", str(labelled_folder), "--output_dir", str(tmp_path), "--nb_classes", "2",
+                         "--num_workers", "0"]) == 1
+    assert "--nb_classes 2 is fewer than" in caplog.text
 
 
 def test_eval_needs_train_and_val_folders(tmp_path, caplog):

@@ -56,7 +56,8 @@ def test_bad_data_path_is_reported(tmp_path, caplog, make, message):
 
 
 @pytest.mark.parametrize("args", [["--mask_ratio", "1.0"], ["--model", "nope"], ["--kernels", "nope"],
-                                  ["--device", "cuda"] if not torch.cuda.is_available() else ["--epochs", "0"]])
+                                  ["--device", "cuda"] if not torch.cuda.is_available() else ["--epochs", "0"],
+                                  ["--checkpoint_steps", "-1"], ["--checkpoint_steps", "3", "--accum_iter", "2"]])
 def test_bad_flags_are_refused(args):
     with pytest.raises(SystemExit) as e:
         cli(args)

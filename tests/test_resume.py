@@ -11,10 +11,12 @@ import time
 import pytest
 import torch
 
-from fastmae.checkpoint import read_checkpoint
+from fastmae.checkpoint import read_checkpoint, save_checkpoint
+from fastmae.distributed import DistInfo
 from fastmae.data.shapes import ShapesDataset
 from fastmae.models import MaskedAutoencoderViT
 from fastmae.pretrain import cli
+from fastmae.training import load_training_state
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +95,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(folder, tmp_path, mon
     assert cli(args(folder, tmp_path, "--checkpoint_steps", "1")) == 1
     assert "loss is nan" in caplog.text and "last checkpoint" in caplog.text
     ckpt = read_checkpoint(tmp_path / "checkpoint-last.pth")
-    assert ckpt["data_position"] == {"epoch": 1, "batch": 2}
+    assert ckpt["data_position"] == {"epoch": 1, "batch": 2, "batch_size": 8, "accum_iter": 1, "steps_per_epoch": 6}
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
@@ -101,8 +103,28 @@ def test_checkpoint_contents(folder, tmp_path):
     assert cli(args(folder, tmp_path, "--epochs", "1")) == 0
     ckpt = read_checkpoint(tmp_path / "checkpoint-0.pth")
     assert {"model", "optimizer", "scaler", "epoch", "data_position", "args", "rng"} <= set(ckpt)
-    assert ckpt["epoch"] == 0 and ckpt["data_position"] == {"epoch": 1, "batch": 0}
+    assert ckpt["epoch"] == 0
+    assert ckpt["data_position"] == {"epoch": 1, "batch": 0, "batch_size": 8, "accum_iter": 1, "steps_per_epoch": 6}
     assert os.path.samefile(tmp_path / "checkpoint-0.pth", tmp_path / "checkpoint-last.pth")
     log = [json.loads(line) for line in (tmp_path / "log.txt").read_text().splitlines()]
     assert {"train_loss", "train_lr", "epoch", "train_images_per_sec", "mfu", "train_peak_memory_gib"} <= set(log[0])
     assert math.isfinite(log[0]["train_loss"])
+
+
+def test_a_mid_epoch_position_in_other_batches_restarts_the_epoch(tmp_path, caplog):
+    """A batch count means other samples under another batch size or accumulation: the epoch
+    restarts from its first batch rather than skip the wrong samples."""
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    layout = {"batch_size": 8, "accum_iter": 1, "steps_per_epoch": 6}
+    save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 2,
+                     "data_position": {"epoch": 3, "batch": 4, **layout}}, tmp_path / "c.pth")
+
+    def resume(**changes):
+        return load_training_state(tmp_path / "c.pth", model, optimizer, None, DistInfo(), torch.device("cpu"),
+                                   {**layout, **changes})
+
+    assert resume() == (3, 4)
+    assert resume(batch_size=16, steps_per_epoch=3) == (3, 0)
+    assert "batch_size 8 (now 16)" in caplog.text
+    assert resume(accum_iter=2) == (3, 0)
