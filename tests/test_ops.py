@@ -277,6 +277,10 @@ def test_deterministic(backend):
         (lambda: ops.embed_visible_patches(torch.randn(1, 3, 8, 8), torch.zeros(1, 2, dtype=torch.long), torch.randn(4, 3, 3, 3), None), "not divisible"),
         (lambda: ops.embed_visible_patches(torch.randn(1, 3, 8, 8), torch.zeros(1, 2, dtype=torch.long), torch.randn(4, 1, 4, 4), None), "weight"),
         (lambda: ops.embed_visible_patches(torch.randn(1, 3, 8, 8), torch.zeros(1, 2, dtype=torch.long), torch.randn(4, 3, 4, 4), torch.randn(5)), "bias"),
+        (lambda: ops.gather_visible(torch.randn(2, 8, 4), torch.zeros(2, 3, dtype=torch.long, device="meta")), "ids_keep is on meta"),
+        (lambda: ops.unshuffle_with_mask_token(torch.randn(2, 3, 4), torch.zeros(2, 8, dtype=torch.long), torch.randn(4, device="meta")), "mask_token is on meta"),
+        (lambda: ops.masked_pixel_loss(torch.randn(1, 4, 48), torch.randn(1, 3, 8, 8, device="meta"), torch.ones(1, 4), 4, False), "imgs is on meta"),
+        (lambda: ops.embed_visible_patches(torch.randn(1, 3, 8, 8), torch.zeros(1, 2, dtype=torch.long), torch.randn(4, 3, 4, 4, device="meta"), None), "weight is on meta"),
     ],
 )
 def test_bad_input_is_named(call, message):

@@ -38,9 +38,33 @@ def _check_index(op: str, name: str, ids: torch.Tensor, n: int):
         _fail(op, f"{name} must be int64, got {ids.dtype}")
 
 
+def _check_keep(op: str, ids_keep: torch.Tensor, n: int, L: int):
+    _check_index(op, "ids_keep", ids_keep, n)
+    if ids_keep.shape[1] > L:
+        _fail(op, f"ids_keep keeps {ids_keep.shape[1]} rows of L={L}")
+
+
+def _patch_grid(op: str, imgs: torch.Tensor, p: int) -> int:
+    """``imgs`` [N, C, H, W] checked; returns its number of patches L."""
+    if imgs.dim() != 4:
+        _fail(op, f"imgs must be [N, C, H, W], got {tuple(imgs.shape)}")
+    H, W = imgs.shape[2:]
+    if H % p or W % p:
+        _fail(op, f"image size {H}x{W} is not divisible by the patch size {p}")
+    return (H // p) * (W // p)
+
+
 def _check_pos_embed(op: str, pos_embed: torch.Tensor | None, rows: int, d: int):
     if pos_embed is not None and tuple(pos_embed.shape) != (rows, d):
         _fail(op, f"pos_embed must be [{rows}, {d}], got {tuple(pos_embed.shape)}")
+
+
+def _check_devices(op: str, first: str, tensors: dict[str, torch.Tensor | None]):
+    # a kernel launched for the first tensor's device would read the others' memory as its own
+    device = tensors[first].device
+    for name, t in tensors.items():
+        if t is not None and t.device != device:
+            _fail(op, f"{name} is on {t.device}, {first} on {device}: all must be on one device")
 
 
 def random_masking(noise: torch.Tensor, len_keep: int, *, backend: str | None = None):
@@ -60,7 +84,9 @@ def random_masking(noise: torch.Tensor, len_keep: int, *, backend: str | None = 
 def gather_visible(
     x: torch.Tensor, ids_keep: torch.Tensor, pos_embed: torch.Tensor | None = None, *, backend: str | None = None
 ) -> torch.Tensor:
-    """Rows of ``x`` [N, L, D] picked by ``ids_keep`` [N, K] -> [N, K, D].
+    """Rows of ``x`` [N, L, D] picked by ``ids_keep`` [N, K] -> [N, K, D]. ``ids_keep`` holds K
+    distinct positions per row, as :func:`random_masking` returns them (the fused backwards write
+    each row of the gradient once, so a repeated position would get one gradient, not their sum).
 
     With ``pos_embed`` [L, D] the result is ``(x + pos_embed)`` gathered, as the original adds the
     position embedding before masking.
@@ -68,10 +94,9 @@ def gather_visible(
     if x.dim() != 3:
         _fail("gather_visible", f"x must be [N, L, D], got {tuple(x.shape)}")
     n, L, d = x.shape
-    _check_index("gather_visible", "ids_keep", ids_keep, n)
-    if ids_keep.shape[1] > L:
-        _fail("gather_visible", f"ids_keep keeps {ids_keep.shape[1]} rows of L={L}")
+    _check_keep("gather_visible", ids_keep, n, L)
     _check_pos_embed("gather_visible", pos_embed, L, d)
+    _check_devices("gather_visible", "x", {"x": x, "ids_keep": ids_keep, "pos_embed": pos_embed})
     return implementation("kernels", "gather_visible", backend, x.device.type)(x, ids_keep, pos_embed)
 
 
@@ -91,19 +116,16 @@ def embed_visible_patches(
     op = "embed_visible_patches"
     if imgs.dim() != 4:
         _fail(op, f"imgs must be [N, C, H, W], got {tuple(imgs.shape)}")
-    n, c, H, W = imgs.shape
+    n, c = imgs.shape[:2]
     if weight.dim() != 4 or weight.shape[1] != c or weight.shape[2] != weight.shape[3]:
         _fail(op, f"weight must be [D, C={c}, p, p], got {tuple(weight.shape)}")
     d, p = weight.shape[0], weight.shape[-1]
-    if H % p or W % p:
-        _fail(op, f"image size {H}x{W} is not divisible by the patch size {p}")
-    L = (H // p) * (W // p)
-    _check_index(op, "ids_keep", ids_keep, n)
-    if ids_keep.shape[1] > L:
-        _fail(op, f"ids_keep keeps {ids_keep.shape[1]} rows of L={L}")
+    L = _patch_grid(op, imgs, p)
+    _check_keep(op, ids_keep, n, L)
     if bias is not None and tuple(bias.shape) != (d,):
         _fail(op, f"bias must be [{d}], got {tuple(bias.shape)}")
     _check_pos_embed(op, pos_embed, L, d)
+    _check_devices(op, "imgs", {"imgs": imgs, "ids_keep": ids_keep, "weight": weight, "bias": bias, "pos_embed": pos_embed})
     return implementation("kernels", op, backend, imgs.device.type)(imgs, ids_keep, weight, bias, pos_embed)
 
 
@@ -117,7 +139,8 @@ def unshuffle_with_mask_token(
 ) -> torch.Tensor:
     """Decoder input: ``x`` [N, 1+K, D] (row 0 is cls, then the K visible tokens in shuffled order)
     -> [N, 1+L, D] with cls first, each visible token at its original position, ``mask_token`` [D]
-    at the removed ones, plus ``pos_embed`` [1+L, D] when given."""
+    at the removed ones, plus ``pos_embed`` [1+L, D] when given. ``ids_restore`` is a permutation of
+    ``0..L-1`` per row, as :func:`random_masking` returns it."""
     if x.dim() != 3:
         _fail("unshuffle_with_mask_token", f"x must be [N, 1+K, D], got {tuple(x.shape)}")
     n, k1, d = x.shape
@@ -128,6 +151,8 @@ def unshuffle_with_mask_token(
     if mask_token.numel() != d:
         _fail("unshuffle_with_mask_token", f"mask_token must have D={d} elements, got {tuple(mask_token.shape)}")
     _check_pos_embed("unshuffle_with_mask_token", pos_embed, L + 1, d)
+    _check_devices("unshuffle_with_mask_token", "x",
+                   {"x": x, "ids_restore": ids_restore, "mask_token": mask_token, "pos_embed": pos_embed})
     return implementation("kernels", "unshuffle_with_mask_token", backend, x.device.type)(
         x, ids_restore, mask_token.reshape(d), pos_embed
     )
@@ -147,17 +172,14 @@ def masked_pixel_loss(
     ``norm_pix``), averaged over the removed patches (``mask`` [N, L], 1 = removed). A scalar computed
     and returned in fp32 (float64 for float64 inputs)."""
     op = "masked_pixel_loss"
-    if imgs.dim() != 4:
-        _fail(op, f"imgs must be [N, C, H, W], got {tuple(imgs.shape)}")
-    n, c, H, W = imgs.shape
     p = patch_size
-    if H % p or W % p:
-        _fail(op, f"image size {H}x{W} is not divisible by the patch size {p}")
-    L = (H // p) * (W // p)
+    L = _patch_grid(op, imgs, p)
+    n, c = imgs.shape[:2]
     if tuple(pred.shape) != (n, L, p * p * c):
         _fail(op, f"pred must be [N={n}, L={L}, p*p*C={p * p * c}], got {tuple(pred.shape)}")
     if tuple(mask.shape) != (n, L):
         _fail(op, f"mask must be [N={n}, L={L}], got {tuple(mask.shape)}")
+    _check_devices(op, "pred", {"pred": pred, "imgs": imgs, "mask": mask})
     return implementation("kernels", op, backend, pred.device.type)(pred, imgs, mask, p, bool(norm_pix))
 
 
