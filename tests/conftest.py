@@ -69,8 +69,13 @@ def _same_threads():
 @pytest.fixture
 def poison_empty(monkeypatch):
     """Freshly allocated tensors come filled with NaN (floats) or -1 (integers), so that a kernel
-    that forgets to write part of its output fails the comparison."""
+    that forgets to write part of its output fails the comparison. The native kernels allocate in
+    C++ (``at::empty``): PyTorch's own filling of uninitialized memory (NaN, or the integer maximum)
+    reaches those; it works only with deterministic algorithms on (warnings only, here)."""
     real_empty, real_empty_like = torch.empty, torch.empty_like
+    deterministic = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    monkeypatch.setattr(torch.utils.deterministic, "fill_uninitialized_memory", True)
 
     def poison(t):
         if t.is_floating_point():
@@ -81,3 +86,5 @@ def poison_empty(monkeypatch):
 
     monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(real_empty(*a, **k)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(real_empty_like(*a, **k)))
+    yield
+    torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
