@@ -101,6 +101,10 @@ def test_mae_sizes_on_gpu(backend, enc_dim, patch):
         with torch.autocast("cuda", dtype=torch.bfloat16):
             outs = [ops.embed_visible_patches(imgs, ids_keep, weight, bias, pos, backend=b) for b in (backend, "torch")]
         assert_close(outs[0].bfloat16(), outs[1].bfloat16())
+        dy = torch.randn_like(outs[1])
+        grads = [torch.autograd.grad(o, (weight, bias), dy) for o in outs]
+        for g, w in zip(*grads):  # bf16 products summed in another order: compared at bf16's tolerance
+            assert_close((g / w.abs().max()).bfloat16(), (w / w.abs().max()).bfloat16(), backward=True)
 
         x = torch.randn(n, L, enc_dim, dtype=torch.bfloat16, requires_grad=True)
         outs = [ops.gather_visible(x, ids_keep, pos, backend=b) for b in (backend, "torch")]

@@ -144,15 +144,15 @@ def test_gather_visible(backend, dtype, n, L, d, with_pos):
     for len_keep in keep_counts(L):
         _, ids_keep, _, _ = masking_inputs(n, L, len_keep)
         x = torch.randn(n, L, d, dtype=dtype, requires_grad=True)
-        pos = torch.randn(L, d) if with_pos else None
+        pos = torch.randn(L, d, requires_grad=True) if with_pos else None
         got = ops.gather_visible(x, ids_keep, pos, backend=backend)
         want = reference.gather_visible(x, ids_keep, pos)
         assert got.dtype == want.dtype and got.shape == (n, len_keep, d)
         assert_close(got, want)
         dy = torch.randn_like(want)
-        (gx,) = torch.autograd.grad(got, x, dy)
-        (wx,) = torch.autograd.grad(want, x, dy)
-        assert_close(gx, wx, backward=True)
+        inputs = (x, pos) if with_pos else (x,)
+        for g, w in zip(torch.autograd.grad(got, inputs, dy), torch.autograd.grad(want, inputs, dy)):
+            assert_close(g, w, backward=True)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -163,29 +163,27 @@ def test_unshuffle_with_mask_token(backend, dtype, n, L, d, with_pos):
         _, _, ids_restore, _ = masking_inputs(n, L, len_keep)
         x = torch.randn(n, 1 + len_keep, d, dtype=dtype, requires_grad=True)
         token = torch.randn(d, requires_grad=True)
-        pos = torch.randn(L + 1, d) if with_pos else None
+        pos = torch.randn(L + 1, d, requires_grad=True) if with_pos else None
         got = ops.unshuffle_with_mask_token(x, ids_restore, token, pos, backend=backend)
         want = reference.unshuffle_with_mask_token(x, ids_restore, token, pos)
         assert got.dtype == want.dtype and got.shape == (n, L + 1, d)
         assert_close(got, want)
         dy = torch.randn_like(want)
-        g = torch.autograd.grad(got, (x, token), dy)
-        w = torch.autograd.grad(want, (x, token), dy)
-        assert_close(g[0], w[0], backward=True)
-        assert_close(g[1], w[1], backward=True)
+        inputs = (x, token, pos) if with_pos else (x, token)
+        for g, w in zip(torch.autograd.grad(got, inputs, dy), torch.autograd.grad(want, inputs, dy)):
+            assert_close(g, w, backward=True)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n,c,p,h,w,d", [(1, 3, 4, 16, 16, 40), (3, 3, 4, 28, 28, 64), (2, 1, 7, 14, 21, 40)])
-def test_embed_visible_patches(backend, dtype, n, c, p, h, w, d, monkeypatch):
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # the reference's convolution, on GPUs
+def test_embed_visible_patches(backend, dtype, n, c, p, h, w, d):
     L = (h // p) * (w // p)
     for len_keep in keep_counts(L):
         _, ids_keep, _, _ = masking_inputs(n, L, len_keep)
         imgs = torch.randn(n, c, h, w, dtype=dtype, requires_grad=True)
         weight = torch.randn(d, c, p, p, dtype=dtype, requires_grad=True)
         bias = torch.randn(d, dtype=dtype, requires_grad=True)
-        pos = torch.randn(L, d)
+        pos = torch.randn(L, d, requires_grad=True)
         got = ops.embed_visible_patches(imgs, ids_keep, weight, bias, pos, backend=backend)
         want = reference.embed_visible_patches(imgs, ids_keep, weight, bias, pos)
         assert got.dtype == want.dtype and got.shape == (n, len_keep, d)
@@ -193,8 +191,8 @@ def test_embed_visible_patches(backend, dtype, n, c, p, h, w, d, monkeypatch):
         # another order, so bf16 may differ by a rounding of the (large) embedding
         assert_close(got / d**0.5, want / d**0.5)
         dy = torch.randn_like(want)
-        for g, r in zip(torch.autograd.grad(got, (imgs, weight, bias), dy),
-                        torch.autograd.grad(want, (imgs, weight, bias), dy)):
+        for g, r in zip(torch.autograd.grad(got, (imgs, weight, bias, pos), dy),
+                        torch.autograd.grad(want, (imgs, weight, bias, pos), dy)):
             assert_close(g / r.abs().max(), r / r.abs().max(), backward=True)
 
 
