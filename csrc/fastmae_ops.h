@@ -230,7 +230,7 @@ std::tuple<at::Tensor, at::Tensor> unshuffle_with_mask_token_backward(const at::
   const auto acc = dout.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor dx = at::empty({N, k1, D}, dout.options().dtype(x_dtype));
   at::Tensor dtok = at::empty({D}, dout.options().dtype(acc));
-  if (D == 0) return {dx, dtok};
+  if (N == 0 || D == 0) return {dx, dtok.zero_()};  // the token's gradient sums over no rows
   dispatch_widening(x_dtype, dout.scalar_type(), "unshuffle_with_mask_token_backward", [&](auto xt, auto gt) {
     using X = typename decltype(xt)::type;
     using G = typename decltype(gt)::type;

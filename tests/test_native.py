@@ -166,6 +166,15 @@ def test_loss_does_not_read_kept_patches(device):
     assert torch.all(pred.grad[mask == 0] == 0)
 
 
+def test_empty_batch(device):
+    x = torch.randn(0, 3, 4, requires_grad=True)
+    token = torch.randn(4, requires_grad=True)
+    out = ops.unshuffle_with_mask_token(x, torch.zeros(0, 8, dtype=torch.long), token, backend="cuda")
+    assert out.shape == (0, 9, 4)
+    dx, dtoken = torch.autograd.grad(out.sum(), (x, token))
+    assert dx.shape == (0, 3, 4) and torch.equal(dtoken, torch.zeros(4))
+
+
 def test_out_of_range_indices_raise():
     x = torch.randn(1, 4, 2)
     with pytest.raises(RuntimeError, match="outside"):
