@@ -1,4 +1,4 @@
-"""Each kernel op: the ``triton`` backend against the ``torch`` reference at MAE sizes (bf16
+"""Each kernel op: the fused backends (``triton``, ``cuda``) against the ``torch`` reference at MAE sizes (bf16
 activations as under autocast), forward, backward and both; achieved GB/s over the bytes the op must
 move at least, and that as a fraction of the device's copy bandwidth.
 
