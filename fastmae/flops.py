@@ -9,7 +9,10 @@ from __future__ import annotations
 import torch
 
 # dense bf16 tensor-core peaks (TFLOP/s), by device-name substring
-PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "L4": 121.0}
+# dense bf16 TFLOP/s by a part of the device name; the longest matching name wins ("H100 PCIe" over
+# "H100", "L40S" over "L40" over "L4")
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "A100": 312.0,
+                    "L40S": 362.0, "L40": 181.0, "A10G": 70.0, "L4": 121.0}
 
 
 def _blocks(tokens: int, dim: int, depth: int, mlp_ratio: float) -> float:
@@ -43,8 +46,9 @@ def peak_flops(device: torch.device) -> float | None:
     """The device's dense bf16 peak in FLOP/s, or None when unknown (CPUs, unlisted GPUs)."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    for key, tflops in PEAK_BF16_TFLOPS.items():
-        if key in name:
-            return tflops * 1e12
-    return None
+    return peak_flops_of(torch.cuda.get_device_name(device))
+
+
+def peak_flops_of(device_name: str) -> float | None:
+    matches = [key for key in PEAK_BF16_TFLOPS if key in device_name]
+    return PEAK_BF16_TFLOPS[max(matches, key=len)] * 1e12 if matches else None

@@ -14,7 +14,7 @@ from fastmae.data import TorchvisionLoader, pretrain_transform
 from fastmae.data.shapes import ShapesDataset
 from fastmae.distributed import cleanup, init_distributed
 from fastmae.engine import StepConfig, train_one_epoch
-from fastmae.flops import mae_forward_flops
+from fastmae.flops import mae_forward_flops, peak_flops_of
 from fastmae.models import MaskedAutoencoderViT, create_model
 from fastmae.optim import param_groups_weight_decay
 from fastmae.visualize import reconstruction_grid
@@ -108,6 +108,13 @@ def test_closed_form_flops_match_a_flop_counter(name, kernels, with_mask_tokens)
         L, K = model.num_patches, int(model.num_patches * 0.25)
         counted -= 2 * n * (L - K) * model.decoder_pred.out_features * model.pos_embed.shape[-1]
     assert counted == pytest.approx(n * mae_forward_flops(model, 0.75), rel=1e-6)
+
+
+@pytest.mark.parametrize("name,tflops", [("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 PCIe", 756),
+                                         ("NVIDIA L40", 181), ("NVIDIA L40S", 362), ("NVIDIA L4", 121),
+                                         ("NVIDIA GeForce RTX 4090", None)])
+def test_peak_flops_takes_the_longest_matching_name(name, tflops):
+    assert peak_flops_of(name) == (tflops and tflops * 1e12)
 
 
 def test_reconstruction_grid():
