@@ -24,7 +24,7 @@ def mae_forward_flops(model, mask_ratio: float) -> float:
     """Forward FLOPs per image of a ``MaskedAutoencoderViT`` (with ``encoder_mask_tokens``, the
     patch embedding and the encoder run over all L positions)."""
     L = model.num_patches
-    visible = L if getattr(model, "encoder_mask_tokens", False) else int(L * (1 - mask_ratio))
+    visible = L if model.encoder_mask_tokens else model.len_keep(mask_ratio)
     patch_dim = model.decoder_pred.out_features
     enc_dim, dec_dim = model.pos_embed.shape[-1], model.decoder_pos_embed.shape[-1]
     mlp_ratio = model.blocks[0].mlp.fc1.out_features / enc_dim if len(model.blocks) else 4.0

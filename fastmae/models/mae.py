@@ -164,8 +164,11 @@ class MaskedAutoencoderViT(nn.Module):
             noise = torch.rand(n, L, device=device)
         elif tuple(noise.shape) != (n, L):
             raise ValueError(f"noise must be [N={n}, L={L}], got {tuple(noise.shape)}")
-        len_keep = int(L * (1 - mask_ratio))
-        return ops.random_masking(noise, len_keep, backend=self.kernel_backend)
+        return ops.random_masking(noise, self.len_keep(mask_ratio), backend=self.kernel_backend)
+
+    def len_keep(self, mask_ratio: float) -> int:
+        """How many patches the encoder sees: the original's ``int(L * (1 - mask_ratio))``."""
+        return int(self.num_patches * (1 - mask_ratio))
 
     def forward_encoder(self, imgs: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None):
         """Encode the visible patches. Returns ``latent`` [N, 1+K, D] (with ``encoder_mask_tokens``:

@@ -13,6 +13,7 @@ from torch import nn
 
 from fastmae.checkpoint import model_state_dict
 from fastmae.models.layers import Attention, Block, PatchEmbed
+from fastmae.models.mae import PRESETS
 
 logger = logging.getLogger("fastmae")
 
@@ -108,11 +109,12 @@ class VisionTransformer(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
+# the encoders of the MAE presets, under the original's (timm's) names: vit_base_patch16, ... (the
+# presets' long names, *_dec512d8b, are the same models)
+_ENCODER_KEYS = ("img_size", "patch_size", "embed_dim", "depth", "num_heads")
 ENCODERS: dict[str, dict] = {
-    "vit_base_patch16": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12),
-    "vit_large_patch16": dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16),
-    "vit_huge_patch14": dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16),
-    "vit_tiny_patch4": dict(img_size=32, patch_size=4, embed_dim=192, depth=4, num_heads=3),  # mae_vit_tiny_patch4's
+    name.removeprefix("mae_"): {k: v for k, v in preset.items() if k in _ENCODER_KEYS}
+    for name, preset in PRESETS.items() if not name.endswith("_dec512d8b")
 }
 
 
