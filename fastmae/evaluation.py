@@ -34,7 +34,7 @@ def build_data(args: argparse.Namespace, run: Run, train_mode: str):
         seed=args.seed, num_workers=args.num_workers, pin_memory=args.pin_mem, skip_unreadable=args.skip_unreadable,
         builtin_size=args.builtin_size, **({"num_classes": args.nb_classes} if args.nb_classes else {}),
     )
-    if args.nb_classes and args.nb_classes < len(classes):
+    if args.nb_classes and args.nb_classes < len(classes) and args.data_backend != "synthetic":  # synthetic: labels < nb_classes
         raise ValueError(f"--nb_classes {args.nb_classes} is fewer than the {len(classes)} classes of "
                          f"{args.data_path or 'the built-in shapes'}: labels would fall outside the head")
     logger.info("data: %s, %d classes, %d training steps per epoch per rank", args.data_path or "built-in shapes",

@@ -123,3 +123,18 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.drop_path(self.attn(self.norm1(x)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class AttentionBackendSwitch:
+    """For models: ``attention_backend`` reads and sets the backend of every :class:`Attention`
+    layer at once (None: the default)."""
+
+    @property
+    def attention_backend(self) -> str | None:
+        return next((m.attention_backend for m in self.modules() if isinstance(m, Attention)), None)
+
+    @attention_backend.setter
+    def attention_backend(self, name: str | None) -> None:
+        for m in self.modules():
+            if isinstance(m, Attention):
+                m.attention_backend = name

@@ -14,11 +14,11 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from fastmae import ops
-from fastmae.models.layers import Attention, Block, PatchEmbed
+from fastmae.models.layers import AttentionBackendSwitch, Block, PatchEmbed
 from fastmae.models.pos_embed import get_2d_sincos_pos_embed
 
 
-class MaskedAutoencoderViT(nn.Module):
+class MaskedAutoencoderViT(AttentionBackendSwitch, nn.Module):
     """Masked Autoencoder with a ViT encoder and a lighter ViT decoder.
 
     Args:
@@ -68,7 +68,8 @@ class MaskedAutoencoderViT(nn.Module):
         # fixed sin-cos embedding; a Parameter without grad, as the original, so its key is in the state dict
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim), requires_grad=False)
         self.blocks = nn.ModuleList(
-            [Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer) for _ in range(depth)]
+            [Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer, attention_backend=attention_backend)
+             for _ in range(depth)]
         )
         self.norm = norm_layer(embed_dim)
 
@@ -77,28 +78,17 @@ class MaskedAutoencoderViT(nn.Module):
         self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, decoder_embed_dim), requires_grad=False)
         self.decoder_blocks = nn.ModuleList(
             [
-                Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
+                Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer,
+                      attention_backend=attention_backend)
                 for _ in range(decoder_depth)
             ]
         )
         self.decoder_norm = norm_layer(decoder_embed_dim)
         self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size**2 * in_chans, bias=True)
 
-        self.attention_backend = attention_backend
         self.initialize_weights()
 
     # -- configuration ---------------------------------------------------------------------------
-
-    @property
-    def attention_backend(self) -> str | None:
-        return self._attention_backend
-
-    @attention_backend.setter
-    def attention_backend(self, name: str | None) -> None:
-        self._attention_backend = name
-        for m in self.modules():
-            if isinstance(m, Attention):
-                m.attention_backend = name
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block's activations in the backward instead of keeping them (less memory,

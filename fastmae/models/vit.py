@@ -12,13 +12,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastmae.checkpoint import model_state_dict
-from fastmae.models.layers import Attention, Block, PatchEmbed
+from fastmae.models.layers import AttentionBackendSwitch, Block, PatchEmbed
 from fastmae.models.mae import PRESETS
 
 logger = logging.getLogger("fastmae")
 
 
-class VisionTransformer(nn.Module):
+class VisionTransformer(AttentionBackendSwitch, nn.Module):
     """ViT classifier with the parameter names of timm's (and the original MAE's) ViT.
 
     Args:
@@ -78,16 +78,6 @@ class VisionTransformer(nn.Module):
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-
-    @property
-    def attention_backend(self) -> str | None:
-        return next(m.attention_backend for m in self.modules() if isinstance(m, Attention))
-
-    @attention_backend.setter
-    def attention_backend(self, name: str | None) -> None:
-        for m in self.modules():
-            if isinstance(m, Attention):
-                m.attention_backend = name
 
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed", "cls_token"}
