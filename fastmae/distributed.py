@@ -67,13 +67,18 @@ def init_distributed(device_type: str) -> DistInfo:
     return info
 
 
-def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
-    """Mean over the ranks (a copy; the input is untouched). Identity when not distributed."""
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over the ranks (a copy; the input is untouched). Identity when not distributed."""
     if not (dist.is_available() and dist.is_initialized()):
         return t
     t = t.clone()
     dist.all_reduce(t)
-    return t / dist.get_world_size()
+    return t
+
+
+def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    """Mean over the ranks (a copy; the input is untouched). Identity when not distributed."""
+    return all_reduce_sum(t) / (dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1)
 
 
 def all_gather_objects(obj) -> list:

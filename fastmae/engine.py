@@ -13,7 +13,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from fastmae.distributed import DistInfo, all_reduce_mean
+from fastmae.distributed import DistInfo, all_reduce_mean, all_reduce_sum
 from fastmae.optim import lr_at, set_lr
 
 
@@ -166,7 +166,7 @@ def evaluate(model: nn.Module, loader, *, num_samples: int, device: torch.device
             (nn.functional.cross_entropy(logits, labels, reduction="none").double() * valid).sum(),
             (top5[:, 0].double() * valid).sum(), (top5.any(dim=1).double() * valid).sum(), valid.sum(),
         ])
-    totals = all_reduce_mean(totals) * dist.world_size
+    totals = all_reduce_sum(totals)
     loss, acc1, acc5, count = totals.tolist()
     return {"loss": loss / count, "acc1": 100 * acc1 / count, "acc5": 100 * acc5 / count, "images": round(count)}
 

@@ -11,14 +11,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
 import torch.nn.functional as F
 
 from fastmae.data.augment import MixupCutmix, random_erasing, soft_target_cross_entropy
 from fastmae.evaluation import (
     EpochEvaluation, add_eval_args, build_classifier, build_data, evaluate_checkpoint, log_parameters,
 )
-from fastmae.optim import param_groups_lrd
+from fastmae.optim import build_optimizer, param_groups_lrd
 from fastmae.training import Run, add_common_args, cli_main, fit, logger
 
 
@@ -68,7 +67,8 @@ def main(args: argparse.Namespace) -> dict:
 
     groups = param_groups_lrd(model, args.weight_decay, no_weight_decay_list=model.no_weight_decay(),
                               layer_decay=args.layer_decay)
-    optimizer = torch.optim.AdamW(groups, lr=run.lr(args), fused=run.device.type == "cuda")
+    optimizer, description = build_optimizer("adamw", groups, run.lr(args), run.device.type, betas=(0.9, 0.999))
+    logger.info("optimizer: %s", description)
     mix = MixupCutmix(num_classes, args.mixup, args.cutmix, args.smoothing) if args.mixup > 0 or args.cutmix > 0 else None
     logger.info("mixup %s, cutmix %s, label smoothing %s, random erasing %s, drop path %s, layer decay %s",
                 args.mixup, args.cutmix, args.smoothing, args.reprob, args.drop_path, args.layer_decay)

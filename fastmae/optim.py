@@ -36,13 +36,14 @@ def optimizer_unavailable_reasons(name: str, device_type: str) -> list[str]:
     return reasons
 
 
-def build_optimizer(name: str, param_groups: list[dict], lr: float, device_type: str) -> tuple[torch.optim.Optimizer, str]:
-    """The optimizer ``name`` with the original's betas (0.9, 0.95) and per-group weight decay,
-    and a line saying what it is. An optimizer that cannot run raises and says why."""
+def build_optimizer(name: str, param_groups: list[dict], lr: float, device_type: str,
+                    betas: tuple[float, float] = (0.9, 0.95)) -> tuple[torch.optim.Optimizer, str]:
+    """The optimizer ``name`` with per-group weight decay and the original pretraining's betas (its
+    fine-tuning uses torch's defaults, (0.9, 0.999)), and a line saying what it is. An optimizer
+    that cannot run raises and says why."""
     reasons = optimizer_unavailable_reasons(name, device_type)
     if reasons:
         raise BackendUnavailableError(f"optimizer {name!r} cannot run on {device_type}: {'; '.join(reasons)}")
-    betas = (0.9, 0.95)
     if name == "adamw":
         fused = device_type == "cuda"
         return torch.optim.AdamW(param_groups, lr=lr, betas=betas, fused=fused), \

@@ -21,7 +21,7 @@ from fastmae.checkpoint import (
     link_or_copy, model_state_dict, newest_checkpoint, read_checkpoint, rng_state, save_checkpoint, set_rng_state,
 )
 from fastmae.data import DATA_BACKENDS, UnreadableImageError
-from fastmae.distributed import DistInfo, all_gather_objects, all_reduce_mean, barrier, cleanup, init_distributed
+from fastmae.distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, cleanup, init_distributed
 from fastmae.engine import NonFiniteLossError, Progress, StepConfig, train_one_epoch
 
 logger = logging.getLogger("fastmae")
@@ -269,7 +269,7 @@ def fit(
         progress.close()
         start_batch = 0
         checkpoint(epoch, 0, numbered=epoch % args.save_freq == 0 or epoch + 1 == args.epochs)
-        skipped = all_reduce_mean(torch.tensor(float(loader.files_skipped), device=device)) * dist.world_size
+        skipped = all_reduce_sum(torch.tensor(float(loader.files_skipped), device=device))
         record = {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch,
                   "files_skipped": round(skipped.item()), **after_epoch(epoch, train_model, stats)}
         run.files.append("log.txt", record)
