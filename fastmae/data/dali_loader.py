@@ -124,6 +124,7 @@ class DaliLoader:
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch, self.start_batch = epoch, start_batch
+        self.files_skipped = 0  # replacements in this epoch
 
     @property
     def num_samples(self) -> int:
@@ -207,8 +208,7 @@ class DaliLoader:
                     ) from e
                 for i in bad:
                     logger.warning("skipping %s: unreadable image", self.files[i])
-                self._bad.update(bad)
-                self.files_skipped += len(bad)
+                self._bad.update(bad)  # replaced (and counted) when the pipeline restarts
             finally:
                 del pipe
 
@@ -227,7 +227,9 @@ class DaliLoader:
         order = order.copy()
         for j in np.flatnonzero(np.isin(order, list(self._bad))):
             k = (order[j] + 1) % len(self.files)
+            self.files_skipped += 1  # each unreadable file passed over, as the torchvision loader counts
             while k in self._bad:
                 k = (k + 1) % len(self.files)
+                self.files_skipped += 1
             order[j] = k
         return order

@@ -99,6 +99,7 @@ class TorchvisionLoader:
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch, self.start_batch = epoch, start_batch
+        self.files_skipped = 0  # replacements in this epoch
 
     @property
     def num_samples(self) -> int:
