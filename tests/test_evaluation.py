@@ -53,8 +53,12 @@ def test_lars_step_equals_its_formula():
     torch.testing.assert_close(w.data, torch.tensor([[3.0, 4.0]]) - 0.1 * q * dp)
     torch.testing.assert_close(b.data, torch.tensor([1.0, -1.0]) - 0.1 * torch.tensor([0.5, 0.5]))  # 1-D: plain
     w.grad = torch.tensor([[1.0, 0.0]])
-    opt.step()  # momentum: mu = 0.9 * mu + dp'
-    assert opt.state[w]["mu"].shape == w.shape
+    w1 = w.data.clone()
+    mu = q * dp  # after the first step
+    opt.step()  # momentum: mu = 0.9 * mu + dp', dp' the scaled update at the new weights
+    dp2 = torch.tensor([[1.0, 0.0]]) + 0.1 * w1
+    q2 = 0.001 * w1.norm() / dp2.norm()
+    torch.testing.assert_close(w.data, w1 - 0.1 * (0.9 * mu + q2 * dp2))
 
 
 def test_original_encoder_checkpoint_loads_with_14_to_16_interpolation():
