@@ -1,6 +1,6 @@
-"""One training epoch and one evaluation pass, for every entry point: mixed precision, gradient
-accumulation without needless all-reduces, and no host-device synchronization except where a log
-line or a checkpoint is due."""
+"""One training epoch and one evaluation pass, for every entry point: the learning-rate schedule,
+logs and checkpoints around the training step (:mod:`fastmae.step`), and no host-device
+synchronization except where a log line or a checkpoint is due."""
 from __future__ import annotations
 
 import math
@@ -15,6 +15,7 @@ from torch import nn
 
 from fastmae.distributed import DistInfo, all_reduce_mean, all_reduce_sum
 from fastmae.optim import lr_at, set_lr
+from fastmae.step import TrainStep
 
 
 class NonFiniteLossError(RuntimeError):
@@ -22,44 +23,35 @@ class NonFiniteLossError(RuntimeError):
 
 
 @dataclass
-class StepConfig:
-    """How each training step runs.
+class EpochConfig:
+    """How the epoch loop runs its steps.
 
     Args:
-        accum_iter: micro-batches per optimizer step (gradients all-reduced only on the last one).
         schedule: ``lr_at``'s keyword arguments (lr, min_lr, warmup_epochs, epochs).
-        autocast_dtype: bf16 / fp16 autocast, or None for full precision.
-        clip_grad: max gradient norm, or None.
         print_freq: a log line (and the one host-device sync) every this many batches.
         checkpoint_steps: call ``on_checkpoint`` every this many batches (0: never mid-epoch).
     """
 
-    accum_iter: int
     schedule: dict
-    autocast_dtype: torch.dtype | None = None
-    clip_grad: float | None = None
     print_freq: int = 20
     checkpoint_steps: int = 0
 
 
 def train_one_epoch(
-    model: nn.Module,
+    step: TrainStep,
     loader: Iterable,
-    optimizer: torch.optim.Optimizer,
     epoch: int,
-    cfg: StepConfig,
-    compute_loss: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor],
+    cfg: EpochConfig,
     *,
     device: torch.device,
     steps_per_epoch: int,
     start_batch: int = 0,
-    scaler: torch.amp.GradScaler | None = None,
     dist: DistInfo = DistInfo(),
     log: Callable[[dict], None] = lambda record: None,
     on_checkpoint: Callable[[int, int], None] = lambda epoch, next_batch: None,
 ) -> dict:
-    """Train on ``loader`` (already positioned at ``start_batch`` of ``epoch``); the loss of a batch
-    is ``compute_loss(model, images, labels)``.
+    """Train on ``loader`` (already positioned at ``start_batch`` of ``epoch``) with ``step``
+    (forward, backward, and an update every ``step.accum_iter`` batches).
 
     ``log`` receives a record ``{epoch, batch, loss, lr, images_per_sec, eta_seconds}`` every ``print_freq``
     batches (loss averaged over the batches since the last record and over the ranks); a non-finite
@@ -67,10 +59,8 @@ def train_one_epoch(
     checkpoint is written after the loss went bad. Returns the epoch's mean loss and lr (the
     original's ``train_loss``, ``train_lr``), its images/s (all ranks) and the peak GPU memory.
     """
-    model.train()
-    accum = cfg.accum_iter
-    autocast = torch.autocast(device.type, dtype=cfg.autocast_dtype) if cfg.autocast_dtype else nullcontext()
-    ddp = hasattr(model, "no_sync")  # DistributedDataParallel, compiled or not
+    step.model.train()
+    accum = step.accum_iter
     loss_sum = torch.zeros((), device=device)
     window_sum = torch.zeros((), device=device)
     window = images = window_images = 0
@@ -78,34 +68,15 @@ def train_one_epoch(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = window_start = time.perf_counter()
-    optimizer.zero_grad(set_to_none=True)
+    step.discard_gradients()
     batch = start_batch - 1
     for batch, (imgs, labels) in enumerate(loader, start=start_batch):
         if batch % accum == 0:
             lr = lr_at(epoch + batch / steps_per_epoch, **cfg.schedule)
-            set_lr(optimizer, lr)
+            set_lr(step.optimizer, lr)
         lr_sum += lr
         update = (batch + 1) % accum == 0
-        # DDP all-reduces gradients in backward: only on the micro-batch that ends an accumulation
-        sync = model.no_sync() if ddp and not update else nullcontext()
-        with sync:
-            with autocast:
-                loss = compute_loss(model, imgs, labels)
-            scaled = loss / accum
-            (scaler.scale(scaled) if scaler else scaled).backward()
-        if update:
-            if cfg.clip_grad is not None:
-                if scaler:
-                    scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        loss = loss.detach().float()
+        loss = step(imgs, labels, update)
         loss_sum += loss
         window_sum += loss
         window += 1
@@ -135,7 +106,7 @@ def train_one_epoch(
                            f"(the loader has {steps_per_epoch} per epoch)")
     if (batch + 1) % accum:
         # an incomplete accumulation at the end of the epoch is dropped, as in the original
-        optimizer.zero_grad(set_to_none=True)
+        step.discard_gradients()
     done = batch + 1 - start_batch
     return {
         "loss": all_reduce_mean(loss_sum / done).item(),

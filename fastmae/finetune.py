@@ -18,7 +18,7 @@ from fastmae.evaluation import (
     EpochEvaluation, add_eval_args, build_classifier, build_data, evaluate_checkpoint, log_parameters,
 )
 from fastmae.optim import build_optimizer, param_groups_lrd
-from fastmae.training import Run, add_common_args, cli_main, fit, logger
+from fastmae.training import Run, add_common_args, choose_step_mode, cli_main, fit, logger
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -67,7 +67,7 @@ def main(args: argparse.Namespace) -> dict:
 
     groups = param_groups_lrd(model, args.weight_decay, no_weight_decay_list=model.no_weight_decay(),
                               layer_decay=args.layer_decay)
-    optimizer, description = build_optimizer("adamw", groups, run.lr(args), run.device.type, betas=(0.9, 0.999))
+    optimizer, description = build_optimizer("adamw", groups, run.lr(args), run.device, betas=(0.9, 0.999))
     logger.info("optimizer: %s", description)
     mix = MixupCutmix(num_classes, args.mixup, args.cutmix, args.smoothing) if args.mixup > 0 or args.cutmix > 0 else None
     logger.info("mixup %s, cutmix %s, label smoothing %s, random erasing %s, drop path %s, layer decay %s",
@@ -82,7 +82,7 @@ def main(args: argparse.Namespace) -> dict:
         return F.cross_entropy(m(imgs).float(), labels, label_smoothing=args.smoothing)
 
     return fit(run, args, model, optimizer, train_loader, compute_loss,
-               after_epoch=EpochEvaluation(run, model, val_loader))
+               step_mode=choose_step_mode(args, run, compile_by_default=False, capturable_loss=False), after_epoch=EpochEvaluation(run, model, val_loader))
 
 
 def cli(argv: list[str] | None = None) -> int:

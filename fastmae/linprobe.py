@@ -18,7 +18,7 @@ from fastmae.evaluation import (
     EpochEvaluation, add_eval_args, build_classifier, build_data, evaluate_checkpoint, log_parameters,
 )
 from fastmae.optim import LARS
-from fastmae.training import Run, add_common_args, cli_main, fit
+from fastmae.training import Run, add_common_args, choose_step_mode, cli_main, fit
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -47,6 +47,8 @@ def main(args: argparse.Namespace) -> dict:
         return F.cross_entropy(m(imgs).float(), labels)
 
     return fit(run, args, model, optimizer, train_loader, compute_loss,
+               step_mode=choose_step_mode(args, run, compile_by_default=False, capturable_loss=True,
+                                                 fused_optimizer=False),
                after_epoch=EpochEvaluation(run, model, val_loader))
 
 

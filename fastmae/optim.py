@@ -36,18 +36,26 @@ def optimizer_unavailable_reasons(name: str, device_type: str) -> list[str]:
     return reasons
 
 
-def build_optimizer(name: str, param_groups: list[dict], lr: float, device_type: str,
-                    betas: tuple[float, float] = (0.9, 0.95)) -> tuple[torch.optim.Optimizer, str]:
+def build_optimizer(name: str, param_groups: list[dict], lr: float, device: torch.device,
+                    betas: tuple[float, float] = (0.9, 0.95), *, capturable: bool = False
+                    ) -> tuple[torch.optim.Optimizer, str]:
     """The optimizer ``name`` with per-group weight decay and the original pretraining's betas (its
     fine-tuning uses torch's defaults, (0.9, 0.999)), and a line saying what it is. An optimizer
-    that cannot run raises and says why."""
-    reasons = optimizer_unavailable_reasons(name, device_type)
+    that cannot run raises and says why.
+
+    torch's AdamW is the fused one (one multi-tensor kernel per step, on CUDA and on the CPU).
+    ``capturable``: for a step captured as a CUDA graph, each group's lr is a device tensor that
+    :func:`set_lr` writes in place, and the step count stays on the device."""
+    device = torch.device(device)
+    reasons = optimizer_unavailable_reasons(name, device.type)
     if reasons:
-        raise BackendUnavailableError(f"optimizer {name!r} cannot run on {device_type}: {'; '.join(reasons)}")
+        raise BackendUnavailableError(f"optimizer {name!r} cannot run on {device.type}: {'; '.join(reasons)}")
     if name == "adamw":
-        fused = device_type == "cuda"
-        return torch.optim.AdamW(param_groups, lr=lr, betas=betas, fused=fused), \
-            f"torch AdamW ({'fused' if fused else 'foreach'})"
+        optimizer = torch.optim.AdamW(param_groups, lr=lr, betas=betas, fused=True, capturable=capturable)
+        if capturable:
+            for group in optimizer.param_groups:  # one tensor per group: their lr_scale may differ
+                group["lr"] = torch.tensor(float(group["lr"]), device=device)
+        return optimizer, f"torch AdamW (fused{', capturable, lr on the device' if capturable else ''})"
     cls = _apex_optimizer(OPTIMIZERS[name])
     # weight decay comes from the parameter groups; FusedAdam in AdamW mode (decoupled decay)
     extra = {"adam_w_mode": True} if name == "apex_adam" else {}
@@ -79,8 +87,14 @@ def lr_at(epoch: float, *, lr: float, min_lr: float, warmup_epochs: float, epoch
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """``lr`` (times each group's ``lr_scale``) into every group; a device-tensor lr is written in
+    place (a captured step reads that tensor)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
+        value = lr * group.get("lr_scale", 1.0)
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(value)
+        else:
+            group["lr"] = value
 
 
 def layer_id_for_vit(name: str, num_layers: int) -> int:

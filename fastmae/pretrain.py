@@ -15,7 +15,7 @@ from fastmae.data import build_pretrain_loader
 from fastmae.flops import peak_flops, train_flops_per_image
 from fastmae.models import PRESETS, create_model
 from fastmae.optim import OPTIMIZERS, build_optimizer, param_groups_weight_decay
-from fastmae.training import Run, add_common_args, cli_main, fit, logger
+from fastmae.training import Run, add_common_args, choose_step_mode, cli_main, fit, logger
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -69,8 +69,12 @@ def main(args: argparse.Namespace) -> dict:
     )
     logger.info("data: %s via %s, %d steps per epoch per rank, %d ranks",
                 args.data_path or "built-in shapes", type(loader).__name__, len(loader), dist.world_size)
+    # the loss draws its masks on the device: the step can be captured as a CUDA graph
+    step_mode = choose_step_mode(args, run, compile_by_default=True, capturable_loss=True,
+                                 fused_optimizer=args.optimizer == "adamw")
     optimizer, description = build_optimizer(
-        args.optimizer, param_groups_weight_decay(model, args.weight_decay), run.lr(args), device.type
+        args.optimizer, param_groups_weight_decay(model, args.weight_decay), run.lr(args), device,
+        capturable=step_mode == "graphed",
     )
     logger.info("optimizer: %s", description)
 
@@ -91,7 +95,7 @@ def main(args: argparse.Namespace) -> dict:
     def compute_loss(m, imgs, labels):
         return m(imgs, mask_ratio=args.mask_ratio)[0]
 
-    return fit(run, args, model, optimizer, loader, compute_loss, after_epoch=after_epoch)
+    return fit(run, args, model, optimizer, loader, compute_loss, step_mode=step_mode, after_epoch=after_epoch)
 
 
 def cli(argv: list[str] | None = None) -> int:

@@ -22,7 +22,8 @@ from fastmae.checkpoint import (
 )
 from fastmae.data import DATA_BACKENDS, UnreadableImageError
 from fastmae.distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, cleanup, init_distributed
-from fastmae.engine import NonFiniteLossError, Progress, StepConfig, train_one_epoch
+from fastmae.engine import EpochConfig, NonFiniteLossError, Progress, train_one_epoch
+from fastmae.step import TrainStep, step_mode_unavailable_reasons
 
 logger = logging.getLogger("fastmae")
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
@@ -44,7 +45,12 @@ def add_common_args(p: argparse.ArgumentParser, **defaults) -> None:
     g.add_argument("--clip_grad", default=None, type=float, help="clip the gradient norm to this")
     g.add_argument("--precision", default=None, choices=list(PRECISIONS),
                    help="autocast dtype (fp16 adds a gradient scaler); default: bf16 on CUDA, fp32 on CPU")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the training step (forward, backward; the fused optimizer step). "
+                        "Default: on for pretraining on CUDA, else off")
+    g.add_argument("--cuda_graphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="replay the compiled step as CUDA graphs (one launch per step). Default: on when "
+                        "compiling pretraining on one CUDA device")
     g.add_argument("--attention", default=None, choices=ops.backend_names("attention") + [ops.AUTO],
                    help="attention backend (default: $FASTMAE_ATTENTION, else automatic)")
 
@@ -158,6 +164,33 @@ class Run:
         return args.lr
 
 
+def choose_step_mode(args: argparse.Namespace, run: Run, *, compile_by_default: bool, capturable_loss: bool,
+                     fused_optimizer: bool = True) -> str:
+    """The step mode (:data:`fastmae.step.STEP_MODES`) of ``--compile`` and ``--cuda_graphs``.
+
+    ``compile_by_default``: compile on CUDA unless ``--no-compile`` (pretraining).
+    ``capturable_loss``: the entry point's loss draws its randomness on the device only, so its
+    step can be captured (fine-tuning's mixup draws on the host). Automatic choices fall back
+    quietly and log why; ``--cuda_graphs`` where graphs cannot run is an error that says why."""
+    compile_ = args.compile if args.compile is not None else compile_by_default and run.device.type == "cuda"
+    if not compile_:
+        if args.cuda_graphs:
+            raise ops.BackendUnavailableError("--cuda_graphs replays the compiled step: it needs --compile")
+        return "eager"
+    if args.cuda_graphs is False or (args.cuda_graphs is None and not compile_by_default):
+        return "compiled"
+    reasons = step_mode_unavailable_reasons("graphed", run.device, distributed=run.dist.enabled,
+                                            fused_optimizer=fused_optimizer)
+    if not capturable_loss:
+        reasons.append("the loss draws random numbers on the host (mixup, cutmix)")
+    if not reasons:
+        return "graphed"
+    if args.cuda_graphs:
+        raise ops.BackendUnavailableError(f"--cuda_graphs was requested but cannot run: {'; '.join(reasons)}")
+    logger.info("step: no CUDA graphs (%s)", "; ".join(reasons))
+    return "compiled"
+
+
 def resume_path(args: argparse.Namespace) -> str | None:
     """The checkpoint ``--resume`` names: a path, or with ``auto`` the newest in ``--output_dir``."""
     if args.resume != "auto":
@@ -175,9 +208,11 @@ def load_training_state(path, model, optimizer, scaler, dist: DistInfo, device, 
     ckpt = read_checkpoint(path)
     model.load_state_dict(model_state_dict(ckpt))
     if "optimizer" in ckpt and "epoch" in ckpt:
-        # the saved groups carry the saving run's implementation flags (a CPU run's non-fused AdamW):
-        # keep this run's
-        implementation = [{k: g[k] for k in ("fused", "foreach", "capturable") if k in g} for g in optimizer.param_groups]
+        # the saved groups carry the saving run's implementation flags (a CPU run's non-fused AdamW)
+        # and lr values: keep this run's flags, and its device-tensor lr (a captured step reads it;
+        # the schedule sets its value before the next update)
+        implementation = [{k: g[k] for k in ("fused", "foreach", "capturable") if k in g}
+                          | ({"lr": g["lr"]} if torch.is_tensor(g["lr"]) else {}) for g in optimizer.param_groups]
         optimizer.load_state_dict(ckpt["optimizer"])
         for group, flags in zip(optimizer.param_groups, implementation):
             group.update(flags)
@@ -203,6 +238,16 @@ def load_training_state(path, model, optimizer, scaler, dist: DistInfo, device, 
     return position["epoch"], position["batch"]
 
 
+def portable_state_dict(optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer's state dict with plain-float learning rates (a captured step keeps them in
+    device tensors), as the original's checkpoints hold them."""
+    state = optimizer.state_dict()
+    for group in state["param_groups"]:
+        if torch.is_tensor(group["lr"]):
+            group["lr"] = group["lr"].item()
+    return state
+
+
 def fit(
     run: Run,
     args: argparse.Namespace,
@@ -211,10 +256,11 @@ def fit(
     loader,
     compute_loss: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor],
     *,
+    step_mode: str = "eager",
     after_epoch: Callable[[int, nn.Module, dict], dict] = lambda epoch, train_model, stats: {},
 ) -> dict:
     """Train ``model`` for ``args.epochs`` epochs from where ``args.resume`` left off: DDP across
-    the ranks, ``torch.compile`` with ``--compile``; a checkpoint (atomic) at every epoch end and
+    the ranks, the training step run as ``step_mode`` says (:func:`choose_step_mode`); a checkpoint (atomic) at every epoch end and
     every ``--checkpoint_steps`` batches; ``log.txt`` gets the epoch's ``train_*`` figures and what
     ``after_epoch(epoch, train_model)`` returns (evaluation, pictures). Returns the last record."""
     dist, device = run.dist, run.device
@@ -229,17 +275,22 @@ def fit(
     train_model = model
     if dist.enabled:
         train_model = nn.parallel.DistributedDataParallel(model, device_ids=[dist.local_rank] if device.type == "cuda" else None)
-    if args.compile:
-        train_model = torch.compile(train_model)
-    cfg = StepConfig(accum_iter=args.accum_iter, autocast_dtype=run.autocast_dtype, clip_grad=args.clip_grad,
-                     schedule=dict(lr=args.lr, min_lr=args.min_lr, warmup_epochs=args.warmup_epochs, epochs=args.epochs),
-                     print_freq=args.print_freq, checkpoint_steps=args.checkpoint_steps)
+    if step_mode != "eager":
+        # Inductor's cache beside the checkpoints: a restart or a resume, on this node or another,
+        # reads the compiled kernels instead of compiling them again
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(args.output_dir, "torch_compile_cache"))
+        logger.info("torch.compile cache: %s", os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    step = TrainStep(train_model, optimizer, compute_loss, accum_iter=args.accum_iter, autocast_dtype=run.autocast_dtype,
+                     clip_grad=args.clip_grad, scaler=run.scaler, mode=step_mode)
+    logger.info("step: %s", step.describe())
+    cfg = EpochConfig(schedule=dict(lr=args.lr, min_lr=args.min_lr, warmup_epochs=args.warmup_epochs, epochs=args.epochs),
+                      print_freq=args.print_freq, checkpoint_steps=args.checkpoint_steps)
 
     def checkpoint(epoch: int, next_batch: int, numbered: bool = False) -> None:
         # every rank's random state, so that a resumed run draws the same masks and mixes
         rngs = all_gather_objects({k: v.cpu() for k, v in rng_state(device).items()})
         if dist.is_main:
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            state = {"model": model.state_dict(), "optimizer": portable_state_dict(optimizer),
                      "scaler": run.scaler.state_dict() if run.scaler else None,
                      "epoch": epoch if next_batch == 0 else epoch - 1,  # the original's: last finished epoch
                      "data_position": {"epoch": epoch + 1 if next_batch == 0 else epoch, "batch": next_batch, **layout},
@@ -263,9 +314,8 @@ def fit(
             run.files.scalars({k: step_record[k] for k in ("loss", "lr", "images_per_sec")},
                               epoch * steps_per_epoch + step_record["batch"])
 
-        stats = train_one_epoch(train_model, loader, optimizer, epoch, cfg, compute_loss, device=device,
-                                steps_per_epoch=steps_per_epoch, start_batch=start_batch, scaler=run.scaler,
-                                dist=dist, log=log, on_checkpoint=checkpoint)
+        stats = train_one_epoch(step, loader, epoch, cfg, device=device, steps_per_epoch=steps_per_epoch,
+                                start_batch=start_batch, dist=dist, log=log, on_checkpoint=checkpoint)
         progress.close()
         start_batch = 0
         checkpoint(epoch, 0, numbered=epoch % args.save_freq == 0 or epoch + 1 == args.epochs)

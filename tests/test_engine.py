@@ -1,5 +1,5 @@
-"""The training step: distributed data parallel and gradient accumulation compute the same update
-as one process with the whole batch; FLOP counts; the reconstruction picture."""
+"""The epoch loop: distributed data parallel and gradient accumulation compute the same update as one
+process with the whole batch, eager and compiled; FLOP counts; the reconstruction picture."""
 import os
 import socket
 
@@ -13,10 +13,11 @@ from fastmae import ops
 from fastmae.data import TorchvisionLoader, pretrain_transform
 from fastmae.data.shapes import ShapesDataset
 from fastmae.distributed import cleanup, init_distributed
-from fastmae.engine import StepConfig, train_one_epoch
+from fastmae.engine import EpochConfig, train_one_epoch
 from fastmae.flops import mae_forward_flops, peak_flops_of
 from fastmae.models import MaskedAutoencoderViT, create_model
 from fastmae.optim import param_groups_weight_decay
+from fastmae.step import TrainStep
 from fastmae.visualize import reconstruction_grid
 
 IMAGES, BATCH = 32, 4
@@ -30,7 +31,7 @@ class SampleNoiseMAE(MaskedAutoencoderViT):
         return super().forward(imgs, mask_ratio, ops.patchify(imgs, self.patch_size).float().sum(-1))
 
 
-def train(rank: int, world_size: int, batch_size: int, accum_iter: int, out: str, port: int) -> None:
+def train(rank: int, world_size: int, batch_size: int, accum_iter: int, out: str, port: int, mode: str = "eager") -> None:
     if world_size > 1:  # a spawned process of its own
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -46,12 +47,15 @@ def train(rank: int, world_size: int, batch_size: int, accum_iter: int, out: str
     loader = TorchvisionLoader(ShapesDataset(IMAGES, image_size=40, transform=pretrain_transform(32)),
                                batch_size=batch_size, device=torch.device("cpu"), rank=dist.rank,
                                world_size=dist.world_size, seed=1, num_workers=0)
-    cfg = StepConfig(accum_iter=accum_iter, schedule=dict(lr=0.1, min_lr=0, warmup_epochs=0, epochs=2), print_freq=1)
+    # aot_eager: the compiled step's graphs (DDP's split at its buckets) without Inductor's code generation
+    step = TrainStep(step_model, optimizer, lambda m, x, y: m(x)[0], accum_iter=accum_iter, mode=mode,
+                     compile_backend="aot_eager")
+    cfg = EpochConfig(schedule=dict(lr=0.1, min_lr=0, warmup_epochs=0, epochs=2), print_freq=1)
     losses = []
     for epoch in range(2):
         loader.set_epoch(epoch)
-        train_one_epoch(step_model, loader, optimizer, epoch, cfg, lambda m, x, y: m(x)[0], device=torch.device("cpu"),
-                        steps_per_epoch=len(loader), dist=dist, log=lambda r: losses.append(r["loss"]))
+        train_one_epoch(step, loader, epoch, cfg, device=torch.device("cpu"), steps_per_epoch=len(loader), dist=dist,
+                        log=lambda r: losses.append(r["loss"]))
     if dist.is_main:
         torch.save({"params": [p.detach() for p in model.parameters()], "losses": losses}, out)
     cleanup()
@@ -63,12 +67,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(tmp_path, world_size, batch_size, accum_iter):
-    out = str(tmp_path / f"w{world_size}b{batch_size}a{accum_iter}.pt")
+def run(tmp_path, world_size, batch_size, accum_iter, mode="eager"):
+    out = str(tmp_path / f"w{world_size}b{batch_size}a{accum_iter}{mode}.pt")
     if world_size == 1:
-        train(0, 1, batch_size, accum_iter, out, 0)
+        train(0, 1, batch_size, accum_iter, out, 0, mode)
     else:
-        mp.spawn(train, args=(world_size, batch_size, accum_iter, out, free_port()), nprocs=world_size)
+        mp.spawn(train, args=(world_size, batch_size, accum_iter, out, free_port(), mode), nprocs=world_size)
     return torch.load(out)
 
 
@@ -82,15 +86,17 @@ def assert_same_training(got, want):
         torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-4)
 
 
-def test_two_process_ddp_equals_one_process_with_the_doubled_batch(tmp_path, whole_batch):
-    ddp = run(tmp_path, 2, BATCH, 1)
+@pytest.mark.parametrize("mode", ["eager", "compiled"])
+def test_two_process_ddp_equals_one_process_with_the_doubled_batch(tmp_path, whole_batch, mode):
+    ddp = run(tmp_path, 2, BATCH, 1, mode)
     # the logged loss is the mean over ranks of each rank's batch mean: the whole batch's mean
     np.testing.assert_allclose(ddp["losses"], whole_batch["losses"], rtol=1e-5)
     assert_same_training(ddp, whole_batch)
 
 
-def test_accumulating_two_micro_batches_equals_the_doubled_batch(tmp_path, whole_batch):
-    accum = run(tmp_path, 1, BATCH, 2)
+@pytest.mark.parametrize("mode", ["eager", "compiled"])
+def test_accumulating_two_micro_batches_equals_the_doubled_batch(tmp_path, whole_batch, mode):
+    accum = run(tmp_path, 1, BATCH, 2, mode)
     assert_same_training(accum, whole_batch)
 
 

@@ -128,3 +128,20 @@ def test_a_mid_epoch_position_in_other_batches_restarts_the_epoch(tmp_path, capl
     assert resume(batch_size=16, steps_per_epoch=3) == (3, 0)
     assert "batch_size 8 (now 16)" in caplog.text
     assert resume(accum_iter=2) == (3, 0)
+
+
+def test_compiled_run_killed_and_resumed_equals_uninterrupted(folder, tmp_path, monkeypatch, uninterrupted):
+    """The compiled step (``--compile``) resumes exactly too, and computes the eager run's losses."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))  # compiled once for the three runs
+    whole = tmp_path / "whole"
+    assert cli(args(folder, whole, "--compile")) == 0
+    compiled = step_losses(whole)
+    assert compiled.keys() == uninterrupted.keys()
+    for key, loss in compiled.items():
+        assert loss == pytest.approx(uninterrupted[key], rel=1e-5), key
+
+    part = tmp_path / "part"
+    extra = ["--compile", "--checkpoint_steps", "2"]
+    assert kill_after(start(args(folder, part, *extra)), part, records=9)
+    assert cli(args(folder, part, *extra, "--resume", "auto")) == 0
+    assert step_losses(part) == compiled
