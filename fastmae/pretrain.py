@@ -9,11 +9,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import dataclass
+
+import torch
 
 from fastmae import ops
 from fastmae.data import build_pretrain_loader
 from fastmae.flops import peak_flops, train_flops_per_image
-from fastmae.models import PRESETS, create_model
+from fastmae.models import PRESETS, MaskedAutoencoderViT, create_model
 from fastmae.optim import OPTIMIZERS, build_optimizer, param_groups_weight_decay
 from fastmae.training import Run, add_common_args, choose_step_mode, cli_main, fit, logger
 
@@ -45,7 +48,23 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error(f"--mask_ratio must be in [0, 1), got {args.mask_ratio}")
 
 
-def main(args: argparse.Namespace) -> dict:
+@dataclass
+class Pretraining:
+    """What a pretraining run is made of (built by :func:`build`; :func:`main` trains it,
+    ``python -m fastmae.profile`` profiles its step)."""
+
+    run: Run
+    model: MaskedAutoencoderViT
+    loader: object
+    optimizer: torch.optim.Optimizer
+    step_mode: str
+    mask_ratio: float
+
+    def compute_loss(self, model, imgs, labels):
+        return model(imgs, mask_ratio=self.mask_ratio)[0]
+
+
+def build(args: argparse.Namespace) -> Pretraining:
     run = Run(args)
     device, dist = run.device, run.dist
     model = create_model(args.model, norm_pix_loss=args.norm_pix_loss, norm_backend=args.norm,
@@ -77,12 +96,17 @@ def main(args: argparse.Namespace) -> dict:
         capturable=step_mode == "graphed",
     )
     logger.info("optimizer: %s", description)
+    return Pretraining(run, model, loader, optimizer, step_mode, args.mask_ratio)
 
-    flops, peak = train_flops_per_image(model, args.mask_ratio), peak_flops(device)
+
+def main(args: argparse.Namespace) -> dict:
+    job = build(args)
+    run, model, loader = job.run, job.model, job.loader
+    flops, peak = train_flops_per_image(model, args.mask_ratio), peak_flops(run.device)
     vis_batch = []
 
     def after_epoch(epoch: int, train_model, stats: dict) -> dict:
-        if args.vis_freq and (epoch % args.vis_freq == 0 or epoch + 1 == args.epochs) and dist.is_main:
+        if args.vis_freq and (epoch % args.vis_freq == 0 or epoch + 1 == args.epochs) and run.dist.is_main:
             from fastmae.visualize import save_reconstructions
 
             if not vis_batch:
@@ -90,12 +114,10 @@ def main(args: argparse.Namespace) -> dict:
             save_reconstructions(model, vis_batch[0], args.mask_ratio,
                                  os.path.join(args.output_dir, f"reconstruction-{epoch}.png"))
         # model FLOPs utilization: the closed-form FLOPs of the images trained, against the GPUs' peak
-        return {"mfu": stats["images_per_sec"] * flops / (peak * dist.world_size) if peak else None}
+        return {"mfu": stats["images_per_sec"] * flops / (peak * run.dist.world_size) if peak else None}
 
-    def compute_loss(m, imgs, labels):
-        return m(imgs, mask_ratio=args.mask_ratio)[0]
-
-    return fit(run, args, model, optimizer, loader, compute_loss, step_mode=step_mode, after_epoch=after_epoch)
+    return fit(run, args, model, job.optimizer, loader, job.compute_loss, step_mode=job.step_mode,
+               after_epoch=after_epoch)
 
 
 def cli(argv: list[str] | None = None) -> int:

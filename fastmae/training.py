@@ -248,6 +248,25 @@ def portable_state_dict(optimizer: torch.optim.Optimizer) -> dict:
     return state
 
 
+def build_step(run: Run, args: argparse.Namespace, model: nn.Module, optimizer: torch.optim.Optimizer,
+               compute_loss: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor], step_mode: str) -> TrainStep:
+    """The training step of ``model`` (DDP across the ranks) in ``step_mode``, with the run's
+    precision, accumulation and clipping. Checkpoints keep holding the plain model's state dict."""
+    train_model = model
+    if run.dist.enabled:
+        device_ids = [run.dist.local_rank] if run.device.type == "cuda" else None
+        train_model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    if step_mode != "eager":
+        # Inductor's cache beside the checkpoints: a restart or a resume, on this node or another,
+        # reads the compiled kernels instead of compiling them again
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(args.output_dir, "torch_compile_cache"))
+        logger.info("torch.compile cache: %s", os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    step = TrainStep(train_model, optimizer, compute_loss, accum_iter=args.accum_iter, autocast_dtype=run.autocast_dtype,
+                     clip_grad=args.clip_grad, scaler=run.scaler, mode=step_mode)
+    logger.info("step: %s", step.describe())
+    return step
+
+
 def fit(
     run: Run,
     args: argparse.Namespace,
@@ -271,18 +290,7 @@ def fit(
     if resume:
         start_epoch, start_batch = load_training_state(resume, model, optimizer, run.scaler, dist, device, layout)
 
-    # the step runs the distributed / compiled module; checkpoints hold the plain one's state dict
-    train_model = model
-    if dist.enabled:
-        train_model = nn.parallel.DistributedDataParallel(model, device_ids=[dist.local_rank] if device.type == "cuda" else None)
-    if step_mode != "eager":
-        # Inductor's cache beside the checkpoints: a restart or a resume, on this node or another,
-        # reads the compiled kernels instead of compiling them again
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(args.output_dir, "torch_compile_cache"))
-        logger.info("torch.compile cache: %s", os.environ["TORCHINDUCTOR_CACHE_DIR"])
-    step = TrainStep(train_model, optimizer, compute_loss, accum_iter=args.accum_iter, autocast_dtype=run.autocast_dtype,
-                     clip_grad=args.clip_grad, scaler=run.scaler, mode=step_mode)
-    logger.info("step: %s", step.describe())
+    step = build_step(run, args, model, optimizer, compute_loss, step_mode)
     cfg = EpochConfig(schedule=dict(lr=args.lr, min_lr=args.min_lr, warmup_epochs=args.warmup_epochs, epochs=args.epochs),
                       print_freq=args.print_freq, checkpoint_steps=args.checkpoint_steps)
 
@@ -321,7 +329,7 @@ def fit(
         checkpoint(epoch, 0, numbered=epoch % args.save_freq == 0 or epoch + 1 == args.epochs)
         skipped = all_reduce_sum(torch.tensor(float(loader.files_skipped), device=device))
         record = {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch,
-                  "files_skipped": round(skipped.item()), **after_epoch(epoch, train_model, stats)}
+                  "files_skipped": round(skipped.item()), **after_epoch(epoch, step.model, stats)}
         run.files.append("log.txt", record)
         run.files.scalars(record, epoch)
         logger.info("epoch %d: %s", epoch, ", ".join(f"{k} {v:.4g}" for k, v in record.items()
