@@ -3,7 +3,9 @@ accumulation, gradient clipping and the optimizer update.
 
 Three ways to run the same step (``STEP_MODES``):
 
-- ``eager``: PyTorch op by op, the reference the other two are tested against.
+- ``eager``: PyTorch op by op, the reference the other two are tested against. Under autocast its
+  matmuls take low-precision working copies of their weights, refreshed after each update
+  (:class:`fastmae.models.working_copies.WorkingCopies`), instead of casting them at every call.
 - ``compiled``: the model through ``torch.compile`` (Inductor fuses the forward's and the
   backward's elementwise work, casts included, into few kernels); gradient clipping and the fused
   AdamW update are single multi-tensor kernels.
@@ -29,6 +31,8 @@ from typing import Callable
 
 import torch
 from torch import nn
+
+from fastmae.models.working_copies import WorkingCopies
 
 logger = logging.getLogger("fastmae")
 
@@ -104,7 +108,12 @@ class TrainStep:
         # fallback_random: Inductor draws random numbers with torch's own generator, so the compiled
         # step masks the same patches as the eager one (and as a resumed run from the saved state)
         options = {"fallback_random": True} if compile_backend == "inductor" else None
-        self.step_model = model if mode == "eager" else torch.compile(model, backend=compile_backend, options=options)
+        # dynamic=False: one static shape, as the captured graphs want (a batch of another shape runs
+        # eagerly instead of compiling a dynamic-shape graph)
+        self.step_model = model if mode == "eager" else torch.compile(model, backend=compile_backend, options=options,
+                                                                      dynamic=False)
+        module = model.module if self.ddp else model
+        self.working_copies = WorkingCopies(module, autocast_dtype) if mode == "eager" and autocast_dtype else None
         self.first_call = True
         # graphed mode: the captured graphs by `update`, their static inputs and loss
         self.graphs: dict[bool, torch.cuda.CUDAGraph] = {}
@@ -138,7 +147,7 @@ class TrainStep:
         # DDP all-reduces gradients in backward: only on the micro-batch that ends an accumulation
         sync = self.model.no_sync() if self.ddp and not update else nullcontext()
         with sync:
-            with self.autocast():
+            with self.autocast(), self.working_copies.enabled() if self.working_copies else nullcontext():
                 loss = self.compute_loss(model, imgs, labels)
             scaled = loss / self.accum_iter if self.accum_iter > 1 else loss
             (self.scaler.scale(scaled) if self.scaler else scaled).backward()
@@ -153,6 +162,8 @@ class TrainStep:
             else:
                 self.optimizer.step()
             self._zero_grad()
+            if self.working_copies:
+                self.working_copies.refresh()
         return loss.detach().float()
 
     def _zero_grad(self) -> None:

@@ -1,4 +1,5 @@
-"""The ``triton`` kernel backend of :mod:`fastmae.ops`: fused Triton kernels for MAE's hot paths.
+"""The ``triton`` kernel backend of :mod:`fastmae.ops`: fused Triton kernels for MAE's hot paths and
+for the transformer block's elementwise work.
 
 Each op is registered with ``torch.library`` (``custom_op`` + ``register_fake`` +
 ``register_autograd``) so that ``torch.compile`` traces the model through them without graph breaks.
@@ -8,6 +9,8 @@ set before fastmae is imported), which is how they are tested without a GPU.
 from __future__ import annotations
 
 from fastmae.kernels._launch import INTERPRET
+from fastmae.kernels.add_layer_norm import add_layer_norm
+from fastmae.kernels.bias_gelu import bias_gelu_op as bias_gelu
 from fastmae.kernels.gather_visible import gather_patches_op, gather_visible_backward_op, gather_visible_op
 from fastmae.kernels.masked_pixel_loss import masked_pixel_loss_op
 from fastmae.kernels.random_masking import random_masking_op
@@ -26,6 +29,9 @@ gather_visible = _backend.gather_visible
 embed_visible_patches = _backend.embed_visible_patches
 unshuffle_with_mask_token = _backend.unshuffle_with_mask_token
 masked_pixel_loss = _backend.masked_pixel_loss
+# the transformer block's residual add + LayerNorm and bias + GELU, fused (the model uses them in eager
+# steps: a compiled step lets Inductor fuse the reference's ops itself)
+FUSES_LAYERS = True
 
 
 def unavailable_reasons(device_type: str) -> list[str]:

@@ -13,7 +13,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from fastmae.kernels import gather_visible, masked_pixel_loss, random_masking, unshuffle  # noqa: E402
+from fastmae.kernels import add_layer_norm, bias_gelu, gather_visible, masked_pixel_loss, random_masking, unshuffle  # noqa: E402
 
 ROWS = dict(n_rows="i32", K="i32", L="i32", D="i32", tiles_per_program="i32")
 
@@ -47,6 +47,21 @@ CASES = [
       for pred, img, acc, patch, norm_pix, grad in [
           ("bf16", "fp32", "fp32", 16, True, True), ("bf16", "fp32", "fp32", 14, False, False),
           ("fp16", "bf16", "fp32", 16, True, True), ("fp64", "fp64", "fp64", 16, True, True)]],
+    *[(add_layer_norm._add_layer_norm_fwd,
+       dict(x_ptr="*fp32", branch_ptr=f"*{branch}", w_ptr="*fp32", b_ptr="*fp32", h_ptr="*fp32", y_ptr=f"*{y}",
+            mean_ptr="*fp32", rstd_ptr="*fp32", n_rows="i32", D="i32", eps="fp32", tiles_per_program="i32"),
+       dict(HAS_BRANCH=True, HAS_W=True, HAS_B=True, FP64=False, BLOCK_R=4, BLOCK_W=1024), 8)
+      for branch, y in [("bf16", "bf16"), ("fp32", "fp32")]],
+    (add_layer_norm._add_layer_norm_bwd,
+     dict(dy_ptr="*bf16", dh_ptr="*fp32", h_ptr="*fp32", w_ptr="*fp32", mean_ptr="*fp32", rstd_ptr="*fp32",
+          dx_ptr="*fp32", dbranch_ptr="*bf16", dw_partial_ptr="*fp32", db_partial_ptr="*fp32", n_rows="i32", D="i32",
+          tiles_per_program="i32"),
+     dict(HAS_DH=True, HAS_BRANCH=True, HAS_W=True, FP64=False, BLOCK_R=4, BLOCK_W=1024), 8),
+    (bias_gelu._bias_gelu_fwd, dict(x_ptr="*bf16", b_ptr="*fp32", y_ptr="*bf16", n_rows="i32", D="i32",
+                                    tiles_per_program="i32"), dict(FP64=False, BLOCK_R=1, BLOCK_W=4096), 8),
+    (bias_gelu._bias_gelu_bwd, dict(dy_ptr="*bf16", x_ptr="*bf16", b_ptr="*fp32", dx_ptr="*bf16", db_partial_ptr="*fp32",
+                                    n_rows="i32", D="i32", tiles_per_program="i32"),
+     dict(FP64=False, BLOCK_R=1, BLOCK_W=4096), 8),
 ]
 
 

@@ -36,10 +36,18 @@ def opcheck_cases():
         (f.unshuffle_with_mask_token_backward.default, (torch.randn(n, L + 1, d), ids_restore, 1 + k, torch.float32)),
         (f.masked_pixel_loss.default, (pred, imgs, mask, 4, True, True)),
         (f.masked_pixel_loss.default, (pred.detach(), imgs, mask, 4, False, False)),
+        (f.add_layer_norm.default, (x, torch.randn(n, L, d, dtype=torch.bfloat16, requires_grad=True),
+                                    torch.randn(d, requires_grad=True), torch.randn(d, requires_grad=True), 1e-6, None)),
+        (f.add_layer_norm.default, (x, None, torch.randn(d, requires_grad=True), None, 1e-6, torch.bfloat16)),
+        (f.add_layer_norm_backward.default, (torch.randn(n, L, d), torch.randn(n, L, d), torch.randn(n, L, d),
+                                             torch.randn(d), torch.randn(n, L), torch.rand(n, L), torch.float32,
+                                             torch.bfloat16)),
+        (f.bias_gelu.default, (torch.randn(n, L, d, requires_grad=True), torch.randn(d, requires_grad=True))),
+        (f.bias_gelu_backward.default, (torch.randn(n, L, d), torch.randn(n, L, d, dtype=torch.bfloat16), torch.randn(d))),
     ]
 
 
-OPCHECK_CASES = 9  # len(opcheck_cases()), written out: collecting must not need the Triton ops
+OPCHECK_CASES = 14  # len(opcheck_cases()), written out: collecting must not need the Triton ops
 
 
 @pytest.mark.parametrize("case", range(OPCHECK_CASES))

@@ -216,6 +216,57 @@ def test_masked_pixel_loss(backend, dtype, img_dtype, n, c, p, h, w, norm_pix):
         assert_close(g, wg, backward=True)
 
 
+@pytest.mark.parametrize("dtype,branch_dtype", [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),
+                                                (torch.bfloat16, torch.bfloat16), (torch.float32, None)])
+@pytest.mark.parametrize("shape", [(3, 17, 40), (2, 5, 768), (1, 3, 1000)])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_add_layer_norm(backend, dtype, branch_dtype, shape, autocast):
+    d = shape[-1]
+    x = torch.randn(shape, dtype=dtype, requires_grad=True)
+    branch = torch.randn(shape, dtype=branch_dtype, requires_grad=True) if branch_dtype else None
+    weight, bias = torch.randn(d, requires_grad=True), torch.randn(d, requires_grad=True)
+    device_type = x.device.type
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
+        h, y = ops.add_layer_norm(x, branch, weight, bias, 1e-6, backend=backend)
+        wh, wy = reference.add_layer_norm(x, branch, weight, bias, 1e-6, torch.bfloat16 if autocast else None)
+    assert h.dtype == wh.dtype and y.dtype == wy.dtype == (torch.bfloat16 if autocast else wh.dtype)
+    if branch is None:
+        assert h is x
+    assert_close(h, wh)
+    assert_close(y, wy)
+    # the residual's gradient comes from the next block (dh) and from the norm (dy)
+    dh, dy = torch.randn_like(wh), torch.randn_like(wy)
+    inputs = [t for t in (x, branch, weight, bias) if t is not None]
+    outputs = (h, y) if branch is not None else (y,)
+    grads = (dh, dy) if branch is not None else (dy,)
+    want_outputs = (wh, wy) if branch is not None else (wy,)
+    # the parameters' fp32 gradients sum bf16 activations: compared at the activations' precision
+    low = torch.bfloat16 if torch.bfloat16 in (dtype, branch_dtype) else torch.float32
+    for g, w in zip(torch.autograd.grad(outputs, inputs, grads), torch.autograd.grad(want_outputs, inputs, grads)):
+        assert g.dtype == w.dtype
+        assert_close((g / w.abs().max()).to(low), (w / w.abs().max()).to(low), backward=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(3, 17, 40), (2, 5, 3072), (1, 130)])
+def test_bias_gelu(backend, dtype, shape):
+    x = (3 * torch.randn(shape)).to(dtype).requires_grad_()
+    bias = torch.randn(shape[-1], requires_grad=True)
+    got = ops.bias_gelu(x, bias, backend=backend)
+    want = reference.bias_gelu(x, bias.to(dtype))  # the op takes the bias in x's precision
+    assert got.dtype == want.dtype == dtype
+    assert_close(got, want)
+    dy = torch.randn_like(want)
+    for g, w in zip(torch.autograd.grad(got, (x, bias), dy), torch.autograd.grad(want, (x, bias), dy)):
+        assert g.dtype == w.dtype
+        assert_close(g / w.abs().max(), w / w.abs().max(), backward=True)
+
+
+def test_reference_bias_gelu_is_the_mlps_activation():
+    x, bias = torch.randn(4, 9, dtype=torch.float64), torch.randn(9, dtype=torch.float64)
+    torch.testing.assert_close(reference.bias_gelu(x, bias), torch.nn.GELU()(x + bias))
+
+
 def test_gradcheck_float64(backend):
     n, L, d, k = 2, 8, 3, 3
     _, ids_keep, ids_restore, mask = masking_inputs(n, L, k)
@@ -233,6 +284,10 @@ def test_gradcheck_float64(backend):
     for norm_pix in (False, True):
         f = lambda pr: ops.masked_pixel_loss(pr, imgs, m, 2, norm_pix, backend=backend)  # noqa: E731
         assert torch.autograd.gradcheck(f, (pred,))
+    x, branch = (torch.randn(3, 6, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    w, b = (torch.randn(6, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    assert torch.autograd.gradcheck(lambda *a: ops.add_layer_norm(*a, 1e-5, backend=backend), (x, branch, w, b))
+    assert torch.autograd.gradcheck(lambda x, b: ops.bias_gelu(x, b, backend=backend), (x, w))
 
 
 def test_deterministic(backend):
@@ -279,6 +334,9 @@ def test_deterministic(backend):
         (lambda: ops.unshuffle_with_mask_token(torch.randn(2, 3, 4), torch.zeros(2, 8, dtype=torch.long), torch.randn(4, device="meta")), "mask_token is on meta"),
         (lambda: ops.masked_pixel_loss(torch.randn(1, 4, 48), torch.randn(1, 3, 8, 8, device="meta"), torch.ones(1, 4), 4, False), "imgs is on meta"),
         (lambda: ops.embed_visible_patches(torch.randn(1, 3, 8, 8), torch.zeros(1, 2, dtype=torch.long), torch.randn(4, 3, 4, 4, device="meta"), None), "weight is on meta"),
+        (lambda: ops.add_layer_norm(torch.randn(2, 8), torch.randn(2, 7), None, None, 1e-6), "branch must be"),
+        (lambda: ops.add_layer_norm(torch.randn(2, 8), None, torch.randn(7), None, 1e-6), "weight must be"),
+        (lambda: ops.bias_gelu(torch.randn(2, 8), torch.randn(9)), "bias must be"),
     ],
 )
 def test_bad_input_is_named(call, message):

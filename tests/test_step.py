@@ -134,3 +134,59 @@ def test_graphed_step_never_synchronizes():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert len(step.graphs) == 1
+
+
+def eager_bf16_steps(kernels, *, working_copies, updates=2, accum_iter=2):
+    torch.manual_seed(0)
+    model = tiny_mae(kernel_backend=kernels)
+    optimizer, _ = build_optimizer("adamw", param_groups_weight_decay(model, 0.05), 1e-3, torch.device("cpu"))
+    step = TrainStep(model, optimizer, pretrain_loss, accum_iter=accum_iter, autocast_dtype=torch.bfloat16)
+    assert step.working_copies is not None
+    if not working_copies:
+        step.working_copies.remove()
+        step.working_copies = None
+    data = torch.Generator().manual_seed(1)
+    labels = torch.zeros(BATCH, dtype=torch.long)
+    torch.manual_seed(2)
+    losses = [step(torch.randn(BATCH, 3, 32, 32, generator=data), labels, update=(i + 1) % accum_iter == 0)
+              for i in range(updates * accum_iter)]
+    return torch.stack(losses), [p.detach().clone() for p in model.parameters()], model, step
+
+
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+def test_working_copies_compute_what_autocast_computes(kernels):
+    """bf16 working copies refreshed after each update, instead of autocast's casts at every call:
+    the same bf16 weights, the same fp32 gradients (accumulated in fp32), bit for bit."""
+    losses, params, _, _ = eager_bf16_steps(kernels, working_copies=True)
+    want_losses, want_params, _, _ = eager_bf16_steps(kernels, working_copies=False)
+    assert torch.equal(losses, want_losses)
+    for p, w in zip(params, want_params):
+        assert torch.equal(p, w)
+
+
+class CountCasts(TorchDispatchMode):
+    """The casts of the given tensors (by storage)."""
+
+    def __init__(self, tensors):
+        super().__init__()
+        self.ptrs, self.casts = {t.data_ptr() for t in tensors}, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func == aten._to_copy.default and args[0].data_ptr() in self.ptrs:
+            self.casts += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+def test_working_copies_leave_no_weight_cast_in_the_step(kernels):
+    _, _, model, step = eager_bf16_steps(kernels, working_copies=True, updates=1, accum_iter=1)
+    weights = [p for p in model.parameters() if p.dim() > 1 and p.shape[0] > 1]  # the matmuls' (and more)
+    imgs, labels = torch.randn(BATCH, 3, 32, 32), torch.zeros(BATCH, dtype=torch.long)
+    with CountCasts(weights) as counter:
+        step(imgs, labels, update=True)
+    assert counter.casts == 0
+    step.working_copies.remove()
+    step.working_copies = None
+    with CountCasts(weights) as counter:
+        step(imgs, labels, update=True)
+    assert counter.casts == sum(isinstance(m, torch.nn.Linear) for m in model.modules()) + 1  # + the patch embedding

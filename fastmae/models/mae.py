@@ -11,10 +11,8 @@ from functools import partial
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
-
 from fastmae import ops
-from fastmae.models.layers import AttentionBackendSwitch, Block, PatchEmbed
+from fastmae.models.layers import AttentionBackendSwitch, Block, Linear, PatchEmbed, run_blocks
 from fastmae.models.pos_embed import get_2d_sincos_pos_embed
 
 
@@ -73,7 +71,7 @@ class MaskedAutoencoderViT(AttentionBackendSwitch, nn.Module):
         )
         self.norm = norm_layer(embed_dim)
 
-        self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim, bias=True)
+        self.decoder_embed = Linear(embed_dim, decoder_embed_dim, bias=True)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
         self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, decoder_embed_dim), requires_grad=False)
         self.decoder_blocks = nn.ModuleList(
@@ -84,7 +82,7 @@ class MaskedAutoencoderViT(AttentionBackendSwitch, nn.Module):
             ]
         )
         self.decoder_norm = norm_layer(decoder_embed_dim)
-        self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size**2 * in_chans, bias=True)
+        self.decoder_pred = Linear(decoder_embed_dim, patch_size**2 * in_chans, bias=True)
 
         self.initialize_weights()
 
@@ -95,10 +93,12 @@ class MaskedAutoencoderViT(AttentionBackendSwitch, nn.Module):
         about a third more compute): for the largest presets."""
         self.grad_checkpointing = enable
 
-    def _run_blocks(self, blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
-        for blk in blocks:
-            x = checkpoint(blk, x, use_reentrant=False) if self.grad_checkpointing and self.training else blk(x)
-        return x
+    def _run_blocks(self, blocks: nn.ModuleList, x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+        # the kernel backend's fused block ops run in eager steps; a compiled step lets Inductor fuse
+        # the model's own ops
+        fused = not torch.compiler.is_compiling() and ops.fuses_layers(self.kernel_backend, x.device.type)
+        return run_blocks(blocks, x, norm, fused=fused, backend=self.kernel_backend,
+                          checkpointed=self.grad_checkpointing and self.training)
 
     @property
     def patch_size(self) -> int:
@@ -166,19 +166,17 @@ class MaskedAutoencoderViT(AttentionBackendSwitch, nn.Module):
         self._check_imgs(imgs)
         n = imgs.shape[0]
         ids_keep, ids_restore, mask = self.random_masking(n, mask_ratio, noise, imgs.device)
-        proj = self.patch_embed.proj
         if self.encoder_mask_tokens:
             x = torch.where(mask.unsqueeze(-1).bool(), self.encoder_mask_token, self.patch_embed(imgs))
             x = x + self.pos_embed[:, 1:, :]
         else:
             x = ops.embed_visible_patches(
-                imgs, ids_keep, proj.weight, proj.bias, self.pos_embed[0, 1:], backend=self.kernel_backend
+                imgs, ids_keep, *self.patch_embed.weights(), self.pos_embed[0, 1:], backend=self.kernel_backend
             )
 
         cls_token = self.cls_token + self.pos_embed[:, :1, :]
         x = torch.cat((cls_token.expand(n, -1, -1), x), dim=1)
-        x = self._run_blocks(self.blocks, x)
-        x = self.norm(x)
+        x = self._run_blocks(self.blocks, x, self.norm)
         return x, mask, ids_restore
 
     def forward_decoder(self, x: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
@@ -190,8 +188,7 @@ class MaskedAutoencoderViT(AttentionBackendSwitch, nn.Module):
             x = ops.unshuffle_with_mask_token(
                 x, ids_restore, self.mask_token, self.decoder_pos_embed[0], backend=self.kernel_backend
             )
-        x = self._run_blocks(self.decoder_blocks, x)
-        x = self.decoder_norm(x)
+        x = self._run_blocks(self.decoder_blocks, x, self.decoder_norm)
         # the original predicts cls too and drops it; dropping it first saves a row of the projection
         # and gives the loss a contiguous prediction
         return self.decoder_pred(x[:, 1:, :])

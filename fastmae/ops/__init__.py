@@ -8,14 +8,18 @@ from __future__ import annotations
 import torch
 
 from fastmae.ops.reference import patchify, unpatchify
-from fastmae.ops.registry import AUTO, BackendUnavailableError, backend_names, implementation, resolve
+from fastmae.ops.registry import AUTO, BackendUnavailableError, backend_names, fuses_layers, implementation, resolve
 
 __all__ = [
     "AUTO",
     "BackendUnavailableError",
+    "add_layer_norm",
     "attention",
+    "attention_function",
+    "bias_gelu",
     "backend_names",
     "embed_visible_patches",
+    "fuses_layers",
     "gather_visible",
     "layer_norm",
     "masked_pixel_loss",
@@ -204,7 +208,50 @@ def attention(
     if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
         _fail("attention", f"q, k, v must share one [B, heads, N, head_dim] shape, got "
               f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    return implementation("attention", "attention", backend, q.device.type)(q, k, v)
+    return attention_function(backend, q.device.type)(q, k, v)
+
+
+def attention_function(backend: str | None, device_type: str):
+    """The attention backend's ``f(q, k, v)`` on ``device_type``, resolved once: layers keep it
+    and call it directly (no lookup per call; q, k, v as :func:`attention` takes them)."""
+    return implementation("attention", "attention", backend, device_type)
+
+
+def add_layer_norm(
+    x: torch.Tensor,
+    branch: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    *,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A pre-norm block's residual step: ``h = x + branch`` (``x`` itself when ``branch`` is None)
+    and ``y = layer_norm(h)`` over the last dimension (``weight``, ``bias`` [D], ``eps``). Returns
+    ``(h, y)``; under autocast ``y`` comes in the autocast dtype, the one the next matmul takes."""
+    d = x.shape[-1]
+    if branch is not None and branch.shape != x.shape:
+        _fail("add_layer_norm", f"branch must be shaped as x {tuple(x.shape)}, got {tuple(branch.shape)}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and tuple(t.shape) != (d,):
+            _fail("add_layer_norm", f"{name} must be [D={d}], got {tuple(t.shape)}")
+    _check_devices("add_layer_norm", "x", {"x": x, "branch": branch, "weight": weight, "bias": bias})
+    device_type = x.device.type
+    out_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    return implementation("kernels", "add_layer_norm", backend, device_type)(x, branch, weight, bias, eps, out_dtype)
+
+
+def bias_gelu(x: torch.Tensor, bias: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+    """``gelu(x + bias)`` (exact GELU) for a matmul's output ``x`` [..., D] and ``bias`` [D]: the
+    MLP's first layer with its bias added here instead of in the matmul, and so taken in ``x``'s
+    precision (an fp32 bias is rounded to bf16 for a bf16 ``x``, as autocast's matmul would).
+    Computed in fp32 (fp64 for fp64) and rounded once to ``x``'s dtype."""
+    if tuple(bias.shape) != (x.shape[-1],):
+        _fail("bias_gelu", f"bias must be [D={x.shape[-1]}], got {tuple(bias.shape)}")
+    _check_devices("bias_gelu", "x", {"x": x, "bias": bias})
+    if bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)  # as the matmul would have added it (eager autocast steps hand it out in x's dtype)
+    return implementation("kernels", "bias_gelu", backend, x.device.type)(x, bias)
 
 
 def layer_norm(*, backend: str | None = None) -> type[torch.nn.Module]:

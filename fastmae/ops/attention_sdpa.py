@@ -2,7 +2,9 @@
 
 ``sdpa`` lets PyTorch pick its kernel per input (flash, memory-efficient, cuDNN, math); ``sdpa_flash``,
 ``sdpa_efficient`` and ``sdpa_cudnn`` pin one kernel (an input it cannot take is an error from
-PyTorch listing why).
+PyTorch listing why). A pinned call switches PyTorch's per-kernel flags around itself, as
+``torch.nn.attention.sdpa_kernel`` does, without that context manager's bookkeeping (tens of
+microseconds of host time per call).
 """
 from __future__ import annotations
 
@@ -10,11 +12,6 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-KERNELS = {
-    "flash": SDPBackend.FLASH_ATTENTION,
-    "efficient": SDPBackend.EFFICIENT_ATTENTION,
-    "cudnn": SDPBackend.CUDNN_ATTENTION,
-}
 CUDA_ONLY = ("efficient", "cudnn")  # PyTorch has CPU kernels for math and flash only
 
 
@@ -26,8 +23,25 @@ def unavailable_reasons(device_type: str, kernel: str | None = None) -> list[str
     return []
 
 
+# PyTorch's flag of each SDPA kernel, (getter, setter), and the flag of each kernel that can be pinned
+_FLAGS = {name: (getattr(torch._C, f"_get_{name}_sdp_enabled"), getattr(torch._C, f"_set_sdp_use_{name}"))
+          for name in ("cudnn", "flash", "mem_efficient", "math", "overrideable")
+          if hasattr(torch._C, f"_set_sdp_use_{name}")}
+KERNELS = {"flash": "flash", "efficient": "mem_efficient", "cudnn": "cudnn"}
+PINNED = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION"}
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: str | None = None) -> torch.Tensor:
     if kernel is None:
         return F.scaled_dot_product_attention(q, k, v)
-    with sdpa_kernel([KERNELS[kernel]]):
+    if torch.compiler.is_compiling():  # the context manager that torch.compile traces
+        with sdpa_kernel([getattr(SDPBackend, PINNED[kernel])]):
+            return F.scaled_dot_product_attention(q, k, v)
+    previous = [(setter, getter()) for getter, setter in _FLAGS.values()]
+    for name, (_, setter) in _FLAGS.items():
+        setter(name == KERNELS[kernel])
+    try:
         return F.scaled_dot_product_attention(q, k, v)
+    finally:
+        for setter, enabled in previous:
+            setter(enabled)

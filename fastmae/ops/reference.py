@@ -92,3 +92,18 @@ def masked_pixel_loss(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor
     # Equal to the original's (loss * mask).sum() / mask.sum() whenever a patch is removed; with
     # none removed (mask_ratio 0) the loss is 0 instead of 0/0.
     return (loss * mask).sum() / mask.sum().clamp_min(torch.finfo(acc).tiny)
+
+
+# -- the transformer block's elementwise work (fused by the triton backend) ---------------------------
+
+def add_layer_norm(x: torch.Tensor, branch: torch.Tensor | None, weight: torch.Tensor | None,
+                   bias: torch.Tensor | None, eps: float, out_dtype: torch.dtype | None = None):
+    h = x if branch is None else x + branch
+    y = F.layer_norm(h, (h.shape[-1],), weight, bias, eps)
+    return h, y if out_dtype is None else y.to(out_dtype)
+
+
+def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    # in fp32 (fp64 for fp64), rounded once to x's dtype
+    acc = torch.promote_types(torch.promote_types(x.dtype, bias.dtype), torch.float32)
+    return F.gelu(x.to(acc) + bias.to(acc)).to(x.dtype)

@@ -3,7 +3,8 @@
 Families of ops, each with its own backends:
 
 - ``kernels``: random_masking, gather_visible, embed_visible_patches, unshuffle_with_mask_token,
-  masked_pixel_loss
+  masked_pixel_loss; add_layer_norm and bias_gelu (the transformer block's elementwise work, which a
+  backend that declares ``FUSES_LAYERS`` fuses: the model then calls them instead of its layers)
 - ``attention``: attention
 - ``norm``: layer_norm (the LayerNorm class the presets build)
 
@@ -81,6 +82,7 @@ ENV_VARS = {"kernels": "FASTMAE_KERNELS", "attention": "FASTMAE_ATTENTION", "nor
 OPS = {
     "kernels": (
         "random_masking", "gather_visible", "embed_visible_patches", "unshuffle_with_mask_token", "masked_pixel_loss",
+        "add_layer_norm", "bias_gelu",
     ),
     "attention": ("attention",),
     "norm": ("layer_norm",),
@@ -161,6 +163,12 @@ def resolve(family: str, requested: str | None, device_type: str) -> str:
 
 def implementation(family: str, op: str, requested: str | None, device_type: str) -> Callable:
     return _find(family, resolve(family, requested, device_type)).op(op)
+
+
+def fuses_layers(requested: str | None, device_type: str) -> bool:
+    """Whether the kernel backend that runs on ``device_type`` fuses the transformer block's
+    elementwise work (see ``OPS``)."""
+    return getattr(_find("kernels", resolve("kernels", requested, device_type)).module, "FUSES_LAYERS", False)
 
 
 def availability(device_types: tuple[str, ...]) -> dict[str, dict[str, dict[str, list[str]]]]:

@@ -94,3 +94,8 @@ def unshuffle_with_mask_token(x, ids_restore, mask_token, pos_embed=None):
 
 def masked_pixel_loss(pred, imgs, mask, patch_size, norm_pix):
     return _backend.masked_pixel_loss(pred, imgs, mask, patch_size, norm_pix)
+
+
+# The transformer block's add + LayerNorm and bias + GELU have no native kernels: the reference's ops
+# (and the model keeps its unfused layers, as with the torch backend).
+from fastmae.ops.reference import add_layer_norm, bias_gelu  # noqa: E402, F401
