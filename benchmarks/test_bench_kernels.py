@@ -30,6 +30,11 @@ if not ON_GPU:  # interpreted Triton timings mean nothing
     PROVIDERS[0] = pytest.param("triton", marks=pytest.mark.skip(reason="Triton timings need a GPU"))
 
 
+def skip_unfused(provider: str) -> None:
+    if provider != "torch" and not ops.fuses_layers(provider, DEVICE.type):
+        pytest.skip(f"the {provider} backend runs the reference's ops for the block's elementwise work")
+
+
 def inputs(preset, seed=0):
     g = torch.Generator(device=DEVICE).manual_seed(seed)
     n, L, K = preset.batch, preset.L, preset.K
@@ -134,3 +139,42 @@ def test_masked_pixel_loss(benchmark, preset, provider, mode, copy_bandwidth):
     removed = n * (L - K) * P * (BF16 + F32) + n * L * F32
     nbytes = removed if mode == "fwd" else removed + n * L * P * BF16
     record(benchmark, fn, preset, provider, mode, nbytes, copy_bandwidth, op="masked_pixel_loss", shape=[n, L, P])
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.name)
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+def test_add_layer_norm(benchmark, preset, provider, mode, copy_bandwidth):
+    """A decoder block's residual step (197 tokens x 512): fp32 residual + bf16 branch -> fp32 residual,
+    bf16 normalized output (under autocast)."""
+    skip_unfused(provider)
+    n, T, D = preset.batch, preset.L + 1, preset.dec_dim
+    x = torch.randn(n, T, D, device=DEVICE, requires_grad=True)
+    branch = torch.randn(n, T, D, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    weight, bias = torch.ones(D, device=DEVICE, requires_grad=True), torch.zeros(D, device=DEVICE, requires_grad=True)
+
+    def forward():
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+            h, y = ops.add_layer_norm(x, branch, weight, bias, 1e-6, backend=provider)
+        return h.float().sum() + y.float().sum() if mode != "fwd" else y
+
+    fn = forward_backward(forward, (x, branch, weight, bias), mode)
+    fwd = n * T * D * (F32 + BF16 + F32 + BF16)  # x, branch read; h, y written
+    bwd = n * T * D * (BF16 + F32 + F32 + F32 + BF16)  # dy, dh, h read; dx, dbranch written
+    nbytes = fwd if mode == "fwd" else fwd + bwd
+    record(benchmark, fn, preset, provider, mode, nbytes, copy_bandwidth, op="add_layer_norm", shape=[n, T, D])
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.name)
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+def test_bias_gelu(benchmark, preset, provider, mode, copy_bandwidth):
+    """The encoder MLP's activation (1 + K tokens x 4 * dim), bf16."""
+    skip_unfused(provider)
+    n, T, D = preset.batch, preset.K + 1, 4 * preset.enc_dim
+    x = torch.randn(n, T, D, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    bias = torch.randn(D, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    fn = forward_backward(lambda: ops.bias_gelu(x, bias, backend=provider), (x, bias), mode)
+    fwd = 2 * n * T * D * BF16
+    nbytes = fwd if mode == "fwd" else fwd + 3 * n * T * D * BF16  # dy, x read; dx written
+    record(benchmark, fn, preset, provider, mode, nbytes, copy_bandwidth, op="bias_gelu", shape=[n, T, D])
