@@ -1,14 +1,24 @@
 #!/usr/bin/env bash
-# One run on a GPU machine: the GPU tests, a short pretraining run, then the benchmarks; results in
-# $OUT. Bounded at about 9.5 minutes (each step has its own timeout), most important steps first.
+# One run on a GPU machine, most important first, each step under its own time limit and all of them
+# within BUDGET seconds (default 540): the GPU tests, the training step side by side with the
+# original, the step's profile (eager and graphed), a short pretraining run, the host's cost per
+# step, then the kernel and other suites. Results in $OUT.
 #   OUT=/tmp/results bash benchmarks/run_gpu.sh
 # ARCHIVE=path.tar.gz also packs $OUT into one file after every step (for a runner that brings back
-# few files, or only what was written before it was stopped).
+# few files, or only what was written before it was stopped). SUITES overrides the benchmark suites
+# run at the end ("kernels:75 speedup:60 attention:30"); E2E the e2e cases (preset:batch,...).
 set -uo pipefail
+BUDGET=${BUDGET:-540}
+# limit SECONDS: the step's own limit, or what is left of the budget (0: skip the step)
+limit() { local left=$((BUDGET - SECONDS)); [ "$left" -lt "$1" ] && echo $((left > 20 ? left : 0)) || echo "$1"; }
+run() { local t; t=$(limit "$1"); shift; if [ "$t" -gt 0 ]; then timeout "$t" "$@"; else echo "skipped (budget): $*"; fi; }
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/latest}
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
 export PYTHONUNBUFFERED=1
+# one compilation cache for every step: the e2e suite's compiled step is the profile's
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/fastmae-inductor-cache}
 pack() { [ -n "${ARCHIVE:-}" ] && tar czf "$ARCHIVE" -C "$OUT" . ; return 0; }
 
 # Install without touching the machine's packages (it may have no network). Where that fails, or
@@ -16,7 +26,6 @@ pack() { [ -n "${ARCHIVE:-}" ] && tar czf "$ARCHIVE" -C "$OUT" . ; return 0; }
 # fastmae/ comes first on sys.path either way), run from a copy laid out as the installed package.
 pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || echo "pip install failed" >>"$OUT/install.log"
 if ! python -c "import fastmae.kernels" 2>/dev/null; then
-  OUT=$(cd "$OUT" && pwd)
   copy=$(mktemp -d)
   cp -r . "$copy/repo" && mv "$copy/repo/kernels" "$copy/repo/fastmae/kernels"
   [ -d ../shared ] && ln -s "$(cd .. && pwd)/shared" "$copy/shared"
@@ -30,37 +39,58 @@ done
 
 {
   date -u +"date: %Y-%m-%dT%H:%M:%SZ"
-  echo "commit: $(git rev-parse HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (dirty)')"
+  echo "commit: $(git rev-parse HEAD 2>/dev/null || cat COMMIT 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (dirty)')"
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>/dev/null || echo "no GPU (nvidia-smi not found)"
   python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+  python -c "import timm; print('timm', timm.__version__)" 2>/dev/null || echo "timm: not installed (no 'original' provider)"
   python -m fastmae.ops
 } >"$OUT/environment.txt" 2>&1
 cat "$OUT/environment.txt"
 pack
 
-# the native backend's CUDA library (for the visible GPU's architecture), built outside the timed steps
-timeout 120 python -m fastmae.ops.native --cuda 2>&1 | tail -n 20 | tee "$OUT/native-build.txt"
+# the native backend's CUDA library for this GPU, outside the tests (which would build it at collection)
+run 90 python -m fastmae.ops.native --cuda 2>&1 | tail -n 20 | tee "$OUT/native-build.txt"
 pack
 
-# this one alone first: a crash in it takes a whole xdist worker down without its traceback
-timeout 60 python -m pytest "tests/test_native.py::test_out_of_range_indices_raise" -q -p no:cacheprovider -p no:xdist 2>&1 \
-  | tail -n 60 >"$OUT/gpu-test-out-of-range.txt"
-
-# every test that runs a kernel or the model on the GPU (the CPU-only ones are CI's)
+# every test that runs a kernel, the model or the training step on the GPU (the CPU-only ones are CI's)
 xdist=$(python -c "import xdist" 2>/dev/null && echo "-n 8")
-timeout 140 python -m pytest tests/test_ops.py tests/test_kernels.py tests/test_native.py tests/test_parity.py \
-  tests/test_attention.py tests/test_model.py -q -p no:cacheprovider $xdist -rfE 2>&1 | tail -n 60 | tee "$OUT/gpu-tests.txt"
+run 150 python -m pytest tests/test_step.py tests/test_ops.py tests/test_kernels.py tests/test_parity.py \
+  tests/test_attention.py tests/test_model.py tests/test_compile.py -q -p no:cacheprovider $xdist -rfE 2>&1 \
+  | tail -n 60 | tee "$OUT/gpu-tests.txt"
 pack
 
-# the main job, briefly: one epoch of the default pretraining on the GPU (bf16, fused AdamW)
-timeout 45 python -m fastmae.pretrain --epochs 1 --output_dir "$OUT/pretrain" 2>&1 | tail -n 25 | tee "$OUT/pretrain.txt"
+# the pretraining step against the original: ViT-L at the paper's per-GPU batch and at a GPU-filling one
+export FASTMAE_BENCH_E2E=${E2E:-mae_vit_large_patch16:64,mae_vit_large_patch16:256}
+run 200 python -m pytest \
+  benchmarks/test_bench_e2e.py -k training_step --benchmark-only -q -p no:cacheprovider \
+  --benchmark-json "$OUT/bench-e2e.json" --benchmark-columns=median,iqr,rounds 2>&1 | tail -n 40 >"$OUT/bench-e2e.txt"
+pack
+
+# where the step's time goes: the eager step (what ran before the compiled one) and the default one
+for variant in "eager:--no-compile" "graphed:"; do
+  name=${variant%%:*}
+  run 75 python -m fastmae.profile --model mae_vit_large_patch16 --batch_size 64 --norm_pix_loss ${variant#*:} \
+    --output_dir "$OUT/profile-out" --trace "$OUT/profile-vitl-b64-$name.json" 2>&1 | tail -n 12 \
+    | tee "$OUT/profile-vitl-b64-$name.md"
+done
+rm -rf "$OUT/profile-out"
+gzip -f "$OUT"/profile-*.json 2>/dev/null
+pack
+
+# the main job, briefly: one epoch of the default pretraining on the GPU
+run 45 python -m fastmae.pretrain --epochs 1 --output_dir "$OUT/pretrain" 2>&1 | tail -n 25 | tee "$OUT/pretrain.txt"
 rm -rf "$OUT/pretrain"
 pack
 
+# the host's cost per step (a model of ViT-L's depth with tiny widths): original, reference, graphed
+run 90 python -m pytest benchmarks/test_bench_e2e.py -k host_cost --benchmark-only -q -p no:cacheprovider \
+  --benchmark-json "$OUT/bench-host.json" --benchmark-columns=median,iqr,rounds 2>&1 | tail -n 20 >"$OUT/bench-host.txt"
+pack
+
 # one JSON per suite, each under its own time limit, so that a slow suite cannot cost the others
-for suite in ${SUITES:-kernels:75 e2e:75 speedup:75 attention:35}; do
+for suite in ${SUITES:-kernels:75 speedup:60 attention:30}; do
   name=${suite%%:*}
-  timeout "${suite##*:}" python -m pytest "benchmarks/test_bench_$name.py" --benchmark-only -q -p no:cacheprovider \
+  run "${suite##*:}" python -m pytest "benchmarks/test_bench_$name.py" --benchmark-only -q -p no:cacheprovider \
     --benchmark-json "$OUT/bench-$name.json" --benchmark-columns=median,iqr,rounds 2>&1 | tail -n 40 >"$OUT/bench-$name.txt"
   pack
 done

@@ -121,6 +121,7 @@ class TrainStep:
         self.static_batch: tuple[torch.Tensor, torch.Tensor] | None = None
         self.warmup_left = GRAPH_WARMUP_UPDATES
         self.pool = None
+        self.side_stream: torch.cuda.Stream | None = None
         self.warned_shape = False
 
     def describe(self) -> str:
@@ -199,7 +200,7 @@ class TrainStep:
             return self._step(self.model, imgs, labels, update)
         if self.warmup_left > 0:
             # real steps, on a side stream as CUDA graph capture wants its warmup
-            side = torch.cuda.Stream(self.device)
+            side = self.side_stream = self.side_stream or torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side), warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*capturable=True.*")

@@ -50,3 +50,37 @@ def test_cuda_only_kernels_say_so():
     for name, message in [("sdpa_efficient", "CUDA only"), ("sdpa_cudnn", "CUDA only"), ("xformers", "xformers")]:
         with pytest.raises(ops.BackendUnavailableError, match=message):
             ops.resolve("attention", name, "cpu")
+
+
+def test_a_pinned_kernel_is_the_only_one_enabled_and_the_flags_come_back(monkeypatch):
+    from fastmae.ops import attention_sdpa
+
+    seen = {}
+    real = attention_sdpa.F.scaled_dot_product_attention
+
+    def spy(q, k, v):
+        seen.update({name: getter() for name, (getter, _) in attention_sdpa._FLAGS.items()})
+        return real(q, k, v)
+
+    monkeypatch.setattr(attention_sdpa.F, "scaled_dot_product_attention", spy)
+    before = {name: getter() for name, (getter, _) in attention_sdpa._FLAGS.items()}
+    q = torch.randn(1, 2, 4, 8)
+    ops.attention(q, q, q, backend="sdpa_flash")
+    assert [name for name, enabled in seen.items() if enabled] == ["flash"]
+    assert {name: getter() for name, (getter, _) in attention_sdpa._FLAGS.items()} == before
+
+
+def test_a_layer_resolves_its_backend_once(monkeypatch):
+    from fastmae.models.layers import Attention
+
+    calls = []
+    real = ops.attention_function
+    monkeypatch.setattr(ops, "attention_function", lambda *a: calls.append(a) or real(*a))
+    layer = Attention(16, 2, attention_backend="math")
+    x = torch.randn(2, 5, 16)
+    layer(x)
+    layer(x)
+    assert calls == [("math", "cpu")]
+    layer.attention_backend = "sdpa"  # a new backend is resolved anew
+    layer(x)
+    assert calls[-1] == ("sdpa", "cpu")

@@ -26,7 +26,7 @@ def unavailable_reasons(device_type: str, kernel: str | None = None) -> list[str
 # PyTorch's flag of each SDPA kernel, (getter, setter), and the flag of each kernel that can be pinned
 _FLAGS = {name: (getattr(torch._C, f"_get_{name}_sdp_enabled"), getattr(torch._C, f"_set_sdp_use_{name}"))
           for name in ("cudnn", "flash", "mem_efficient", "math", "overrideable")
-          if hasattr(torch._C, f"_set_sdp_use_{name}")}
+          if hasattr(torch._C, f"_set_sdp_use_{name}") and hasattr(torch._C, f"_get_{name}_sdp_enabled")}
 KERNELS = {"flash": "flash", "efficient": "mem_efficient", "cudnn": "cudnn"}
 PINNED = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION"}
 
