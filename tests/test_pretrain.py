@@ -1,5 +1,6 @@
 import importlib.util
 import json
+import logging
 import subprocess
 import sys
 import types
@@ -128,10 +129,30 @@ def test_apex_optimizers_are_built_with_the_recipe(monkeypatch):
 
 
 @pytest.mark.slow
-def test_compiled_training_writes_a_plain_checkpoint(folder, tmp_path):
+def test_compiled_training_writes_a_plain_checkpoint_and_keeps_its_cache(folder, tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "unset")  # so that the run's own choice is undone afterwards
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    caplog.set_level(logging.INFO, logger="fastmae")
     assert run(folder, tmp_path, "--epochs", "1", "--compile", "--kernels", "triton") == 0
     state = torch.load(tmp_path / "checkpoint-0.pth", weights_only=False)["model"]
     assert "blocks.0.norm1.weight" in state and not any(k.startswith("_orig_mod") for k in state)
+    assert "step: compiled (torch.compile" in caplog.text and "the first compiled step took" in caplog.text
+    assert any((tmp_path / "torch_compile_cache").iterdir())  # beside the checkpoints, for a resumed run
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--cuda_graphs", "--no-compile"], "needs --compile"),
+    (["--cuda_graphs", "--compile"], "CUDA graphs need a CUDA device"),
+])
+def test_cuda_graphs_that_cannot_run_are_refused(folder, tmp_path, caplog, flags, message):
+    assert run(folder, tmp_path, "--epochs", "1", *flags) == 1
+    assert message in caplog.text
+
+
+def test_the_step_mode_is_logged(folder, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="fastmae")
+    assert run(folder, tmp_path, "--epochs", "1") == 0
+    assert "step: eager (op by op)" in caplog.text  # the CPU default
 
 
 def test_reconstruction_png_and_visualize_cli(folder, tmp_path):

@@ -190,3 +190,26 @@ def test_working_copies_leave_no_weight_cast_in_the_step(kernels):
     with CountCasts(weights) as counter:
         step(imgs, labels, update=True)
     assert counter.casts == sum(isinstance(m, torch.nn.Linear) for m in model.modules()) + 1  # + the patch embedding
+
+
+def test_a_non_finite_loss_stops_the_compiled_step_too():
+    """The NaN guard reads the loss summed on the device when a log line is due, whatever the mode."""
+    from fastmae.engine import EpochConfig, NonFiniteLossError, train_one_epoch
+
+    torch.manual_seed(0)
+    model = tiny_mae()
+    optimizer, _ = build_optimizer("adamw", param_groups_weight_decay(model, 0.05), 1e-3, torch.device("cpu"))
+    poison = torch.zeros(())  # becomes NaN after two steps, outside the compiled model
+    step = TrainStep(model, optimizer, lambda m, x, y: pretrain_loss(m, x, y) + poison, mode="compiled",
+                     compile_backend="aot_eager")
+    batches = [(torch.randn(BATCH, 3, 32, 32), torch.zeros(BATCH, dtype=torch.long)) for _ in range(4)]
+
+    def loader():
+        for i, batch in enumerate(batches):
+            if i == 2:
+                poison.fill_(float("nan"))
+            yield batch
+
+    cfg = EpochConfig(schedule=dict(lr=1e-3, min_lr=0, warmup_epochs=0, epochs=1), print_freq=1)
+    with pytest.raises(NonFiniteLossError, match="batch 2"):
+        train_one_epoch(step, loader(), 0, cfg, device=torch.device("cpu"), steps_per_epoch=4)
