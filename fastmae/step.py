@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from functools import partial
 from typing import Callable
 
@@ -156,7 +156,7 @@ class TrainStep:
             if self.clip_grad is not None:
                 if self.scaler:
                     self.scaler.unscale_(self.optimizer)
-                nn.utils.clip_grad_norm_(self.params, self.clip_grad, foreach=self.device.type != "cpu" or None)
+                nn.utils.clip_grad_norm_(self.params, self.clip_grad)
             if self.scaler:
                 self.scaler.step(self.optimizer)  # fused AdamW: the inf check stays on the device
                 self.scaler.update()
@@ -197,13 +197,13 @@ class TrainStep:
                 logger.info("step: a batch of shape %s (captured: %s) runs eagerly", tuple(imgs.shape),
                             tuple(static_imgs.shape))
                 self.warned_shape = True
-            return self._step(self.model, imgs, labels, update)
+            with _uncaptured_optimizer():
+                return self._step(self.model, imgs, labels, update)
         if self.warmup_left > 0:
             # real steps, on a side stream as CUDA graph capture wants its warmup
             side = self.side_stream = self.side_stream or torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side), warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*capturable=True.*")
+            with torch.cuda.stream(side), _uncaptured_optimizer():
                 loss = self._step(self.step_model, imgs, labels, update)
             torch.cuda.current_stream(self.device).wait_stream(side)
             self.warmup_left -= update
@@ -217,10 +217,20 @@ class TrainStep:
 
     def _capture(self, update: bool) -> None:
         torch.cuda.synchronize(self.device)
+        start = time.perf_counter()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             self.static_loss[update] = self._step(self.step_model, *self.static_batch, update)
         # both graphs draw on one memory pool: they never run at the same time
         self.pool = graph.pool()
         self.graphs[update] = graph
-        logger.info("step: captured the %s micro-batch as a CUDA graph", "updating" if update else "accumulating")
+        logger.info("step: captured the %s micro-batch as a CUDA graph in %.1f s", "updating" if update else "accumulating",
+                    time.perf_counter() - start)
+
+
+@contextmanager
+def _uncaptured_optimizer():
+    """A capturable optimizer's step outside a capture (warmup, an odd batch) is meant: no warning."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*capturable=True.*")
+        yield

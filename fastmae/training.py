@@ -172,7 +172,10 @@ def choose_step_mode(args: argparse.Namespace, run: Run, *, compile_by_default: 
     ``capturable_loss``: the entry point's loss draws its randomness on the device only, so its
     step can be captured (fine-tuning's mixup draws on the host). Automatic choices fall back
     quietly and log why; ``--cuda_graphs`` where graphs cannot run is an error that says why."""
-    compile_ = args.compile if args.compile is not None else compile_by_default and run.device.type == "cuda"
+    if args.compile is not None:
+        compile_ = args.compile
+    else:  # --cuda_graphs asks for the compiled step
+        compile_ = bool(args.cuda_graphs) or (compile_by_default and run.device.type == "cuda")
     if not compile_:
         if args.cuda_graphs:
             raise ops.BackendUnavailableError("--cuda_graphs replays the compiled step: it needs --compile")
@@ -279,8 +282,8 @@ def fit(
     after_epoch: Callable[[int, nn.Module, dict], dict] = lambda epoch, train_model, stats: {},
 ) -> dict:
     """Train ``model`` for ``args.epochs`` epochs from where ``args.resume`` left off: DDP across
-    the ranks, the training step run as ``step_mode`` says (:func:`choose_step_mode`); a checkpoint (atomic) at every epoch end and
-    every ``--checkpoint_steps`` batches; ``log.txt`` gets the epoch's ``train_*`` figures and what
+    the ranks, the training step run as ``step_mode`` says (:func:`choose_step_mode`); a checkpoint
+    (atomic) at every epoch end and every ``--checkpoint_steps`` batches; ``log.txt`` gets the epoch's ``train_*`` figures and what
     ``after_epoch(epoch, train_model)`` returns (evaluation, pictures). Returns the last record."""
     dist, device = run.dist, run.device
     steps_per_epoch = len(loader)
