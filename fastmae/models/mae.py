@@ -11,6 +11,7 @@ from functools import partial
 
 import torch
 from torch import nn
+
 from fastmae import ops
 from fastmae.models.layers import AttentionBackendSwitch, Block, Linear, PatchEmbed, run_blocks
 from fastmae.models.pos_embed import get_2d_sincos_pos_embed
