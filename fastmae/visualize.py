@@ -17,6 +17,7 @@ from torchvision import transforms
 
 from fastmae.checkpoint import load_checkpoint, model_state_dict, read_checkpoint
 from fastmae.data import IMAGENET_MEAN, IMAGENET_STD
+from fastmae.data.sources import load_rgb
 from fastmae.models import PRESETS, MaskedAutoencoderViT, create_model
 from fastmae.ops.reference import NORM_PIX_EPS
 
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     tf = transforms.Compose([transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC),
                              transforms.CenterCrop(size), transforms.ToTensor(),
                              transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-    imgs = torch.stack([tf(Image.open(f).convert("RGB")) for f in args.image])
+    imgs = torch.stack([tf(load_rgb(f)) for f in args.image])
     Image.fromarray(reconstruction_grid(model, imgs, args.mask_ratio, seed=args.seed)).save(args.out)
     print(f"wrote {args.out} ({len(args.image)} rows: original | masked | reconstruction | reconstruction + visible)")
     return 0

@@ -14,7 +14,7 @@ from fastmae.data import (
 )
 from fastmae.data.check import main as check_main
 from fastmae.data.order import batches_per_epoch, epoch_order
-from fastmae.data.sources import list_image_folder
+from fastmae.data.sources import list_image_folder, load_rgb
 from fastmae.pretrain import cli
 
 HAS_DALI = importlib.util.find_spec("nvidia.dali") is not None
@@ -231,6 +231,38 @@ def test_missing_or_empty_folder(backend, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no images found"):
         loader(backend, tmp_path / "empty")
+
+
+@pytest.fixture(scope="module")
+def deep_folder(tmp_path_factory):
+    """A flat 16-bit grayscale PNG (40000 of 65535: 156 of 255), a float TIFF and a 32-bit integer TIFF."""
+    root = tmp_path_factory.mktemp("deep")
+    (root / "a").mkdir()
+    Image.fromarray(np.full((40, 48), 40000, dtype=np.uint16)).save(root / "a" / "sixteen.png")
+    Image.fromarray(np.random.rand(40, 48).astype(np.float32)).save(root / "a" / "float.tiff")
+    Image.fromarray(np.full((40, 48), 1 << 20, dtype=np.int32)).save(root / "a" / "int32.tiff")
+    return root
+
+
+@pytest.mark.parametrize("backend", LOADERS)
+def test_sixteen_bit_images_are_scaled_not_clipped(backend, deep_folder, tmp_path):
+    root = tmp_path / "only16"
+    (root / "a").mkdir(parents=True)
+    (root / "a" / "sixteen.png").write_bytes((deep_folder / "a" / "sixteen.png").read_bytes())
+    images, _ = read_epoch(loader(backend, root, batch_size=1))
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3), torch.tensor(IMAGENET_STD).view(1, 3)
+    rgb = (images.float().mean(dim=(2, 3)) * std + mean) * 255
+    torch.testing.assert_close(rgb, torch.full_like(rgb, 156.0), atol=1.0, rtol=0)  # round(40000 / 257)
+
+
+def test_images_without_a_pixel_range_are_refused_by_name(deep_folder, capsys):
+    for name, message in (("float.tiff", "floating-point"), ("int32.tiff", "32-bit integer")):
+        with pytest.raises(UnreadableImageError, match=message):
+            load_rgb(str(deep_folder / "a" / name))
+    assert check_main([str(deep_folder), "--workers", "1"]) == 1
+    out = capsys.readouterr().out
+    assert "PNG I;16  (16-bit, scaled to 8 bits when loaded)" in out
+    assert "float.tiff" in out and "int32.tiff" in out and "2 unreadable files" in out
 
 
 def test_check_lists_unreadable_files(broken_folder, mixed_folder, capsys):

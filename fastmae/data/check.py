@@ -1,5 +1,6 @@
 """``python -m fastmae.data.check DIR``: decode every image of a dataset in parallel before a long
-run, and list the files no loader could read (and how many need converting to RGB)."""
+run, and list the files no loader could read (and how many need converting to RGB, or scaling from
+16 bits)."""
 from __future__ import annotations
 
 import argparse
@@ -10,15 +11,17 @@ from concurrent.futures import ProcessPoolExecutor
 
 from PIL import Image
 
-from fastmae.data.sources import UnreadableImageError, image_folder_root, list_image_folder, load_rgb
+from fastmae.data.sources import UnreadableImageError, image_folder_root, list_image_folder, load_rgb, pixel_depth
 
 
 def inspect(path: str) -> tuple[str, str | None]:
-    """``(mode, None)`` for a readable image (its PIL mode and format), ``("", error)`` otherwise."""
+    """``(kind, None)`` for a readable image (its format, PIL mode, and what the loaders do to its
+    pixels), ``("", error)`` otherwise."""
     try:
         load_rgb(path)
         with Image.open(path) as img:
-            return f"{img.format} {img.mode}", None
+            depth = pixel_depth(img)
+            return f"{img.format} {img.mode}" + (f"  ({depth} when loaded)" if depth else ""), None
     except UnreadableImageError as e:
         return "", str(e)
 
@@ -55,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"{sum(kinds.values())} readable images:")
     for kind, count in sorted(kinds.items(), key=lambda kv: -kv[1]):
-        print(f"  {count:>9}  {kind}{'' if kind.endswith('RGB') else '  (converted to RGB when loaded)'}")
+        print(f"  {count:>9}  {kind}")
     print(f"{len(bad)} unreadable files{':' if bad else ''}")
     for line in bad:
         print(f"  {line}")
