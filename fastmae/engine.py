@@ -48,23 +48,29 @@ def train_one_epoch(
     start_batch: int = 0,
     dist: DistInfo = DistInfo(),
     log: Callable[[dict], None] = lambda record: None,
-    on_checkpoint: Callable[[int, int], None] = lambda epoch, next_batch: None,
+    on_checkpoint: Callable[[int, int, dict], None] = lambda epoch, next_batch, totals: None,
+    totals: dict | None = None,
 ) -> dict:
     """Train on ``loader`` (already positioned at ``start_batch`` of ``epoch``) with ``step``
     (forward, backward, and an update every ``step.accum_iter`` batches).
 
-    ``log`` receives a record ``{epoch, batch, loss, lr, images_per_sec, eta_seconds}`` every ``print_freq``
-    batches (loss averaged over the batches since the last record and over the ranks); a non-finite
-    loss raises :class:`NonFiniteLossError` there, and before every checkpoint, so that no
-    checkpoint is written after the loss went bad. Returns the epoch's mean loss and lr (the
-    original's ``train_loss``, ``train_lr``), its images/s (all ranks) and the peak GPU memory.
+    ``log`` receives a record ``{epoch, batch, loss, lr, images_per_sec, eta_seconds, eta_run_seconds}``
+    every ``print_freq`` batches (loss averaged over the batches since the last record and over the
+    ranks; the time left in the epoch and in the run); a non-finite loss raises
+    :class:`NonFiniteLossError` there, and before every checkpoint, so that no checkpoint is written
+    after the loss went bad. ``on_checkpoint(epoch, next_batch, totals)`` gets the epoch's running
+    sums, which a run resumed mid-epoch passes back as ``totals``, so that its epoch means are the
+    uninterrupted run's. Returns the epoch's mean loss and lr (the original's ``train_loss``,
+    ``train_lr``), its images/s (all ranks; the batches since a resume only) and the peak GPU memory.
     """
     step.model.train()
     accum = step.accum_iter
-    loss_sum = torch.zeros((), device=device)
+    totals = totals or {"loss_sum": 0.0, "lr_sum": 0.0, "batches": 0}
+    loss_sum = torch.full((), totals["loss_sum"], device=device)
     window_sum = torch.zeros((), device=device)
     window = images = window_images = 0
-    lr = lr_sum = 0.0
+    lr, lr_sum = 0.0, totals["lr_sum"]
+    epochs = cfg.schedule["epochs"]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = window_start = time.perf_counter()
@@ -93,21 +99,25 @@ def train_one_epoch(
                     f"--clip_grad, or use --precision bf16 instead of fp16."
                 )
             now = time.perf_counter()
+            seconds_per_step = (now - window_start) / window
+            left = steps_per_epoch - batch - 1
             log({"epoch": epoch, "batch": batch + 1, "loss": value, "lr": lr,
                  "images_per_sec": window_images * dist.world_size / (now - window_start),
-                 "eta_seconds": (steps_per_epoch - batch - 1) * (now - window_start) / window})
+                 "eta_seconds": left * seconds_per_step,
+                 "eta_run_seconds": (left + max(epochs - epoch - 1, 0) * steps_per_epoch) * seconds_per_step})
             window_sum.zero_()
             window = window_images = 0
             window_start = now
         if checkpoint_due:
-            on_checkpoint(epoch, batch + 1)
+            on_checkpoint(epoch, batch + 1, {"loss_sum": all_reduce_mean(loss_sum).item(), "lr_sum": lr_sum,
+                                             "batches": totals["batches"] + batch + 1 - start_batch})
     if batch < start_batch:
         raise RuntimeError(f"the data loader yielded no batches from batch {start_batch} of epoch {epoch} "
                            f"(the loader has {steps_per_epoch} per epoch)")
     if (batch + 1) % accum:
         # an incomplete accumulation at the end of the epoch is dropped, as in the original
         step.discard_gradients()
-    done = batch + 1 - start_batch
+    done = totals["batches"] + batch + 1 - start_batch
     return {
         "loss": all_reduce_mean(loss_sum / done).item(),
         "lr": lr_sum / done,
@@ -161,14 +171,23 @@ class Progress:
         if not self.enabled:
             return
         rate = record["images_per_sec"]
+        run_eta = _duration(record["eta_run_seconds"])
         if self.bar is not None:
             self.bar.update(record["batch"] - self.last_batch)
-            self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", img_s=f"{rate:.0f}")
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", img_s=f"{rate:.0f}",
+                                 run_eta=run_eta)
         else:
             self.line(f"Epoch [{record['epoch']}] [{record['batch']}/{self.total}] loss {record['loss']:.4f} "
-                      f"lr {record['lr']:.3e} {rate:.0f} images/s eta {record['eta_seconds']:.0f}s")
+                      f"lr {record['lr']:.3e} {rate:.0f} images/s eta {_duration(record['eta_seconds'])} "
+                      f"(run {run_eta})")
         self.last_batch = record["batch"]
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"

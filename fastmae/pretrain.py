@@ -71,6 +71,7 @@ def build(args: argparse.Namespace) -> Pretraining:
                          kernel_backend=args.kernels, attention_backend=args.attention,
                          **({"img_size": args.input_size} if args.input_size else {}))
     args.input_size = model.patch_embed.img_size[0]
+    model.len_keep(args.mask_ratio)  # a ratio that keeps no patch fails here, before any data is read
     model.set_grad_checkpointing(args.grad_checkpointing)
     model.to(device)
     # resolve now, so that a backend that cannot run fails before any data is read
@@ -88,6 +89,7 @@ def build(args: argparse.Namespace) -> Pretraining:
     )
     logger.info("data: %s via %s, %d steps per epoch per rank, %d ranks",
                 args.data_path or "built-in shapes", type(loader).__name__, len(loader), dist.world_size)
+    warn_about_small_data(loader.num_samples, args.batch_size * dist.world_size, len(loader), args.warmup_epochs)
     # the loss draws its masks on the device: the step can be captured as a CUDA graph
     step_mode = choose_step_mode(args, run, compile_by_default=True, capturable_loss=True,
                                  fused_optimizer=args.optimizer == "adamw")
@@ -97,6 +99,14 @@ def build(args: argparse.Namespace) -> Pretraining:
     )
     logger.info("optimizer: %s", description)
     return Pretraining(run, model, loader, optimizer, step_mode, args.mask_ratio)
+
+
+def warn_about_small_data(images: int, global_batch: int, steps_per_epoch: int, warmup_epochs: float) -> None:
+    if images < global_batch:
+        logger.warning("the dataset holds %d images, fewer than one batch across the ranks (%d): every step "
+                       "repeats images to fill its batch", images, global_batch)
+    if steps_per_epoch == 1 and warmup_epochs > 0:
+        logger.warning("one step per epoch: epoch 0 trains at lr 0 (the warmup starts from 0 at its first step)")
 
 
 def main(args: argparse.Namespace) -> dict:

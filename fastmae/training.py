@@ -77,6 +77,7 @@ def add_common_args(p: argparse.ArgumentParser, **defaults) -> None:
     g.add_argument("--checkpoint_steps", default=0, type=int,
                    help="also update checkpoint-last.pth every this many batches within an epoch (0: epoch ends only)")
     g.add_argument("--print_freq", default=20, type=int, help="log record (and loss check) every this many batches")
+    g.add_argument("--debug", action="store_true", help="on an error, the full traceback besides its one line")
 
     g = p.add_argument_group("the original's launch flags", "accepted so that its launch scripts run unchanged; "
                              "fastmae takes ranks from the launcher's environment (torchrun, srun)")
@@ -92,6 +93,11 @@ def check_common_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> N
     for name in ("batch_size", "epochs", "accum_iter", "save_freq", "print_freq"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    for name in ("lr", "blr", "min_lr", "weight_decay", "warmup_epochs"):
+        if getattr(args, name) is not None and getattr(args, name) < 0:
+            p.error(f"--{name} must not be negative, got {getattr(args, name)}")
+    if args.clip_grad is not None and args.clip_grad <= 0:
+        p.error(f"--clip_grad must be positive, got {args.clip_grad}")
     if args.checkpoint_steps < 0 or args.checkpoint_steps % args.accum_iter:
         p.error(f"--checkpoint_steps {args.checkpoint_steps}: checkpoints fall between optimizer steps, so it must be "
                 f"0 or a positive multiple of --accum_iter {args.accum_iter}")
@@ -204,11 +210,23 @@ def resume_path(args: argparse.Namespace) -> str | None:
     return path
 
 
-def load_training_state(path, model, optimizer, scaler, dist: DistInfo, device, layout: dict) -> tuple[int, int]:
+# flags whose change between a checkpoint and the run resuming it changes what is computed
+RECIPE_FLAGS = ("norm_pix_loss", "mask_ratio")
+
+
+def load_training_state(path, model, optimizer, scaler, dist: DistInfo, device, layout: dict,
+                        args: argparse.Namespace | None = None) -> tuple[int, int, dict | None]:
     """Restore a checkpoint (fastmae's, or the original's); returns where training continues
-    (epoch, batch). ``layout``: this run's batches (batch_size, accum_iter, steps_per_epoch), which
-    a mid-epoch position must have been counted in."""
+    (epoch, batch) and, for a position within an epoch, the epoch's running sums up to it.
+    ``layout``: this run's batches (batch_size, accum_iter, steps_per_epoch), which a mid-epoch
+    position must have been counted in. ``args``: this run's flags, compared with the checkpoint's
+    (a changed ``RECIPE_FLAGS`` is logged)."""
     ckpt = read_checkpoint(path)
+    saved = vars(ckpt.get("args") or argparse.Namespace())
+    for flag in RECIPE_FLAGS:
+        if args is not None and flag in saved and hasattr(args, flag) and saved[flag] != getattr(args, flag):
+            logger.warning("resuming %s with --%s %s: the checkpoint was trained with %s", path, flag,
+                           getattr(args, flag), saved[flag])
     model.load_state_dict(model_state_dict(ckpt))
     if "optimizer" in ckpt and "epoch" in ckpt:
         # the saved groups carry the saving run's implementation flags (a CPU run's non-fused AdamW)
@@ -238,7 +256,7 @@ def load_training_state(path, model, optimizer, scaler, dist: DistInfo, device, 
                        ", ".join(f"{k} {old} (now {new})" for k, (old, new) in changed.items()), position["epoch"])
         position = {"epoch": position["epoch"], "batch": 0}
     logger.info("resumed from %s at epoch %d, batch %d", path, position["epoch"], position["batch"])
-    return position["epoch"], position["batch"]
+    return position["epoch"], position["batch"], position.get("totals") if position["batch"] else None
 
 
 def portable_state_dict(optimizer: torch.optim.Optimizer) -> dict:
@@ -287,24 +305,28 @@ def fit(
     ``after_epoch(epoch, train_model)`` returns (evaluation, pictures). Returns the last record."""
     dist, device = run.dist, run.device
     steps_per_epoch = len(loader)
-    start_epoch, start_batch = args.start_epoch, 0
+    start_epoch, start_batch, totals = args.start_epoch, 0, None
     layout = {"batch_size": args.batch_size, "accum_iter": args.accum_iter, "steps_per_epoch": steps_per_epoch}
     resume = resume_path(args)
     if resume:
-        start_epoch, start_batch = load_training_state(resume, model, optimizer, run.scaler, dist, device, layout)
+        start_epoch, start_batch, totals = load_training_state(resume, model, optimizer, run.scaler, dist, device,
+                                                               layout, args)
 
     step = build_step(run, args, model, optimizer, compute_loss, step_mode)
     cfg = EpochConfig(schedule=dict(lr=args.lr, min_lr=args.min_lr, warmup_epochs=args.warmup_epochs, epochs=args.epochs),
                       print_freq=args.print_freq, checkpoint_steps=args.checkpoint_steps)
 
-    def checkpoint(epoch: int, next_batch: int, numbered: bool = False) -> None:
+    def checkpoint(epoch: int, next_batch: int, totals: dict | None = None, numbered: bool = False) -> None:
         # every rank's random state, so that a resumed run draws the same masks and mixes
         rngs = all_gather_objects({k: v.cpu() for k, v in rng_state(device).items()})
         if dist.is_main:
+            # mid-epoch, the epoch's running sums too: the resumed epoch logs the uninterrupted one's means
+            position = {"epoch": epoch + 1 if next_batch == 0 else epoch, "batch": next_batch, **layout,
+                        **({"totals": totals} if next_batch else {})}
             state = {"model": model.state_dict(), "optimizer": portable_state_dict(optimizer),
                      "scaler": run.scaler.state_dict() if run.scaler else None,
                      "epoch": epoch if next_batch == 0 else epoch - 1,  # the original's: last finished epoch
-                     "data_position": {"epoch": epoch + 1 if next_batch == 0 else epoch, "batch": next_batch, **layout},
+                     "data_position": position,
                      "args": args, "rng": rngs, "world_size": dist.world_size}
             # checkpoint-last.pth first: a kill before the numbered copy still resumes from here
             last = os.path.join(args.output_dir, "checkpoint-last.pth")
@@ -326,9 +348,9 @@ def fit(
                               epoch * steps_per_epoch + step_record["batch"])
 
         stats = train_one_epoch(step, loader, epoch, cfg, device=device, steps_per_epoch=steps_per_epoch,
-                                start_batch=start_batch, dist=dist, log=log, on_checkpoint=checkpoint)
+                                start_batch=start_batch, dist=dist, log=log, on_checkpoint=checkpoint, totals=totals)
         progress.close()
-        start_batch = 0
+        start_batch, totals = 0, None
         checkpoint(epoch, 0, numbered=epoch % args.save_freq == 0 or epoch + 1 == args.epochs)
         skipped = all_reduce_sum(torch.tensor(float(loader.files_skipped), device=device))
         record = {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch,
@@ -352,7 +374,10 @@ def cli_main(parser: argparse.ArgumentParser, main: Callable[[argparse.Namespace
         main(args)
     except (NonFiniteLossError, ops.BackendUnavailableError, FileNotFoundError, UnreadableImageError, ValueError) as e:
         where = traceback.extract_tb(e.__traceback__)[-1]  # an internal error, too, says where it came from
-        logger.error("error: %s (raised at %s:%d)", e, where.filename, where.lineno)
+        logger.error("error: %s (raised at %s:%d)%s", e, where.filename, where.lineno,
+                     "" if args.debug else "; --debug shows the traceback")
+        if args.debug:
+            logger.error("".join(traceback.format_exception(e)))
         return 1
     except torch.OutOfMemoryError as e:
         hint = ", or add --grad_checkpointing" if hasattr(args, "grad_checkpointing") else ""

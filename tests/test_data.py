@@ -211,6 +211,20 @@ def test_unreadable_file_stops_with_its_path(backend, broken_folder):
         read_epoch(loader(backend, broken_folder, batch_size=2))
 
 
+def test_an_unreadable_file_in_a_worker_is_one_line(broken_folder, tmp_path, caplog):
+    """A DataLoader worker's error arrives wrapped in the worker's traceback: the run's error is one
+    line naming the file; --debug adds the traceback."""
+    flags = ["--data_path", str(broken_folder), "--output_dir", str(tmp_path), "--batch_size", "2", "--num_workers", "1",
+             "--data_backend", "torchvision", "--epochs", "1"]
+    assert cli(flags) == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "\n" not in errors[0] and ".jpg: unreadable image" in errors[0]
+    assert "Traceback" not in errors[0] and "--debug shows the traceback" in errors[0]
+    caplog.clear()
+    assert cli(flags + ["--debug"]) == 1
+    assert "Traceback" in caplog.text
+
+
 @pytest.mark.parametrize("backend", LOADERS)
 def test_unreadable_files_are_skipped_and_counted_when_asked(backend, broken_folder, caplog):
     lo = loader(backend, broken_folder, batch_size=2, skip_unreadable=True)

@@ -58,7 +58,8 @@ def test_bad_data_path_is_reported(tmp_path, caplog, make, message):
 
 @pytest.mark.parametrize("args", [["--mask_ratio", "1.0"], ["--model", "nope"], ["--kernels", "nope"],
                                   ["--device", "cuda"] if not torch.cuda.is_available() else ["--epochs", "0"],
-                                  ["--checkpoint_steps", "-1"], ["--checkpoint_steps", "3", "--accum_iter", "2"]])
+                                  ["--checkpoint_steps", "-1"], ["--checkpoint_steps", "3", "--accum_iter", "2"],
+                                  ["--lr", "-1"], ["--blr", "-0.1"], ["--weight_decay", "-1"], ["--clip_grad", "0"]])
 def test_bad_flags_are_refused(args):
     with pytest.raises(SystemExit) as e:
         cli(args)
@@ -173,3 +174,14 @@ def test_visualize_refuses_an_encoder_only_checkpoint(tmp_path, capsys):
     with pytest.raises(SystemExit):
         visualize_main(["--checkpoint", str(tmp_path / "enc.pth"), "--image", "x.png"])
     assert "encoder only" in capsys.readouterr().err
+
+
+def test_a_mask_ratio_that_keeps_no_patch_is_refused(folder, tmp_path, caplog):
+    assert run(folder, tmp_path, "--mask_ratio", "0.999") == 1
+    assert "keeps none of the 64 patches" in caplog.text and "at most 0.9844" in caplog.text
+
+
+def test_a_batch_larger_than_the_data_is_warned_about(folder, tmp_path, caplog):
+    assert run(folder, tmp_path, "--batch_size", "64", "--epochs", "1", "--vis_freq", "0") == 0
+    assert "holds 48 images, fewer than one batch" in caplog.text
+    assert "epoch 0 trains at lr 0" in caplog.text

@@ -56,18 +56,31 @@ def kill_after(proc, out, records: int, extra_delay: float = 0.0) -> bool:
     return False
 
 
+def epoch_records(out) -> dict:
+    """epoch -> (train_loss, train_lr) in log.txt; an epoch logged again after a resume keeps its last."""
+    records = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+    return {r["epoch"]: (r["train_loss"], r["train_lr"]) for r in records}
+
+
 @pytest.fixture(scope="module")
-def uninterrupted(folder, tmp_path_factory):
+def uninterrupted_dir(folder, tmp_path_factory):
     out = tmp_path_factory.mktemp("whole")
     assert cli(args(folder, out)) == 0
-    return step_losses(out)
+    return out
 
 
-def test_killed_mid_epoch_and_resumed_equals_uninterrupted(folder, tmp_path, uninterrupted):
+@pytest.fixture(scope="module")
+def uninterrupted(uninterrupted_dir):
+    return step_losses(uninterrupted_dir)
+
+
+def test_killed_mid_epoch_and_resumed_equals_uninterrupted(folder, tmp_path, uninterrupted, uninterrupted_dir):
     assert kill_after(start(args(folder, tmp_path, "--checkpoint_steps", "2")), tmp_path, records=9)
     assert (tmp_path / "checkpoint-last.pth").exists()
     assert cli(args(folder, tmp_path, "--checkpoint_steps", "2", "--resume", "auto")) == 0
     assert step_losses(tmp_path) == uninterrupted  # bit-identical losses, every step
+    # and the resumed epoch's means cover the batches before the kill too
+    assert epoch_records(tmp_path) == epoch_records(uninterrupted_dir)
 
 
 def test_killed_repeatedly_even_while_saving(folder, tmp_path, uninterrupted):
@@ -95,7 +108,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(folder, tmp_path, mon
     assert cli(args(folder, tmp_path, "--checkpoint_steps", "1")) == 1
     assert "loss is nan" in caplog.text and "last checkpoint" in caplog.text
     ckpt = read_checkpoint(tmp_path / "checkpoint-last.pth")
-    assert ckpt["data_position"] == {"epoch": 1, "batch": 2, "batch_size": 8, "accum_iter": 1, "steps_per_epoch": 6}
+    position = ckpt["data_position"]
+    assert position.pop("totals")["batches"] == 2  # the epoch's running sums so far
+    assert position == {"epoch": 1, "batch": 2, "batch_size": 8, "accum_iter": 1, "steps_per_epoch": 6}
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
@@ -122,7 +137,7 @@ def test_a_mid_epoch_position_in_other_batches_restarts_the_epoch(tmp_path, capl
 
     def resume(**changes):
         return load_training_state(tmp_path / "c.pth", model, optimizer, None, DistInfo(), torch.device("cpu"),
-                                   {**layout, **changes})
+                                   {**layout, **changes})[:2]
 
     assert resume() == (3, 4)
     assert resume(batch_size=16, steps_per_epoch=3) == (3, 0)
@@ -145,3 +160,10 @@ def test_compiled_run_killed_and_resumed_equals_uninterrupted(folder, tmp_path, 
     assert kill_after(start(args(folder, part, *extra)), part, records=9)
     assert cli(args(folder, part, *extra, "--resume", "auto")) == 0
     assert step_losses(part) == compiled
+
+
+def test_a_resume_with_another_loss_recipe_says_so(folder, tmp_path, caplog):
+    assert cli(args(folder, tmp_path, "--epochs", "1")) == 0
+    assert cli(args(folder, tmp_path, "--resume", "auto", "--norm_pix_loss", "--mask_ratio", "0.5")) == 0
+    assert "with --norm_pix_loss True: the checkpoint was trained with False" in caplog.text
+    assert "with --mask_ratio 0.5: the checkpoint was trained with 0.75" in caplog.text

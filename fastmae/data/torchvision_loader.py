@@ -109,6 +109,13 @@ class TorchvisionLoader:
         return batches_per_epoch(len(self.dataset), world_size=self.world_size, batch_size=self.batch_size) - self.start_batch
 
     def __iter__(self):
+        try:
+            yield from self._batches()
+        except UnreadableImageError as e:
+            # a worker's error arrives as the worker's whole traceback: keep its last line, the file's
+            raise UnreadableImageError(_worker_message(str(e))) from e
+
+    def _batches(self):
         for batch in self._loader:
             if self.skip_unreadable:
                 images, labels, skipped = batch
@@ -116,3 +123,12 @@ class TorchvisionLoader:
             else:
                 images, labels = batch
             yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+
+
+def _worker_message(text: str) -> str:
+    """The original message of an error re-raised from a DataLoader worker ("Caught ... Original
+    Traceback ... module.ErrorType: message"), or ``text`` itself."""
+    if "Original Traceback" not in text:
+        return text
+    last = text.strip().splitlines()[-1]
+    return last.partition(": ")[2] or last

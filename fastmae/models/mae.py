@@ -158,8 +158,14 @@ class MaskedAutoencoderViT(AttentionBackendSwitch, nn.Module):
         return ops.random_masking(noise, self.len_keep(mask_ratio), backend=self.kernel_backend)
 
     def len_keep(self, mask_ratio: float) -> int:
-        """How many patches the encoder sees: the original's ``int(L * (1 - mask_ratio))``."""
-        return int(self.num_patches * (1 - mask_ratio))
+        """How many patches the encoder sees: the original's ``int(L * (1 - mask_ratio))``; a ratio
+        that keeps none is an error (the encoder would see only the cls token)."""
+        L = self.num_patches
+        keep = int(L * (1 - mask_ratio))
+        if keep == 0:
+            raise ValueError(f"mask ratio {mask_ratio} keeps none of the {L} patches (the encoder would see only the "
+                             f"cls token): use at most {1 - 1 / L:.4g}")
+        return keep
 
     def forward_encoder(self, imgs: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None):
         """Encode the visible patches. Returns ``latent`` [N, 1+K, D] (with ``encoder_mask_tokens``:
