@@ -23,13 +23,25 @@ class LoadResult:
     unexpected_keys: list[str] = field(default_factory=list)
 
 
+class UnreadableCheckpointError(ValueError):
+    """A checkpoint file that cannot be loaded (empty, truncated, not a checkpoint); the message
+    starts with its path."""
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """``torch.load`` on the CPU, with tensors only plus the ``argparse.Namespace`` that the
-    original's checkpoints carry under ``args``."""
+    original's checkpoints carry under ``args``. A file that is not a readable checkpoint raises
+    :class:`UnreadableCheckpointError` naming it."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        return torch.load(path, map_location="cpu", weights_only=True)
+    if os.path.getsize(path) == 0:
+        raise UnreadableCheckpointError(f"{path}: an empty file, not a checkpoint")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, not a torch file, unpickling refused, ...
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UnreadableCheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {reason})") from e
 
 
 def model_state_dict(checkpoint: str | os.PathLike | Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -43,6 +55,10 @@ def model_state_dict(checkpoint: str | os.PathLike | Mapping[str, Any]) -> dict[
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
     return dict(state)
+
+
+def _some(keys: list[str], shown: int = 6) -> str:
+    return f"{len(keys)} keys" + (f" ({', '.join(keys[:shown])}{', ...' if len(keys) > shown else ''})" if keys else "")
 
 
 def load_checkpoint(
@@ -66,8 +82,8 @@ def load_checkpoint(
         unexpected_keys=[k for k in state if k not in own],
     )
     if strict and (result.missing_keys or result.unexpected_keys):
-        raise KeyError(f"checkpoint does not match the model: missing {result.missing_keys}, "
-                       f"unexpected {result.unexpected_keys}")
+        raise ValueError(f"checkpoint does not match the model: missing {_some(result.missing_keys)}; "
+                         f"unexpected {_some(result.unexpected_keys)}")
     model.load_state_dict(state, strict=False)
     if result.missing_keys:
         logger.warning("checkpoint lacks %d keys (left as initialized): %s",

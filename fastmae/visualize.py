@@ -8,6 +8,7 @@ works with fastmae's checkpoints and the original's full ones (``mae_visualize_v
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import numpy as np
@@ -17,7 +18,7 @@ from torchvision import transforms
 
 from fastmae.checkpoint import load_checkpoint, model_state_dict, read_checkpoint
 from fastmae.data import IMAGENET_MEAN, IMAGENET_STD
-from fastmae.data.sources import load_rgb
+from fastmae.data.sources import UnreadableImageError, load_rgb
 from fastmae.models import PRESETS, MaskedAutoencoderViT, create_model
 from fastmae.ops.reference import NORM_PIX_EPS
 
@@ -48,8 +49,20 @@ def reconstruction_grid(model: MaskedAutoencoderViT, imgs: torch.Tensor, mask_ra
     return rows.permute(0, 2, 3, 1).reshape(-1, rows.shape[3], 3).byte().cpu().numpy()
 
 
-def save_reconstructions(model: MaskedAutoencoderViT, imgs: torch.Tensor, mask_ratio: float, path: str) -> None:
-    Image.fromarray(reconstruction_grid(model, imgs, mask_ratio)).save(path)
+# small images are enlarged (each pixel a square) until a tile is at least this tall
+MIN_TILE = 128
+
+
+def readable(grid: np.ndarray, tile: int) -> np.ndarray:
+    """``grid`` of ``tile``-pixel tiles, enlarged by an integer factor to ``MIN_TILE``-pixel tiles."""
+    factor = max(1, -(-MIN_TILE // tile))
+    return grid.repeat(factor, axis=0).repeat(factor, axis=1)
+
+
+def save_reconstructions(model: MaskedAutoencoderViT, imgs: torch.Tensor, mask_ratio: float, path: str,
+                         seed: int = 0) -> None:
+    grid = reconstruction_grid(model, imgs, mask_ratio, seed=seed)
+    Image.fromarray(readable(grid, imgs.shape[-2])).save(path)
 
 
 def model_for_checkpoint(state: dict, name: str | None, norm_pix_loss: bool) -> MaskedAutoencoderViT:
@@ -77,21 +90,35 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", default=0, type=int, help="which patches are masked")
     p.add_argument("--out", default="reconstruction.png")
     args = p.parse_args(argv)
+    if not 0 <= args.mask_ratio < 1:
+        p.error(f"--mask_ratio must be in [0, 1), got {args.mask_ratio}")
+    try:
+        return draw(args)
+    except (FileNotFoundError, UnreadableImageError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
+
+def draw(args: argparse.Namespace) -> int:
     ckpt = read_checkpoint(args.checkpoint)
     saved = vars(ckpt.get("args", None) or argparse.Namespace())
     state = model_state_dict(ckpt)
     if "decoder_pred.weight" not in state:
-        p.error(f"{args.checkpoint} holds an encoder only; reconstructions need the decoder (a full MAE checkpoint)")
+        raise ValueError(f"{args.checkpoint} holds an encoder only; reconstructions need the decoder (a full MAE "
+                         "checkpoint)")
     norm_pix = args.norm_pix_loss if args.norm_pix_loss is not None else bool(saved.get("norm_pix_loss", False))
     model = model_for_checkpoint(state, args.model or saved.get("model"), norm_pix)
     load_checkpoint(model, state, strict=True)
+    model.len_keep(args.mask_ratio)  # a ratio that keeps no patch says so before the images are read
     size = model.patch_embed.img_size[0]
     tf = transforms.Compose([transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC),
                              transforms.CenterCrop(size), transforms.ToTensor(),
                              transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    for f in args.image:
+        if not os.path.isfile(f):
+            raise FileNotFoundError(f"image not found: {f}")
     imgs = torch.stack([tf(load_rgb(f)) for f in args.image])
-    Image.fromarray(reconstruction_grid(model, imgs, args.mask_ratio, seed=args.seed)).save(args.out)
+    save_reconstructions(model, imgs, args.mask_ratio, args.out, seed=args.seed)
     print(f"wrote {args.out} ({len(args.image)} rows: original | masked | reconstruction | reconstruction + visible)")
     return 0
 

@@ -39,7 +39,7 @@ def test_unexpected_keys_and_ddp_prefix():
     state["module.head.weight"] = torch.zeros(10, 192)
     result = load_checkpoint(tiny(), state)
     assert result.unexpected_keys == ["head.weight"] and not result.missing_keys
-    with pytest.raises(KeyError, match="head.weight"):
+    with pytest.raises(ValueError, match=r"unexpected 1 keys \(head.weight\)"):
         load_checkpoint(tiny(), state, strict=True)
 
 

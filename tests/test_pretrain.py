@@ -159,21 +159,49 @@ def test_the_step_mode_is_logged(folder, tmp_path, caplog):
 def test_reconstruction_png_and_visualize_cli(folder, tmp_path):
     assert run(folder, tmp_path, "--epochs", "1", "--vis_freq", "1", "--norm_pix_loss") == 0
     png = Image.open(tmp_path / "reconstruction-0.png")
-    assert png.size == (4 * 32, 8 * 32)  # 8 images: original | masked | reconstruction | pasted
+    assert png.size == (4 * 128, 8 * 128)  # 8 images: original | masked | reconstruction | pasted, 32 px shown 4x
     image = folder / "train" / "circle"
     first = sorted(image.iterdir())[0]
     out = tmp_path / "vis.png"
     assert visualize_main(["--checkpoint", str(tmp_path / "checkpoint-0.pth"), "--image", str(first), str(first),
                            "--out", str(out)]) == 0
-    assert Image.open(out).size == (4 * 32, 2 * 32)
+    assert Image.open(out).size == (4 * 128, 2 * 128)
 
 
-def test_visualize_refuses_an_encoder_only_checkpoint(tmp_path, capsys):
-    state = {k: v for k, v in create_model("mae_vit_tiny_patch4").state_dict().items() if not k.startswith("decoder")}
-    torch.save({"model": state}, tmp_path / "enc.pth")
+@pytest.fixture
+def bad_files(tmp_path):
+    """An encoder-only checkpoint, an empty file, a truncated checkpoint, a truncated image, a full checkpoint."""
+    model = create_model("mae_vit_tiny_patch4")
+    torch.save({"model": {k: v for k, v in model.state_dict().items() if not k.startswith("decoder")}},
+               tmp_path / "enc.pth")
+    torch.save({"model": model.state_dict()}, tmp_path / "full.pth")
+    (tmp_path / "empty.pth").write_bytes(b"")
+    (tmp_path / "truncated.pth").write_bytes((tmp_path / "full.pth").read_bytes()[:5000])
+    Image.new("RGB", (40, 40), (10, 200, 30)).save(tmp_path / "ok.png")
+    (tmp_path / "truncated.png").write_bytes((tmp_path / "ok.png").read_bytes()[:60])
+    return tmp_path
+
+
+@pytest.mark.parametrize("checkpoint, image, message", [
+    ("enc.pth", "ok.png", "holds an encoder only"),
+    ("missing.pth", "ok.png", "checkpoint not found"),
+    ("empty.pth", "ok.png", "empty.pth: an empty file, not a checkpoint"),
+    ("truncated.pth", "ok.png", "truncated.pth: not a readable checkpoint"),
+    ("full.pth", "missing.png", "image not found"),
+    ("full.pth", "truncated.png", "truncated.png: unreadable image"),
+])
+def test_visualize_says_what_is_wrong_in_one_line(bad_files, capsys, checkpoint, image, message):
+    assert visualize_main(["--checkpoint", str(bad_files / checkpoint), "--image", str(bad_files / image),
+                           "--model", "mae_vit_tiny_patch4", "--out", str(bad_files / "out.png")]) == 1
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_visualize_refuses_a_mask_ratio_of_one(bad_files, capsys):
     with pytest.raises(SystemExit):
-        visualize_main(["--checkpoint", str(tmp_path / "enc.pth"), "--image", "x.png"])
-    assert "encoder only" in capsys.readouterr().err
+        visualize_main(["--checkpoint", str(bad_files / "full.pth"), "--image", str(bad_files / "ok.png"),
+                        "--mask_ratio", "1.0"])
+    assert "--mask_ratio must be in [0, 1)" in capsys.readouterr().err
 
 
 def test_a_mask_ratio_that_keeps_no_patch_is_refused(folder, tmp_path, caplog):
