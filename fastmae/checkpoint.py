@@ -115,6 +115,29 @@ def _replace_durably(tmp: str, path: str | os.PathLike) -> None:
         os.close(folder)
 
 
+KINDS = ("pretrain", "finetune", "linprobe")
+
+
+def checkpoint_kind(path: str | os.PathLike) -> str:
+    """What a checkpoint was trained for: its ``kind`` entry (fastmae writes one), else what its
+    weights say (an MAE decoder: ``pretrain``; a linear-probe head, BatchNorm then Linear:
+    ``linprobe``; a classifier head: ``finetune``; an encoder alone: ``encoder``). Reads the
+    tensors' metadata only."""
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not a zip checkpoint (mmap needs one), or unreadable: read_checkpoint says why
+        ckpt = read_checkpoint(path)
+    if isinstance(ckpt, Mapping) and ckpt.get("kind") in KINDS:
+        return ckpt["kind"]
+    keys = set(model_state_dict(ckpt))
+    if "decoder_pred.weight" in keys:
+        return "pretrain"
+    if "head.1.weight" in keys or "head.0.running_mean" in keys:
+        return "linprobe"
+    return "finetune" if "head.weight" in keys else "encoder"
+
+
 def newest_checkpoint(output_dir: str | os.PathLike) -> str | None:
     """``checkpoint-last.pth`` in ``output_dir`` (the latest state of a fastmae run), else the most
     recently written ``checkpoint-*.pth`` (e.g. from the original), else None."""

@@ -36,7 +36,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="RandAugment (torchvision's, 2 ops at magnitude 9) or none")
     g.add_argument("--finetune_blocks", default=None, type=int,
                    help="partial fine-tuning: train only the last k blocks (and the norm and head)")
-    add_common_args(p, epochs=10, warmup_epochs=1, min_lr=1e-6)
+    add_common_args(p, epochs=10, warmup_epochs=1, min_lr=1e-6, output_dir="./output_dir_finetune")
     return p
 
 
@@ -56,7 +56,7 @@ def freeze_all_but_last_blocks(model, k: int) -> None:
 
 
 def main(args: argparse.Namespace) -> dict:
-    run = Run(args)
+    run = Run(args, "finetune")
     train_loader, val_loader, num_classes = build_data(args, run, "train_randaug" if args.aa != "none" else "train")
     model = build_classifier(args, num_classes, head_init_std=2e-5, drop_path_rate=args.drop_path).to(run.device)
     if args.eval:

@@ -25,12 +25,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("python -m fastmae.linprobe", description=__doc__,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_eval_args(p, global_pool=False)
-    add_common_args(p, batch_size=256, epochs=10, blr=0.1, weight_decay=0.0, warmup_epochs=1)
+    add_common_args(p, batch_size=256, epochs=10, blr=0.1, weight_decay=0.0, warmup_epochs=1,
+                    output_dir="./output_dir_linprobe")
     return p
 
 
 def main(args: argparse.Namespace) -> dict:
-    run = Run(args)
+    run = Run(args, "linprobe")
     train_loader, val_loader, num_classes = build_data(args, run, "train")
     model = build_classifier(args, num_classes, head_init_std=0.01)
     # the probe: batch statistics normalize the frozen features before the linear layer

@@ -65,7 +65,7 @@ class Pretraining:
 
 
 def build(args: argparse.Namespace) -> Pretraining:
-    run = Run(args)
+    run = Run(args, "pretrain")
     device, dist = run.device, run.dist
     model = create_model(args.model, norm_pix_loss=args.norm_pix_loss, norm_backend=args.norm,
                          kernel_backend=args.kernels, attention_backend=args.attention,

@@ -18,7 +18,8 @@ from torch import nn
 
 from fastmae import ops
 from fastmae.checkpoint import (
-    link_or_copy, model_state_dict, newest_checkpoint, read_checkpoint, rng_state, save_checkpoint, set_rng_state,
+    checkpoint_kind, link_or_copy, model_state_dict, newest_checkpoint, read_checkpoint, rng_state, save_checkpoint,
+    set_rng_state,
 )
 from fastmae.data import DATA_BACKENDS, UnreadableImageError
 from fastmae.distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, cleanup, init_distributed
@@ -139,10 +140,23 @@ class RunFiles:
             self.writer.flush()
 
 
-class Run:
-    """One process's share of a run: device, place in the process group, seeds, files, precision."""
+def check_output_dir(output_dir: str, kind: str) -> None:
+    """Refuse an ``output_dir`` whose checkpoints are of another kind than this run's: the run would
+    write its own beside them (``log.txt``, numbered checkpoints) and ``--resume auto`` would pick up
+    theirs."""
+    newest = newest_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+    if newest is not None and (found := checkpoint_kind(newest)) != kind:
+        raise ValueError(f"{output_dir} holds {found} checkpoints ({os.path.basename(newest)}); a {kind} run would "
+                         f"write its own beside them: choose another --output_dir")
 
-    def __init__(self, args: argparse.Namespace):
+
+class Run:
+    """One process's share of a run (a ``kind`` of :data:`fastmae.checkpoint.KINDS`): device, place
+    in the process group, seeds, files, precision."""
+
+    def __init__(self, args: argparse.Namespace, kind: str):
+        self.kind = kind
+        check_output_dir(args.output_dir, kind)
         device = torch.device(args.device)
         self.dist = init_distributed(device.type)
         if device.type == "cuda" and self.dist.enabled:
@@ -308,6 +322,8 @@ def fit(
     start_epoch, start_batch, totals = args.start_epoch, 0, None
     layout = {"batch_size": args.batch_size, "accum_iter": args.accum_iter, "steps_per_epoch": steps_per_epoch}
     resume = resume_path(args)
+    if resume and (found := checkpoint_kind(resume)) != run.kind:
+        raise ValueError(f"{resume} is a {found} checkpoint: a {run.kind} run resumes {run.kind} checkpoints")
     if resume:
         start_epoch, start_batch, totals = load_training_state(resume, model, optimizer, run.scaler, dist, device,
                                                                layout, args)
@@ -323,7 +339,7 @@ def fit(
             # mid-epoch, the epoch's running sums too: the resumed epoch logs the uninterrupted one's means
             position = {"epoch": epoch + 1 if next_batch == 0 else epoch, "batch": next_batch, **layout,
                         **({"totals": totals} if next_batch else {})}
-            state = {"model": model.state_dict(), "optimizer": portable_state_dict(optimizer),
+            state = {"model": model.state_dict(), "optimizer": portable_state_dict(optimizer), "kind": run.kind,
                      "scaler": run.scaler.state_dict() if run.scaler else None,
                      "epoch": epoch if next_batch == 0 else epoch - 1,  # the original's: last finished epoch
                      "data_position": position,

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fastmae.checkpoint import checkpoint_kind
 from fastmae.data import TorchvisionLoader, transform
 from fastmae.data.augment import MixupCutmix, random_erasing, soft_target_cross_entropy
 from fastmae.data.shapes import ShapesDataset
@@ -209,3 +210,23 @@ def test_the_originals_launch_flags_are_accepted(labelled_folder, tmp_path):
 def test_synthetic_labels_fit_the_classes(tmp_path):
     assert finetune_cli(["--data_backend", "synthetic", "--nb_classes", "7", "--output_dir", str(tmp_path),
                          "--epochs", "1", "--batch_size", "8", "--builtin_size", "40"]) == 0
+
+
+def test_the_readmes_commands_keep_to_their_own_folders(tmp_path, monkeypatch, caplog):
+    """pretrain, then finetune and linprobe of its checkpoint, each with its default folder: none
+    touches another's; a folder or a checkpoint of another kind is refused, naming the kind."""
+    monkeypatch.chdir(tmp_path)
+    small = ["--builtin_size", "60", "--epochs", "1", "--batch_size", "16", "--num_workers", "0"]
+    assert pretrain_cli(small + ["--vis_freq", "0"]) == 0
+    pretraining_log = (tmp_path / "output_dir" / "log.txt").read_text()
+    assert finetune_cli(small + ["--finetune", "output_dir/checkpoint-0.pth"]) == 0
+    assert linprobe_cli(small + ["--finetune", "output_dir/checkpoint-0.pth"]) == 0
+    assert (tmp_path / "output_dir" / "log.txt").read_text() == pretraining_log
+    for kind in ("finetune", "linprobe"):
+        assert checkpoint_kind(tmp_path / f"output_dir_{kind}" / "checkpoint-0.pth") == kind
+    assert checkpoint_kind(tmp_path / "output_dir" / "checkpoint-0.pth") == "pretrain"
+
+    assert finetune_cli(small + ["--output_dir", "output_dir"]) == 1
+    assert "output_dir holds pretrain checkpoints (checkpoint-last.pth); a finetune run would" in caplog.text
+    assert pretrain_cli(small + ["--output_dir", "elsewhere", "--resume", "output_dir_finetune/checkpoint-0.pth"]) == 1
+    assert "output_dir_finetune/checkpoint-0.pth is a finetune checkpoint" in caplog.text
