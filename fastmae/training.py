@@ -63,7 +63,9 @@ def add_common_args(p: argparse.ArgumentParser, **defaults) -> None:
                    help="auto: DALI on CUDA when installed, else torchvision; synthetic: random batches on the device")
     g.add_argument("--skip_unreadable", action="store_true",
                    help="replace unreadable image files by readable ones (logged and counted) instead of stopping")
-    g.add_argument("--num_workers", default=2, type=int, help="DataLoader workers (torchvision) or DALI threads")
+    g.add_argument("--num_workers", default=None, type=int,
+                   help="DataLoader workers (torchvision) or DALI threads (default: 2 on CUDA; on a CPU, at most "
+                        "the cores less one, the model's computation needing one)")
     g.add_argument("--pin_mem", action=argparse.BooleanOptionalAction, default=True,
                    help="pin host memory in the loader for faster transfers to the GPU")
 
@@ -150,6 +152,25 @@ def check_output_dir(output_dir: str, kind: str) -> None:
                          f"write its own beside them: choose another --output_dir")
 
 
+def cores_per_rank() -> int:
+    """The cores this process may use, shared among the node's ranks (torchrun's LOCAL_WORLD_SIZE)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def choose_threads(device_type: str, num_workers: int | None, cores: int,
+                   omp_num_threads: str | None) -> tuple[int | None, int]:
+    """``(intra-op threads, loader workers)`` such that the model's threads and the loader's
+    workers (one thread each) do not outnumber the ``cores``: OpenMP threads that find their core
+    taken spin and wait, and a 2-core CPU shared with one busy process trained 4-6x slower with
+    2 threads than with 1. ``num_workers`` None: 2 on CUDA, on a CPU at most ``cores - 1``. An
+    ``OMP_NUM_THREADS`` the user set is kept (threads None)."""
+    if num_workers is None:
+        num_workers = 2 if device_type == "cuda" else min(2, cores - 1)
+    threads = None if omp_num_threads else max(1, cores - num_workers)
+    return threads, num_workers
+
+
 class Run:
     """One process's share of a run (a ``kind`` of :data:`fastmae.checkpoint.KINDS`): device, place
     in the process group, seeds, files, precision."""
@@ -164,6 +185,16 @@ class Run:
         self.device = device
         if not self.dist.is_main:
             logger.setLevel(logging.WARNING)
+        threads, args.num_workers = choose_threads(device.type, args.num_workers, cores_per_rank(),
+                                                   os.environ.get("OMP_NUM_THREADS"))
+        if threads is not None:
+            torch.set_num_threads(threads)
+        logger.info("threads: %d for the model's ops, %d data loader workers, on %d cores%s", torch.get_num_threads(),
+                    args.num_workers, cores_per_rank(),
+                    "" if threads is None else " (OMP_NUM_THREADS and --num_workers choose otherwise)")
+        if torch.get_num_threads() + args.num_workers > cores_per_rank():
+            logger.warning("the model's %d threads and %d loader workers outnumber the %d cores: expect them to wait "
+                           "on each other", torch.get_num_threads(), args.num_workers, cores_per_rank())
         seed = args.seed + self.dist.rank
         torch.manual_seed(seed)
         np.random.seed(seed)

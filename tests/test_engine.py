@@ -129,3 +129,13 @@ def test_reconstruction_grid():
         grid = reconstruction_grid(model, torch.randn(3, 3, 32, 32))
         assert grid.shape == (3 * 32, 4 * 32, 3) and grid.dtype == np.uint8
         assert model.training
+
+
+def test_progress_shows_the_epochs_and_the_runs_time_left():
+    from fastmae.engine import Progress
+
+    lines = []
+    progress = Progress(True, 0, 10, 0, lines.append)
+    progress({"epoch": 0, "batch": 5, "loss": 0.5, "lr": 1e-3, "images_per_sec": 100.0, "eta_seconds": 5.2,
+              "eta_run_seconds": 3725.0})
+    assert lines and "eta 0:05 (run 1:02:05)" in lines[0]

@@ -15,6 +15,7 @@ from fastmae.models import create_model
 from fastmae.ops import BackendUnavailableError
 from fastmae.optim import build_optimizer, lr_at, param_groups_weight_decay
 from fastmae.pretrain import cli
+from fastmae.training import choose_threads, cores_per_rank
 from fastmae.visualize import main as visualize_main
 
 
@@ -213,3 +214,25 @@ def test_a_batch_larger_than_the_data_is_warned_about(folder, tmp_path, caplog):
     assert run(folder, tmp_path, "--batch_size", "64", "--epochs", "1", "--vis_freq", "0") == 0
     assert "holds 48 images, fewer than one batch" in caplog.text
     assert "epoch 0 trains at lr 0" in caplog.text
+
+
+@pytest.mark.parametrize("device, workers, cores, omp, expected", [
+    ("cpu", None, 2, None, (1, 1)),  # the model's thread and one worker: the two cores, no more
+    ("cpu", None, 16, None, (14, 2)),
+    ("cpu", 0, 2, None, (2, 0)),
+    ("cpu", None, 1, None, (1, 0)),
+    ("cuda", None, 16, None, (14, 2)),
+    ("cpu", None, 2, "2", (None, 1)),  # OMP_NUM_THREADS is the user's
+])
+def test_threads_do_not_outnumber_the_cores(device, workers, cores, omp, expected):
+    assert choose_threads(device, workers, cores, omp) == expected
+
+
+def test_the_threads_chosen_are_logged(folder, tmp_path, caplog, monkeypatch):
+    caplog.set_level(logging.INFO, logger="fastmae")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert cli(["--data_path", str(folder), "--output_dir", str(tmp_path), "--batch_size", "16", "--epochs", "1",
+                "--num_workers", "3", "--vis_freq", "0"]) == 0
+    assert "data loader workers, on" in caplog.text
+    if cores_per_rank() <= 3:
+        assert "outnumber the" in caplog.text
