@@ -97,12 +97,24 @@ def load_checkpoint(
 def save_checkpoint(obj: Mapping[str, Any], path: str | os.PathLike) -> None:
     """``torch.save`` to a temporary file in the same folder, flushed to disk, then rename: a kill
     during the save, or a node crash after it, leaves any previous file at ``path`` intact."""
-    tmp = f"{os.fspath(path)}.tmp"
+    tmp = _temporary_name(path)
     with open(tmp, "wb") as f:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
     _replace_durably(tmp, path)
+
+
+def _temporary_name(path: str | os.PathLike) -> str:
+    # this process's own: two writers never rename each other's file
+    return f"{os.fspath(path)}.{os.getpid()}.tmp"
+
+
+def remove_stale_temporaries(output_dir: str | os.PathLike) -> None:
+    """Temporary checkpoint files left by runs that were killed while saving (call with the output
+    folder's lock held: no live run is writing them)."""
+    for tmp in glob.glob(os.path.join(output_dir, "checkpoint-*.pth.*tmp")):
+        os.remove(tmp)
 
 
 def _replace_durably(tmp: str, path: str | os.PathLike) -> None:
@@ -118,16 +130,22 @@ def _replace_durably(tmp: str, path: str | os.PathLike) -> None:
 KINDS = ("pretrain", "finetune", "linprobe")
 
 
+def peek_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """The checkpoint at ``path`` with its tensors mapped, not read (cheap for multi-GB files); a
+    file that is not a readable checkpoint raises :class:`UnreadableCheckpointError`."""
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not a zip checkpoint (mmap needs one), or unreadable: read_checkpoint says why
+        return read_checkpoint(path)
+
+
 def checkpoint_kind(path: str | os.PathLike) -> str:
     """What a checkpoint was trained for: its ``kind`` entry (fastmae writes one), else what its
     weights say (an MAE decoder: ``pretrain``; a linear-probe head, BatchNorm then Linear:
     ``linprobe``; a classifier head: ``finetune``; an encoder alone: ``encoder``). Reads the
     tensors' metadata only."""
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # not a zip checkpoint (mmap needs one), or unreadable: read_checkpoint says why
-        ckpt = read_checkpoint(path)
+    ckpt = peek_checkpoint(path)
     if isinstance(ckpt, Mapping) and ckpt.get("kind") in KINDS:
         return ckpt["kind"]
     keys = set(model_state_dict(ckpt))
@@ -138,21 +156,37 @@ def checkpoint_kind(path: str | os.PathLike) -> str:
     return "finetune" if "head.weight" in keys else "encoder"
 
 
-def newest_checkpoint(output_dir: str | os.PathLike) -> str | None:
-    """``checkpoint-last.pth`` in ``output_dir`` (the latest state of a fastmae run), else the most
-    recently written ``checkpoint-*.pth`` (e.g. from the original), else None."""
+def checkpoints_newest_first(output_dir: str | os.PathLike) -> list[str]:
+    """``checkpoint-last.pth`` (the latest state of a fastmae run), then the other
+    ``checkpoint-*.pth`` (numbered ones, the original's) from the most recently written; a file
+    that is another's hard link is listed once."""
     last = os.path.join(output_dir, "checkpoint-last.pth")
-    if os.path.isfile(last):
-        return last
-    found = glob.glob(os.path.join(output_dir, "checkpoint-*.pth"))
-    return max(found, key=os.path.getmtime) if found else None
+    others = sorted((f for f in glob.glob(os.path.join(output_dir, "checkpoint-*.pth")) if f != last),
+                    key=os.path.getmtime, reverse=True)
+    found, seen = [], set()
+    for path in ([last] if os.path.isfile(last) else []) + others:
+        inode = os.stat(path).st_ino
+        if inode not in seen:
+            seen.add(inode)
+            found.append(path)
+    return found
+
+
+def newest_readable_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The newest checkpoint in ``output_dir`` that loads (an unreadable one, e.g. cut short by a
+    full disk, is passed over with a warning naming it), else None."""
+    for path in checkpoints_newest_first(output_dir):
+        try:
+            peek_checkpoint(path)
+            return path
+        except UnreadableCheckpointError as e:
+            logger.warning("passing over %s; trying the one before it", e)
+    return None
 
 
 def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     """Make ``dst`` the same file as ``src`` (a hard link, else a copy), replacing it atomically."""
-    tmp = f"{os.fspath(dst)}.tmp"
-    if os.path.lexists(tmp):
-        os.remove(tmp)
+    tmp = _temporary_name(dst)
     try:
         os.link(src, tmp)
     except OSError:

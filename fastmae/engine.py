@@ -4,6 +4,7 @@ synchronization except where a log line or a checkpoint is due."""
 from __future__ import annotations
 
 import math
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -20,6 +21,14 @@ from fastmae.step import TrainStep
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+class StopRequested(Exception):
+    """Training stopped at a signal (SIGTERM, SIGUSR1), after a checkpoint of where it stood."""
+
+    def __init__(self, signum: int, epoch: int, batch: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name} at epoch {epoch}, batch {batch}")
+        self.signum, self.epoch, self.batch = signum, epoch, batch
 
 
 @dataclass
@@ -50,6 +59,7 @@ def train_one_epoch(
     log: Callable[[dict], None] = lambda record: None,
     on_checkpoint: Callable[[int, int, dict], None] = lambda epoch, next_batch, totals: None,
     totals: dict | None = None,
+    stop_signal: Callable[[], int] = lambda: 0,
 ) -> dict:
     """Train on ``loader`` (already positioned at ``start_batch`` of ``epoch``) with ``step``
     (forward, backward, and an update every ``step.accum_iter`` batches).
@@ -60,7 +70,9 @@ def train_one_epoch(
     :class:`NonFiniteLossError` there, and before every checkpoint, so that no checkpoint is written
     after the loss went bad. ``on_checkpoint(epoch, next_batch, totals)`` gets the epoch's running
     sums, which a run resumed mid-epoch passes back as ``totals``, so that its epoch means are the
-    uninterrupted run's. Returns the epoch's mean loss and lr (the original's ``train_loss``,
+    uninterrupted run's. ``stop_signal()``: a signal number once one asked the run to stop (else 0);
+    the epoch then stops at the next optimizer step, after a checkpoint, with :class:`StopRequested`
+    (with several ranks, the ranks agree on it at a log record, all stopping at the same step). Returns the epoch's mean loss and lr (the original's ``train_loss``,
     ``train_lr``), its images/s (all ranks; the batches since a resume only) and the peak GPU memory.
     """
     step.model.train()
@@ -76,6 +88,7 @@ def train_one_epoch(
     start = window_start = time.perf_counter()
     step.discard_gradients()
     batch = start_batch - 1
+    stopping = 0  # the signal that stops the epoch at its next optimizer step
     for batch, (imgs, labels) in enumerate(loader, start=start_batch):
         if batch % accum == 0:
             lr = lr_at(epoch + batch / steps_per_epoch, **cfg.schedule)
@@ -89,9 +102,13 @@ def train_one_epoch(
         images += imgs.shape[0]
         window_images += imgs.shape[0]
         last = batch + 1 == steps_per_epoch
+        if not dist.enabled:  # one process: no rank to agree with
+            stopping = stopping or stop_signal()
         checkpoint_due = cfg.checkpoint_steps and (batch + 1) % cfg.checkpoint_steps == 0 and update and not last
-        if (batch + 1) % cfg.print_freq == 0 or last or checkpoint_due:
-            value = all_reduce_mean(window_sum / window).item()  # the sync point
+        if (batch + 1) % cfg.print_freq == 0 or last or checkpoint_due or (stopping and update and not last):
+            # the sync point: the loss since the last record, and whether any rank was asked to stop
+            value, signalled = mean_and_any_signal(window_sum / window, stop_signal())
+            stopping = stopping or (signalled and (stop_signal() or signal.SIGTERM))
             if not math.isfinite(value):
                 raise NonFiniteLossError(
                     f"loss is {value} at epoch {epoch}, batch {batch}; stopping. The last checkpoint in the "
@@ -108,9 +125,13 @@ def train_one_epoch(
             window_sum.zero_()
             window = window_images = 0
             window_start = now
-        if checkpoint_due:
+        # a stop decided at this record (or before, for one process) is after the loss was checked
+        stop_now = bool(stopping) and update and not last
+        if checkpoint_due or stop_now:
             on_checkpoint(epoch, batch + 1, {"loss_sum": all_reduce_mean(loss_sum).item(), "lr_sum": lr_sum,
                                              "batches": totals["batches"] + batch + 1 - start_batch})
+        if stop_now:
+            raise StopRequested(stopping, epoch, batch + 1)
     if batch < start_batch:
         raise RuntimeError(f"the data loader yielded no batches from batch {start_batch} of epoch {epoch} "
                            f"(the loader has {steps_per_epoch} per epoch)")
@@ -124,6 +145,13 @@ def train_one_epoch(
         "images_per_sec": images * dist.world_size / (time.perf_counter() - start),
         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
     }
+
+
+def mean_and_any_signal(value: torch.Tensor, signum: int) -> tuple[float, bool]:
+    """``(value's mean over the ranks, whether any rank got a stop signal)``: one collective, one read."""
+    both = all_reduce_mean(torch.stack([value.float(), torch.tensor(float(signum > 0), device=value.device)]))
+    mean, any_signal = both.tolist()
+    return mean, any_signal > 0
 
 
 @torch.no_grad()

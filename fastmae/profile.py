@@ -163,7 +163,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup_steps", default=None, type=int,
                    help="optimizer steps run before (default: enough to compile and capture the step)")
     g.add_argument("--trace", default=None, help="also write the Chrome trace of the profiled steps here")
-    p.set_defaults(data_backend="synthetic", epochs=1)
+    p.set_defaults(data_backend="synthetic", epochs=1, output_dir="./output_dir_profile")
     return p
 
 

@@ -7,9 +7,15 @@ import argparse
 import json
 import logging
 import os
+import fcntl
 import random
+import signal
+import socket
+import tempfile
+import threading
 import time
 import traceback
+from contextlib import contextmanager
 from typing import Callable
 
 import numpy as np
@@ -18,12 +24,14 @@ from torch import nn
 
 from fastmae import ops
 from fastmae.checkpoint import (
-    checkpoint_kind, link_or_copy, model_state_dict, newest_checkpoint, read_checkpoint, rng_state, save_checkpoint,
-    set_rng_state,
+    UnreadableCheckpointError, checkpoint_kind, checkpoints_newest_first, link_or_copy, model_state_dict,
+    newest_readable_checkpoint, read_checkpoint, remove_stale_temporaries, rng_state, save_checkpoint, set_rng_state,
 )
 from fastmae.data import DATA_BACKENDS, UnreadableImageError
 from fastmae.distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, cleanup, init_distributed
-from fastmae.engine import EpochConfig, NonFiniteLossError, Progress, train_one_epoch
+from fastmae.engine import (
+    EpochConfig, NonFiniteLossError, Progress, StopRequested, mean_and_any_signal, train_one_epoch,
+)
 from fastmae.step import TrainStep, step_mode_unavailable_reasons
 
 logger = logging.getLogger("fastmae")
@@ -143,13 +151,24 @@ class RunFiles:
 
 
 def check_output_dir(output_dir: str, kind: str) -> None:
-    """Refuse an ``output_dir`` whose checkpoints are of another kind than this run's: the run would
-    write its own beside them (``log.txt``, numbered checkpoints) and ``--resume auto`` would pick up
-    theirs."""
-    newest = newest_checkpoint(output_dir) if os.path.isdir(output_dir) else None
-    if newest is not None and (found := checkpoint_kind(newest)) != kind:
-        raise ValueError(f"{output_dir} holds {found} checkpoints ({os.path.basename(newest)}); a {kind} run would "
-                         f"write its own beside them: choose another --output_dir")
+    """Refuse an ``output_dir`` that cannot be written, or whose checkpoints are of another kind than
+    this run's: the run would write its own beside them (``log.txt``, numbered checkpoints) and
+    ``--resume auto`` would pick up theirs."""
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=output_dir):
+            pass
+    except OSError as e:
+        raise ValueError(f"--output_dir {output_dir} cannot be written ({type(e).__name__}: {e.strerror or e})") from e
+    for newest in checkpoints_newest_first(output_dir):
+        try:
+            found = checkpoint_kind(newest)
+        except UnreadableCheckpointError:  # --resume auto passes over it too
+            continue
+        if found != kind:
+            raise ValueError(f"{output_dir} holds {found} checkpoints ({os.path.basename(newest)}); a {kind} run "
+                             "would write its own beside them: choose another --output_dir")
+        return
 
 
 def cores_per_rank() -> int:
@@ -171,6 +190,38 @@ def choose_threads(device_type: str, num_workers: int | None, cores: int,
     return threads, num_workers
 
 
+_locks: list = []  # the output folders this process holds (released by cli_main, or at exit)
+
+
+def lock_output_dir(output_dir: str) -> None:
+    """One run at a time per output folder: an exclusive lock on ``OUTPUT_DIR/.fastmae-run.lock``
+    for the run's life, which the OS releases when the process ends however it ends (a killed run
+    leaves nothing stuck). A second run on the folder is refused, naming the first."""
+    path = os.path.join(output_dir, ".fastmae-run.lock")
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        owner = handle.read().strip() or "another process"
+        handle.close()
+        raise ValueError(f"{output_dir} is in use by another run ({owner}): wait for it to end, or choose another "
+                         "--output_dir") from None
+    except OSError as e:  # a file system without locks (some network mounts)
+        logger.warning("cannot lock %s (%s): make sure no other run writes to it", output_dir, e)
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    handle.flush()
+    _locks.append(handle)
+    remove_stale_temporaries(output_dir)
+
+
+def release_output_dirs() -> None:
+    while _locks:
+        _locks.pop().close()
+
+
 class Run:
     """One process's share of a run (a ``kind`` of :data:`fastmae.checkpoint.KINDS`): device, place
     in the process group, seeds, files, precision."""
@@ -180,6 +231,8 @@ class Run:
         check_output_dir(args.output_dir, kind)
         device = torch.device(args.device)
         self.dist = init_distributed(device.type)
+        if self.dist.is_main:  # rank 0 writes the folder
+            lock_output_dir(args.output_dir)
         if device.type == "cuda" and self.dist.enabled:
             device = torch.device("cuda", self.dist.local_rank)
         self.device = device
@@ -249,7 +302,7 @@ def resume_path(args: argparse.Namespace) -> str | None:
     """The checkpoint ``--resume`` names: a path, or with ``auto`` the newest in ``--output_dir``."""
     if args.resume != "auto":
         return args.resume or None
-    path = newest_checkpoint(args.output_dir)
+    path = newest_readable_checkpoint(args.output_dir)
     if path is None:
         logger.info("--resume auto: no checkpoint in %s, starting afresh", args.output_dir)
     return path
@@ -268,6 +321,7 @@ def load_training_state(path, model, optimizer, scaler, dist: DistInfo, device, 
     (a changed ``RECIPE_FLAGS`` is logged)."""
     ckpt = read_checkpoint(path)
     saved = vars(ckpt.get("args") or argparse.Namespace())
+    check_same_architecture(path, model_state_dict(ckpt), saved, model, args)
     for flag in RECIPE_FLAGS:
         if args is not None and flag in saved and hasattr(args, flag) and saved[flag] != getattr(args, flag):
             logger.warning("resuming %s with --%s %s: the checkpoint was trained with %s", path, flag,
@@ -302,6 +356,48 @@ def load_training_state(path, model, optimizer, scaler, dist: DistInfo, device, 
         position = {"epoch": position["epoch"], "batch": 0}
     logger.info("resumed from %s at epoch %d, batch %d", path, position["epoch"], position["batch"])
     return position["epoch"], position["batch"], position.get("totals") if position["batch"] else None
+
+
+@contextmanager
+def stop_signals():
+    """While training: SIGTERM (SLURM's preemption, ``scancel``) and SIGUSR1 (``sbatch
+    --signal=USR1@SECONDS``) ask the run to stop at its next optimizer step, after a checkpoint.
+    Yields ``stop_signal()``: the signal number once one came, else 0."""
+    received = []
+    handled = (signal.SIGTERM, signal.SIGUSR1)
+    if threading.current_thread() is not threading.main_thread():  # only the main thread takes signals
+        yield lambda: 0
+        return
+    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in handled}
+    try:
+        yield lambda: received[0] if received else 0
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def describe_weights(state: dict, model_name: str | None) -> str:
+    """``mae_vit_base_patch16 (embed dim 768, patch 16, 196 patches, 12 blocks)``, from weights."""
+    parts = []
+    if "patch_embed.proj.weight" in state:
+        weight = state["patch_embed.proj.weight"]
+        parts += [f"embed dim {weight.shape[0]}", f"patch {weight.shape[-1]}"]
+    if "pos_embed" in state:
+        parts.append(f"{state['pos_embed'].shape[1] - 1} patches")
+    parts.append(f"{len({k.split('.')[1] for k in state if k.startswith('blocks.')})} blocks")
+    return f"{model_name or 'a model'} ({', '.join(parts)})"
+
+
+def check_same_architecture(path, state: dict, saved: dict, model: nn.Module, args) -> None:
+    """A checkpoint of another preset or image size is an error that says what it holds and what
+    this run builds (instead of a list of size mismatches)."""
+    own = model.state_dict()
+    if all(k in state and state[k].shape == v.shape for k, v in own.items()) and state.keys() <= own.keys():
+        return
+    this = getattr(args, "model", None) if args is not None else None
+    raise ValueError(f"{path} holds {describe_weights(state, saved.get('model'))}; this run builds "
+                     f"{describe_weights(own, this)}: resume with the checkpoint's --model and --input_size, or "
+                     "train afresh in another --output_dir")
 
 
 def portable_state_dict(optimizer: torch.optim.Optimizer) -> dict:
@@ -382,22 +478,22 @@ def fit(
                 link_or_copy(last, os.path.join(args.output_dir, f"checkpoint-{epoch}.pth"))
         barrier()
 
-    record: dict = {}
-    start = time.time()
-    for epoch in range(start_epoch, args.epochs):
+    def fit_epoch(epoch: int, start_batch: int, totals: dict | None, stop_signal) -> dict:
         loader.set_epoch(epoch, start_batch)
         progress = Progress(dist.is_main, epoch, steps_per_epoch, start_batch, logger.info)
 
-        def log(step_record, epoch=epoch):
+        def log(step_record):
             progress(step_record)
             run.files.append("log_steps.txt", step_record)
             run.files.scalars({k: step_record[k] for k in ("loss", "lr", "images_per_sec")},
                               epoch * steps_per_epoch + step_record["batch"])
 
-        stats = train_one_epoch(step, loader, epoch, cfg, device=device, steps_per_epoch=steps_per_epoch,
-                                start_batch=start_batch, dist=dist, log=log, on_checkpoint=checkpoint, totals=totals)
-        progress.close()
-        start_batch, totals = 0, None
+        try:
+            stats = train_one_epoch(step, loader, epoch, cfg, device=device, steps_per_epoch=steps_per_epoch,
+                                    start_batch=start_batch, dist=dist, log=log, on_checkpoint=checkpoint,
+                                    totals=totals, stop_signal=stop_signal)
+        finally:
+            progress.close()
         checkpoint(epoch, 0, numbered=epoch % args.save_freq == 0 or epoch + 1 == args.epochs)
         skipped = all_reduce_sum(torch.tensor(float(loader.files_skipped), device=device))
         record = {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch,
@@ -406,6 +502,17 @@ def fit(
         run.files.scalars(record, epoch)
         logger.info("epoch %d: %s", epoch, ", ".join(f"{k} {v:.4g}" for k, v in record.items()
                                                      if isinstance(v, float)))
+        return record
+
+    record: dict = {}
+    start = time.time()
+    with stop_signals() as stop_signal:
+        for epoch in range(start_epoch, args.epochs):
+            # a signal during an epoch's last step: its end's checkpoint holds the position (the ranks agree)
+            if mean_and_any_signal(torch.zeros((), device=device), stop_signal())[1]:
+                raise StopRequested(stop_signal() or signal.SIGTERM, epoch, 0)
+            record = fit_epoch(epoch, start_batch, totals, stop_signal)
+            start_batch, totals = 0, None
     logger.info("training time %.0fs", time.time() - start)
     return record
 
@@ -426,6 +533,10 @@ def cli_main(parser: argparse.ArgumentParser, main: Callable[[argparse.Namespace
         if args.debug:
             logger.error("".join(traceback.format_exception(e)))
         return 1
+    except StopRequested as e:
+        logger.info("%s: checkpoint-last.pth in %s holds where it stood; --resume auto continues from there", e,
+                    args.output_dir)
+        return 128 + e.signum
     except torch.OutOfMemoryError as e:
         hint = ", or add --grad_checkpointing" if hasattr(args, "grad_checkpointing") else ""
         logger.error("error: out of memory at --batch_size %d (%s). Lower --batch_size and raise --accum_iter to "
@@ -433,4 +544,5 @@ def cli_main(parser: argparse.ArgumentParser, main: Callable[[argparse.Namespace
         return 1
     finally:
         cleanup()
+        release_output_dirs()
     return 0

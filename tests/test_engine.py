@@ -1,6 +1,7 @@
 """The epoch loop: distributed data parallel and gradient accumulation compute the same update as one
 process with the whole batch, eager and compiled; FLOP counts; the reconstruction picture."""
 import os
+import signal
 import socket
 
 import numpy as np
@@ -13,7 +14,7 @@ from fastmae import ops
 from fastmae.data import TorchvisionLoader, pretrain_transform
 from fastmae.data.shapes import ShapesDataset
 from fastmae.distributed import cleanup, init_distributed
-from fastmae.engine import EpochConfig, train_one_epoch
+from fastmae.engine import EpochConfig, StopRequested, train_one_epoch
 from fastmae.flops import mae_forward_flops, peak_flops_of
 from fastmae.models import MaskedAutoencoderViT, create_model
 from fastmae.optim import param_groups_weight_decay
@@ -139,3 +140,40 @@ def test_progress_shows_the_epochs_and_the_runs_time_left():
     progress({"epoch": 0, "batch": 5, "loss": 0.5, "lr": 1e-3, "images_per_sec": 100.0, "eta_seconds": 5.2,
               "eta_run_seconds": 3725.0})
     assert lines and "eta 0:05 (run 1:02:05)" in lines[0]
+
+
+def stop_on_rank_0(rank: int, world_size: int, out: str, port: int) -> None:
+    """Rank 0 alone gets a stop signal after its 3rd step; both ranks must stop at the same step."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist = init_distributed("cpu")
+    torch.manual_seed(0)
+    model = SampleNoiseMAE(img_size=32, patch_size=4, embed_dim=32, depth=1, num_heads=2,
+                           decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
+    step = TrainStep(torch.nn.parallel.DistributedDataParallel(model), torch.optim.SGD(model.parameters(), lr=0.1),
+                     lambda m, x, y: m(x)[0], accum_iter=2)
+    loader = TorchvisionLoader(ShapesDataset(IMAGES, image_size=40, transform=pretrain_transform(32)), batch_size=2,
+                               device=torch.device("cpu"), rank=dist.rank, world_size=dist.world_size, seed=1,
+                               num_workers=0)
+    steps = []
+    checkpoints = []
+    cfg = EpochConfig(schedule=dict(lr=0.1, min_lr=0, warmup_epochs=0, epochs=1), print_freq=1)
+    try:
+        train_one_epoch(step, loader, 0, cfg, device=torch.device("cpu"), steps_per_epoch=len(loader), dist=dist,
+                        log=lambda r: steps.append(r["batch"]), on_checkpoint=lambda e, b, t: checkpoints.append(b),
+                        stop_signal=lambda: signal.SIGTERM if rank == 0 and len(steps) >= 3 else 0)
+        stopped = None
+    except StopRequested as e:
+        stopped = (e.batch, int(e.signum))
+    torch.save({"stopped": stopped, "checkpoints": checkpoints}, f"{out}.{rank}")
+    cleanup()
+
+
+def test_ranks_agree_on_a_stop_signal_that_one_of_them_got(tmp_path):
+    out = str(tmp_path / "stop")
+    mp.spawn(stop_on_rank_0, args=(2, out, free_port()), nprocs=2)
+    results = [torch.load(f"{out}.{rank}") for rank in range(2)]
+    # rank 0's signal seen by both at the 3rd record; the next optimizer step (accumulation 2) is the 4th batch
+    assert [r["stopped"] for r in results] == [(4, signal.SIGTERM), (4, signal.SIGTERM)]
+    assert [r["checkpoints"] for r in results] == [[4], [4]]

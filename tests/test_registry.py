@@ -88,3 +88,5 @@ def test_every_backend_defines_its_familys_ops():
 def test_availability_report_runs():
     out = subprocess.run([sys.executable, "-m", "fastmae.ops"], capture_output=True, text=True, check=True).stdout
     assert "kernels:" in out and "attention:" in out and "automatic on cpu: torch" in out
+    if not torch.cuda.is_available():
+        assert "adamw           cuda  no: no CUDA device is available" in out

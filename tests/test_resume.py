@@ -1,6 +1,7 @@
 """A run killed at any point (SIGKILL, mid-epoch, mid-save) and resumed continues as if it had never
 stopped; a non-finite loss stops the run and leaves the last good checkpoint."""
 import json
+import logging
 import math
 import os
 import signal
@@ -167,3 +168,64 @@ def test_a_resume_with_another_loss_recipe_says_so(folder, tmp_path, caplog):
     assert cli(args(folder, tmp_path, "--resume", "auto", "--norm_pix_loss", "--mask_ratio", "0.5")) == 0
     assert "with --norm_pix_loss True: the checkpoint was trained with False" in caplog.text
     assert "with --mask_ratio 0.5: the checkpoint was trained with 0.75" in caplog.text
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_stop_signal_ends_the_run_at_a_step_with_a_checkpoint(folder, tmp_path, uninterrupted, signum):
+    """SLURM's preemption (SIGTERM to every process of the job, loader workers included) or its
+    advance warning (SIGUSR1): the run finishes its step, writes checkpoint-last.pth, says so and
+    exits with 128 + the signal; --resume auto then computes what the uninterrupted run does."""
+    # a loader worker to receive the signal too; the model's threads as in the uninterrupted run (the
+    # thread count changes the rounding of the sums)
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = subprocess.Popen([sys.executable, "-m", "fastmae.pretrain", *args(folder, tmp_path, "--num_workers", "1")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True, env=env)
+    log = tmp_path / "log_steps.txt"
+    while proc.poll() is None and not (log.exists() and len(log.read_text().splitlines()) >= 4):
+        time.sleep(0.02)
+    os.killpg(proc.pid, signum)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signum, err.decode()[-2000:]
+    assert f"stopped by {signal.Signals(signum).name}" in err.decode()
+    assert read_checkpoint(tmp_path / "checkpoint-last.pth")["data_position"]["batch"] > 0  # mid-epoch, as it stood
+    assert cli(args(folder, tmp_path, "--resume", "auto")) == 0
+    assert step_losses(tmp_path) == uninterrupted
+
+
+def test_a_second_run_on_the_same_folder_is_refused_and_a_killed_one_leaves_no_lock(folder, tmp_path, caplog):
+    proc = start(args(folder, tmp_path, "--checkpoint_steps", "1"))
+    while proc.poll() is None and not (tmp_path / "log_steps.txt").exists():
+        time.sleep(0.02)
+    assert cli(args(folder, tmp_path, "--resume", "auto")) == 1
+    assert f"{tmp_path} is in use by another run (pid {proc.pid} on" in caplog.text
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    (tmp_path / "checkpoint-last.pth.12345.tmp").write_bytes(b"half a checkpoint")  # a killed save's leftovers
+    assert cli(args(folder, tmp_path, "--resume", "auto")) == 0  # the lock died with its process
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_an_unwritable_output_folder_is_refused_first(folder, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="fastmae")
+    (tmp_path / "file").write_text("a file where the folder would be")  # unwritable, even for root
+    assert cli(args(folder, tmp_path / "file" / "out")) == 1
+    assert "cannot be written (NotADirectoryError" in caplog.text
+    assert "model mae_vit_tiny_patch4" not in caplog.text  # refused before anything was built
+
+
+def test_a_checkpoint_of_another_model_says_what_it_holds(folder, tmp_path, caplog):
+    assert cli(args(folder, tmp_path, "--epochs", "1")) == 0
+    assert cli(args(folder, tmp_path / "b", "--resume", str(tmp_path / "checkpoint-0.pth"), "--input_size", "48")) == 1
+    assert ("checkpoint-0.pth holds mae_vit_tiny_patch4 (embed dim 192, patch 4, 64 patches, 4 blocks); this run "
+            "builds mae_vit_tiny_patch4 (embed dim 192, patch 4, 144 patches, 4 blocks)") in caplog.text
+
+
+def test_resume_auto_passes_over_an_unreadable_newest_checkpoint(folder, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="fastmae")
+    assert cli(args(folder, tmp_path, "--epochs", "1", "--checkpoint_steps", "2")) == 0
+    kept = tmp_path / "checkpoint-0.pth"
+    (tmp_path / "checkpoint-last.pth").unlink()  # a newest one cut short (a full disk, a node lost mid-copy)
+    (tmp_path / "checkpoint-last.pth").write_bytes(kept.read_bytes()[:1000])
+    assert cli(args(folder, tmp_path, "--resume", "auto")) == 0
+    assert "passing over" in caplog.text and "checkpoint-last.pth: not a readable checkpoint" in caplog.text
+    assert f"resumed from {kept} at epoch 1, batch 0" in caplog.text

@@ -1,7 +1,9 @@
 """The torchvision loader: a map-style dataset decoded and augmented by DataLoader workers on the CPU."""
 from __future__ import annotations
 
+import atexit
 import logging
+import signal
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -95,7 +97,18 @@ class TorchvisionLoader:
             batch_sampler=_EpochBatches(self), num_workers=num_workers,
             pin_memory=pin_memory and device.type == "cuda", persistent_workers=num_workers > 0,
             generator=torch.Generator(),  # its worker seeds must not draw from the global generator (masking's)
+            worker_init_fn=_leave_stop_signals_to_the_main_process,
         )
+        # before multiprocessing's own exit handler (atexit runs last-registered first), which would
+        # end the workers with a SIGTERM that they ignore
+        atexit.register(self.close)
+
+    def close(self) -> None:
+        """End the workers (they ignore the stop signals: see below)."""
+        iterator = getattr(self._loader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+            self._loader._iterator = None
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch, self.start_batch = epoch, start_batch
@@ -132,3 +145,10 @@ def _worker_message(text: str) -> str:
         return text
     last = text.strip().splitlines()[-1]
     return last.partition(": ")[2] or last
+
+
+def _leave_stop_signals_to_the_main_process(worker_id: int) -> None:
+    # SLURM signals every process of the job: the main process stops the run at its next step and
+    # then ends its workers (close()); a worker that died of the signal first would fail that step
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)

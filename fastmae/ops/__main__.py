@@ -24,7 +24,8 @@ def main() -> None:
     print("\noptimizers (python -m fastmae.pretrain --optimizer):")
     for name in OPTIMIZERS:
         for device in devices:
-            reasons = optimizer_unavailable_reasons(name, device)
+            reasons = (["no CUDA device is available"] if device == "cuda" and not torch.cuda.is_available()
+                       else optimizer_unavailable_reasons(name, device))
             print(f"  {name:<15} {device:<5} {'yes' if not reasons else 'no: ' + '; '.join(reasons)}")
 
 
