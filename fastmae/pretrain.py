@@ -85,7 +85,7 @@ def build(args: argparse.Namespace) -> Pretraining:
         backend=args.data_backend, data_path=args.data_path, input_size=args.input_size,
         batch_size=args.batch_size, device=device, rank=dist.rank, world_size=dist.world_size, seed=args.seed,
         num_workers=args.num_workers, pin_memory=args.pin_mem, skip_unreadable=args.skip_unreadable,
-        builtin_size=args.builtin_size,
+        builtin_size=args.builtin_size, pad_last_batch=args.pad_last_batch,
     )
     logger.info("data: %s via %s, %d steps per epoch per rank, %d ranks",
                 args.data_path or "built-in shapes", type(loader).__name__, len(loader), dist.world_size)
@@ -102,7 +102,7 @@ def build(args: argparse.Namespace) -> Pretraining:
 
 
 def warn_about_small_data(images: int, global_batch: int, steps_per_epoch: int, warmup_epochs: float) -> None:
-    if images < global_batch:
+    if images < global_batch:  # with --pad_last_batch (else no batch is whole: an error)
         logger.warning("the dataset holds %d images, fewer than one batch across the ranks (%d): every step "
                        "repeats images to fill its batch", images, global_batch)
     if steps_per_epoch == 1 and warmup_epochs > 0:

@@ -69,6 +69,9 @@ def add_common_args(p: argparse.ArgumentParser, **defaults) -> None:
                    help="images in the built-in shapes dataset (its validation set: a fifth of that)")
     g.add_argument("--data_backend", default="auto", choices=DATA_BACKENDS,
                    help="auto: DALI on CUDA when installed, else torchvision; synthetic: random batches on the device")
+    g.add_argument("--pad_last_batch", action="store_true",
+                   help="repeat images to fill each rank's last batch of an epoch, instead of leaving it out as the "
+                        "original does")
     g.add_argument("--skip_unreadable", action="store_true",
                    help="replace unreadable image files by readable ones (logged and counted) instead of stopping")
     g.add_argument("--num_workers", default=None, type=int,

@@ -60,6 +60,21 @@ def read_epoch(loader_, epoch=0):
 
 # -- sampling ------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("n,world,batch", [(43, 1, 4), (43, 2, 4), (43, 3, 5), (10, 3, 3), (1433, 1, 64)])
+def test_epoch_order_without_the_last_batch_is_the_originals(n, world, batch):
+    """DistributedSampler's share per rank (padded by wrapping to a multiple of the ranks), then
+    DataLoader(drop_last=True): 1,433 images at batch 64 make 22 steps, as the original's."""
+    for epoch in range(2):
+        shards = [epoch_order(n, epoch=epoch, seed=7, rank=r, world_size=world, batch_size=batch, drop_last=True)
+                  for r in range(world)]
+        steps = -(-n // world) // batch
+        assert [len(s) for s in shards] == [steps * batch] * world
+        assert batches_per_epoch(n, world_size=world, batch_size=batch, drop_last=True) == steps
+        padded = epoch_order(n, epoch=epoch, seed=7, rank=0, world_size=world, batch_size=batch)
+        assert np.array_equal(shards[0], padded[: len(shards[0])])  # the same order, cut short
+    assert batches_per_epoch(1433, world_size=1, batch_size=64, drop_last=True) == 22
+
+
 @pytest.mark.parametrize("n,world,batch", [(43, 1, 4), (43, 2, 4), (43, 3, 5), (10, 3, 4)])
 def test_epoch_order_covers_every_sample_once_across_ranks(n, world, batch):
     for epoch in range(3):
@@ -75,33 +90,39 @@ def test_epoch_order_covers_every_sample_once_across_ranks(n, world, batch):
 # -- both file loaders ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("backend", LOADERS)
-def test_batches_labels_and_values(backend, flat_folder):
-    images, labels = read_epoch(loader(backend, flat_folder))
-    assert images.shape == (44, 3, 16, 16) and images.dtype == torch.float32 and labels.dtype == torch.int64
+@pytest.mark.parametrize("pad", [False, True], ids=["drop-last", "pad-last"])
+def test_batches_labels_and_values(backend, flat_folder, pad):
+    images, labels = read_epoch(loader(backend, flat_folder, pad_last_batch=pad))
+    # 43 files in batches of 4: the original drops the incomplete last batch; padding repeats a file
+    assert images.shape == (44 if pad else 40, 3, 16, 16)
+    assert images.dtype == torch.float32 and labels.dtype == torch.int64
     lo = (0 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
     hi = (1 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
     assert images.min() >= lo.min() - 0.05 and images.max() <= hi.max() + 0.05
     files = decode_file_index(images)
-    assert set(files) == set(range(43))
+    assert set(files) == set(range(43)) if pad else len(set(files)) == 40
     assert labels.tolist() == [i % 3 for i in files]  # sorted class folders -> labels
 
 
 @pytest.mark.parametrize("backend", LOADERS)
 @pytest.mark.parametrize("world", [2, 3])
-def test_shards_are_disjoint_and_complete_every_epoch(backend, flat_folder, world):
+@pytest.mark.parametrize("pad", [False, True], ids=["drop-last", "pad-last"])
+def test_shards_are_disjoint_and_complete_every_epoch(backend, flat_folder, world, pad):
     for epoch in range(2):
         seen = []
         for rank in range(world):
-            shard = loader(backend, flat_folder, rank=rank, world_size=world, seed=3)
+            shard = loader(backend, flat_folder, rank=rank, world_size=world, seed=3, pad_last_batch=pad)
             images, _ = read_epoch(shard, epoch)
             assert len(images) == len(shard) * 4
             seen.append(decode_file_index(images))
         assert len({len(s) for s in seen}) == 1  # every rank takes the same number of steps
-        assert set().union(*seen) == set(range(43))
+        if pad:
+            assert set().union(*seen) == set(range(43))
         # in the order epoch_order gives over the sorted file list, for every loader
         files, _, _ = list_image_folder(str(flat_folder))
         number = [int(os.path.basename(f)[:3]) for f in files]
-        assert seen == [[number[j] for j in epoch_order(43, epoch=epoch, seed=3, rank=r, world_size=world, batch_size=4)]
+        assert seen == [[number[j] for j in epoch_order(43, epoch=epoch, seed=3, rank=r, world_size=world, batch_size=4,
+                                                        drop_last=not pad)]
                         for r in range(world)]
 
 
@@ -304,7 +325,7 @@ def test_dali_reads_tar_shards(tmp_path):
                 k += 1
     seen = []
     for rank in range(2):
-        images, labels = read_epoch(loader("dali", tmp_path, rank=rank, world_size=2))
+        images, labels = read_epoch(loader("dali", tmp_path, rank=rank, world_size=2, pad_last_batch=True))
         files = decode_file_index(images)
         assert labels.tolist() == [f % 5 for f in files]
         seen += files
@@ -357,4 +378,4 @@ def test_evaluation_and_finetuning_modes(backend, flat_folder):
     number = [int(os.path.basename(f)[:3]) for f in files]
     assert decode_file_index(images)[:43] == number and labels[:43].tolist() == file_labels.tolist()
     images, labels = read_epoch(build_loader(mode="train_randaug", **common))
-    assert images.shape == (44, 3, 16, 16) and torch.isfinite(images).all()
+    assert images.shape == (40, 3, 16, 16) and torch.isfinite(images).all()  # the last, incomplete batch left out

@@ -210,8 +210,12 @@ def test_a_mask_ratio_that_keeps_no_patch_is_refused(folder, tmp_path, caplog):
     assert "keeps none of the 64 patches" in caplog.text and "at most 0.9844" in caplog.text
 
 
-def test_a_batch_larger_than_the_data_is_warned_about(folder, tmp_path, caplog):
-    assert run(folder, tmp_path, "--batch_size", "64", "--epochs", "1", "--vis_freq", "0") == 0
+def test_a_batch_larger_than_the_data(folder, tmp_path, caplog):
+    """No whole batch: an error, as the original's loader (drop_last) would run no step; padded on
+    request, with a warning."""
+    assert run(folder, tmp_path, "--batch_size", "64", "--epochs", "1", "--vis_freq", "0") == 1
+    assert "48 images make no whole batch of 64" in caplog.text and "--pad_last_batch" in caplog.text
+    assert run(folder, tmp_path, "--batch_size", "64", "--epochs", "1", "--vis_freq", "0", "--pad_last_batch") == 0
     assert "holds 48 images, fewer than one batch" in caplog.text
     assert "epoch 0 trains at lr 0" in caplog.text
 

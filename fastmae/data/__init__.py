@@ -92,13 +92,25 @@ def build_loader(
     *, backend: str, root: str | None, mode: str, input_size: int, batch_size: int, device: torch.device,
     rank: int = 0, world_size: int = 1, seed: int = 0, num_workers: int = 2, pin_memory: bool = True,
     skip_unreadable: bool = False, builtin: tuple[int, int] = (5000, 0), synthetic_batches: int = 100,
-    num_classes: int = 1000,
+    num_classes: int = 1000, pad_last_batch: bool = False,
 ):
     """A loader of ``backend`` over the ImageFolder tree (or DALI tar shards) at ``root``, or over
     the built-in shapes dataset ``builtin = (num_images, seed)`` when ``root`` is None, with the
-    ``mode`` augmentation (see :func:`transform`); ``eval`` reads in order. ``num_classes``: the
-    synthetic source's labels."""
+    ``mode`` augmentation (see :func:`transform`); ``eval`` reads in order and pads its last batch
+    (``evaluate`` leaves the padding out). Training modes drop each rank's incomplete last batch, as
+    the original, unless ``pad_last_batch``. ``num_classes``: the synthetic source's labels."""
     backend = resolve_data_backend(backend, device)
+    loader = _build_loader(backend, root, mode, input_size, batch_size, device, rank, world_size, seed, num_workers,
+                           pin_memory, skip_unreadable, builtin, synthetic_batches, num_classes,
+                           drop_last=mode != "eval" and not pad_last_batch)
+    if len(loader) == 0:
+        raise ValueError(f"{loader.num_samples} images make no whole batch of {batch_size} on each of {world_size} "
+                         f"rank(s): lower --batch_size, or pass --pad_last_batch to repeat images into one")
+    return loader
+
+
+def _build_loader(backend, root, mode, input_size, batch_size, device, rank, world_size, seed, num_workers,
+                  pin_memory, skip_unreadable, builtin, synthetic_batches, num_classes, drop_last):
     common = dict(batch_size=batch_size, device=device, rank=rank, world_size=world_size, seed=seed)
     if backend == "synthetic":
         return SyntheticLoader(batch_size=batch_size, image_size=input_size, device=device, seed=seed + rank,
@@ -114,12 +126,13 @@ def build_loader(
             list_image_folder(root)  # a clear error for an empty or class-less folder
             dataset = datasets.ImageFolder(root, transform=transform(mode, input_size), loader=load_rgb)
         return TorchvisionLoader(dataset, num_workers=num_workers, pin_memory=pin_memory, shuffle=mode != "eval",
+                                 drop_last=drop_last,
                                  skip_unreadable=skip_unreadable, **common)
     # dali
     if root is None:
         root = builtin_shapes_folder(builtin[0], builtin_image_size, builtin[1])
     dali = dict(image_size=input_size, num_threads=max(1, num_workers), skip_unreadable=skip_unreadable,
-                mean=IMAGENET_MEAN, std=IMAGENET_STD, mode=mode, **common)
+                mean=IMAGENET_MEAN, std=IMAGENET_STD, mode=mode, drop_last=drop_last, **common)
     shards = list_tar_shards(root)
     if shards:
         return DaliLoader(shards=shards, **dali)

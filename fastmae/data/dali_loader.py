@@ -9,6 +9,7 @@ replaced by a readable one and counted (image lists only: tar shards are read by
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 import torch
@@ -99,12 +100,13 @@ class DaliLoader:
         skip_unreadable: replace undecodable files (image lists) instead of stopping.
         mode: the augmentation (see ``_augment``): pretrain, train, train_randaug or eval (which
             also reads in file order).
+        drop_last: leave out each rank's incomplete last batch (see ``epoch_order``).
     """
 
     def __init__(self, files=None, labels=None, *, shards=None, batch_size: int, image_size: int,
                  device: torch.device, rank: int = 0, world_size: int = 1, seed: int = 0, num_threads: int = 4,
                  skip_unreadable: bool = False, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
-                 mode: str = "pretrain"):
+                 mode: str = "pretrain", drop_last: bool = False):
         reasons = dali_unavailable_reasons()
         if reasons:
             raise ImportError(reasons[0])
@@ -112,7 +114,7 @@ class DaliLoader:
             raise ValueError("give the DALI loader either files and labels or tar shards")
         if mode not in MODES:
             raise ValueError(f"unknown DALI augmentation mode {mode!r}; choose one of {MODES}")
-        self.mode = mode
+        self.mode, self.drop_last = mode, drop_last
         self.files, self.labels, self.shards = files, labels, shards
         self.batch_size, self.image_size, self.device = batch_size, image_size, device
         self.rank, self.world_size, self.seed, self.num_threads = rank, world_size, seed, num_threads
@@ -136,9 +138,11 @@ class DaliLoader:
         if self.shards is not None:
             if self._tar_batches is None:
                 pipe = self._build_tar(seed=self.seed)
-                self._tar_batches = -(-pipe.reader_meta("reader")["epoch_size_padded"] // (self.world_size * self.batch_size))
+                per_epoch = pipe.reader_meta("reader")["epoch_size_padded"] / (self.world_size * self.batch_size)
+                self._tar_batches = math.floor(per_epoch) if self.drop_last else math.ceil(per_epoch)
             return self._tar_batches - self.start_batch
-        return batches_per_epoch(len(self.files), world_size=self.world_size, batch_size=self.batch_size) - self.start_batch
+        return batches_per_epoch(len(self.files), world_size=self.world_size, batch_size=self.batch_size,
+                                 drop_last=self.drop_last) - self.start_batch
 
     # -- pipelines --------------------------------------------------------------------------------
 
@@ -185,7 +189,8 @@ class DaliLoader:
                 yield self._to_torch(*pipe.run())
             return
         order = epoch_order(len(self.files), epoch=self.epoch, seed=self.seed, rank=self.rank,
-                            world_size=self.world_size, batch_size=self.batch_size, shuffle=self.mode != "eval")
+                            world_size=self.world_size, batch_size=self.batch_size, shuffle=self.mode != "eval",
+                            drop_last=self.drop_last)
         pos = self.start_batch * self.batch_size
         while pos < len(order):
             order[pos:] = self._replace_bad(order[pos:])

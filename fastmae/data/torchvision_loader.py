@@ -63,7 +63,8 @@ class _EpochBatches:
     def __iter__(self):
         lo = self.loader
         order = epoch_order(len(lo.dataset), epoch=lo.epoch, seed=lo.seed, rank=lo.rank,
-                            world_size=lo.world_size, batch_size=lo.batch_size, shuffle=lo.shuffle)
+                            world_size=lo.world_size, batch_size=lo.batch_size, shuffle=lo.shuffle,
+                            drop_last=lo.drop_last)
         base = (lo.seed * 1_000_003 + lo.epoch) * len(lo.dataset)
         for batch in order.reshape(-1, lo.batch_size)[lo.start_batch:].tolist():
             yield [(i, base + i) for i in batch]
@@ -78,17 +79,19 @@ class TorchvisionLoader:
     Args:
         dataset: a map-style dataset (e.g. ``ImageFolder`` with the pretraining transform).
         batch_size, device: per rank.
-        rank, world_size, seed, shuffle: which samples this rank reads each epoch (see ``epoch_order``).
+        rank, world_size, seed, shuffle, drop_last: which samples this rank reads each epoch (see
+            ``epoch_order``).
         num_workers, pin_memory: DataLoader settings (workers persist across epochs).
         skip_unreadable: replace unreadable files by the next readable one (counted in
             ``files_skipped``) instead of stopping with the file's path.
     """
 
     def __init__(self, dataset: Dataset, *, batch_size: int, device: torch.device, rank: int = 0,
-                 world_size: int = 1, seed: int = 0, shuffle: bool = True, num_workers: int = 2,
+                 world_size: int = 1, seed: int = 0, shuffle: bool = True, drop_last: bool = False, num_workers: int = 2,
                  pin_memory: bool = True, skip_unreadable: bool = False):
         self.dataset, self.batch_size, self.device = dataset, batch_size, device
         self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
+        self.drop_last = drop_last
         self.skip_unreadable = skip_unreadable
         self.epoch = self.start_batch = 0
         self.files_skipped = 0
@@ -119,7 +122,8 @@ class TorchvisionLoader:
         return len(self.dataset)
 
     def __len__(self) -> int:
-        return batches_per_epoch(len(self.dataset), world_size=self.world_size, batch_size=self.batch_size) - self.start_batch
+        return batches_per_epoch(len(self.dataset), world_size=self.world_size, batch_size=self.batch_size,
+                                 drop_last=self.drop_last) - self.start_batch
 
     def __iter__(self):
         try:
