@@ -32,15 +32,20 @@ class SampleNoiseMAE(MaskedAutoencoderViT):
         return super().forward(imgs, mask_ratio, ops.patchify(imgs, self.patch_size).float().sum(-1))
 
 
-def train(rank: int, world_size: int, batch_size: int, accum_iter: int, out: str, port: int, mode: str = "eager") -> None:
-    if world_size > 1:  # a spawned process of its own
+def join(rank: int, world_size: int, port: int):
+    """This process's place (a spawned rank of its own when ``world_size`` > 1) and a tiny model."""
+    if world_size > 1:
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         torch.set_num_threads(1)
     dist = init_distributed("cpu")
     torch.manual_seed(0)
-    model = SampleNoiseMAE(img_size=32, patch_size=4, embed_dim=32, depth=1, num_heads=2,
-                           decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
+    return dist, SampleNoiseMAE(img_size=32, patch_size=4, embed_dim=32, depth=1, num_heads=2,
+                                decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
+
+
+def train(rank: int, world_size: int, batch_size: int, accum_iter: int, out: str, port: int, mode: str = "eager") -> None:
+    dist, model = join(rank, world_size, port)
     # SGD: Adam turns rounding noise in near-zero gradients into full-size steps, which would hide
     # what is compared here (the gradients)
     optimizer = torch.optim.SGD(param_groups_weight_decay(model, 0.05), lr=0.1)
@@ -144,13 +149,7 @@ def test_progress_shows_the_epochs_and_the_runs_time_left():
 
 def stop_on_rank_0(rank: int, world_size: int, out: str, port: int) -> None:
     """Rank 0 alone gets a stop signal after its 3rd step; both ranks must stop at the same step."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist = init_distributed("cpu")
-    torch.manual_seed(0)
-    model = SampleNoiseMAE(img_size=32, patch_size=4, embed_dim=32, depth=1, num_heads=2,
-                           decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
+    dist, model = join(rank, world_size, port)
     step = TrainStep(torch.nn.parallel.DistributedDataParallel(model), torch.optim.SGD(model.parameters(), lr=0.1),
                      lambda m, x, y: m(x)[0], accum_iter=2)
     loader = TorchvisionLoader(ShapesDataset(IMAGES, image_size=40, transform=pretrain_transform(32)), batch_size=2,
