@@ -72,8 +72,9 @@ def train_one_epoch(
     sums, which a run resumed mid-epoch passes back as ``totals``, so that its epoch means are the
     uninterrupted run's. ``stop_signal()``: a signal number once one asked the run to stop (else 0);
     the epoch then stops at the next optimizer step, after a checkpoint, with :class:`StopRequested`
-    (with several ranks, the ranks agree on it at a log record, all stopping at the same step). Returns the epoch's mean loss and lr (the original's ``train_loss``,
-    ``train_lr``), its images/s (all ranks; the batches since a resume only) and the peak GPU memory.
+    (with several ranks, the ranks agree on it at a log record, all stopping at the same step).
+    Returns the epoch's mean loss and lr (the original's ``train_loss``, ``train_lr``), its images/s
+    (all ranks; the batches since a resume only) and the peak GPU memory.
     """
     step.model.train()
     accum = step.accum_iter
