@@ -37,7 +37,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--grad_checkpointing", action="store_true",
                    help="recompute block activations in the backward (less memory, ~1/3 more compute)")
     g.add_argument("--optimizer", default="adamw", choices=list(OPTIMIZERS),
-                   help="adamw: torch AdamW (fused on CUDA); apex_adam / apex_lamb: apex's FusedAdam / FusedLAMB")
+                   help="adamw: torch AdamW (fused, on CUDA and CPU); apex_adam / apex_lamb: apex's FusedAdam / FusedLAMB")
     g.add_argument("--vis_freq", default=20, type=int, help="reconstruction PNG every this many epochs (0: never)")
     add_common_args(p)
     return p
