@@ -4,10 +4,13 @@ from __future__ import annotations
 import argparse
 import glob
 import logging
+import math
 import os
+import random
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -200,8 +203,16 @@ def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
 
 def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
     """The random state a training step draws from: torch's CPU generator and the device's (masking
-    noise comes from it; data order and augmentation are seeded per epoch and sample)."""
-    state = {"cpu": torch.get_rng_state()}
+    noise comes from it), and Python's and NumPy's (timm's Mixup and RandomErasing draw there, in
+    fine-tuning); data order and the loader's augmentation are seeded per epoch and sample. As
+    tensors, so that checkpoints load with ``weights_only``."""
+    version, keys, gauss = random.getstate()
+    _, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {"cpu": torch.get_rng_state(),
+             "python": torch.tensor([version, *keys], dtype=torch.int64),
+             "python_gauss": torch.tensor([float("nan") if gauss is None else gauss], dtype=torch.float64),
+             "numpy": torch.tensor([np_pos, np_has_gauss, *np_keys.astype(np.int64)], dtype=torch.int64),
+             "numpy_gauss": torch.tensor([np_gauss], dtype=torch.float64)}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
@@ -211,3 +222,10 @@ def set_rng_state(state: Mapping[str, torch.Tensor], device: torch.device) -> No
     torch.set_rng_state(state["cpu"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
+    if "python" in state:  # checkpoints from before fastmae saved them have none
+        version, *keys = state["python"].tolist()
+        gauss = state["python_gauss"].item()
+        random.setstate((version, tuple(keys), None if math.isnan(gauss) else gauss))
+        pos, has_gauss, *np_keys = state["numpy"].tolist()
+        np.random.set_state(("MT19937", np.array(np_keys, dtype=np.uint32), pos, has_gauss,
+                             state["numpy_gauss"].item()))

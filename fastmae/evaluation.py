@@ -32,7 +32,7 @@ def build_data(args: argparse.Namespace, run: Run, train_mode: str):
         data_path=args.data_path, train_mode=train_mode, backend=args.data_backend, input_size=input_size,
         batch_size=args.batch_size, device=run.device, rank=run.dist.rank, world_size=run.dist.world_size,
         seed=args.seed, num_workers=args.num_workers, pin_memory=args.pin_mem, skip_unreadable=args.skip_unreadable,
-        pad_last_batch=args.pad_last_batch,
+        pad_last_batch=args.pad_last_batch, **({"aa": args.aa, "color_jitter": args.color_jitter} if hasattr(args, "aa") else {}),
         builtin_size=args.builtin_size, **({"num_classes": args.nb_classes} if args.nb_classes else {}),
     )
     if args.nb_classes and args.nb_classes < len(classes) and args.data_backend != "synthetic":  # synthetic: labels < nb_classes

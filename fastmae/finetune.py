@@ -13,7 +13,8 @@ import sys
 
 import torch.nn.functional as F
 
-from fastmae.data.augment import MixupCutmix, random_erasing, soft_target_cross_entropy
+from fastmae.data import FINETUNE_AA
+from fastmae.data.augment import build_mixup, build_random_erasing, soft_target_cross_entropy, timm_available
 from fastmae.evaluation import (
     EpochEvaluation, add_eval_args, build_classifier, build_data, evaluate_checkpoint, log_parameters,
 )
@@ -25,15 +26,27 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("python -m fastmae.finetune", description=__doc__,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_eval_args(p, global_pool=True)
-    g = p.add_argument_group("fine-tuning recipe")
+    g = p.add_argument_group("fine-tuning recipe", "the original's main_finetune.py flags; with timm installed its "
+                             "transform, RandomErasing and Mixup, as the original's")
     g.add_argument("--drop_path", default=0.1, type=float, help="stochastic depth rate (ViT-L: 0.2, ViT-H: 0.3)")
     g.add_argument("--layer_decay", default=0.75, type=float, help="layer-wise lr decay (ViT-B: 0.65)")
     g.add_argument("--smoothing", default=0.1, type=float, help="label smoothing")
+    g.add_argument("--color_jitter", default=None, type=float,
+                   help="color jitter factor (timm applies it only without --aa, as the original)")
+    g.add_argument("--aa", default=FINETUNE_AA,
+                   help="auto-augmentation policy (timm's syntax, e.g. rand-m9-mstd0.5-inc1), or none")
+    g.add_argument("--reprob", default=0.25, type=float, help="random erasing probability")
+    g.add_argument("--remode", default="pixel", help="random erasing mode (pixel, rand, const)")
+    g.add_argument("--recount", default=1, type=int, help="random erasing count")
+    g.add_argument("--resplit", action="store_true", help="accepted as the original's; unused there too")
     g.add_argument("--mixup", default=0.8, type=float, help="mixup alpha (0: off)")
     g.add_argument("--cutmix", default=1.0, type=float, help="cutmix alpha (0: off)")
-    g.add_argument("--reprob", default=0.25, type=float, help="random erasing probability")
-    g.add_argument("--aa", default="rand-m9-mstd0.5-inc1", choices=["rand-m9-mstd0.5-inc1", "none"],
-                   help="RandAugment (torchvision's, 2 ops at magnitude 9) or none")
+    g.add_argument("--cutmix_minmax", type=float, nargs="+", default=None,
+                   help="cutmix min/max ratio (overrides alpha, enables cutmix)")
+    g.add_argument("--mixup_prob", default=1.0, type=float, help="probability of mixup or cutmix per batch or element")
+    g.add_argument("--mixup_switch_prob", default=0.5, type=float, help="probability of cutmix over mixup when both are on")
+    g.add_argument("--mixup_mode", default="batch", choices=["batch", "pair", "elem"],
+                   help="mixup parameters per batch, pair or element")
     g.add_argument("--finetune_blocks", default=None, type=int,
                    help="partial fine-tuning: train only the last k blocks (and the norm and head)")
     add_common_args(p, epochs=10, warmup_epochs=1, min_lr=1e-6, output_dir="./output_dir_finetune")
@@ -57,7 +70,8 @@ def freeze_all_but_last_blocks(model, k: int) -> None:
 
 def main(args: argparse.Namespace) -> dict:
     run = Run(args, "finetune")
-    train_loader, val_loader, num_classes = build_data(args, run, "train_randaug" if args.aa != "none" else "train")
+    augmented = args.aa != "none" or args.color_jitter is not None
+    train_loader, val_loader, num_classes = build_data(args, run, "train_randaug" if augmented else "train")
     model = build_classifier(args, num_classes, head_init_std=2e-5, drop_path_rate=args.drop_path).to(run.device)
     if args.eval:
         return evaluate_checkpoint(args, run, model, val_loader)
@@ -69,13 +83,18 @@ def main(args: argparse.Namespace) -> dict:
                               layer_decay=args.layer_decay)
     optimizer, description = build_optimizer("adamw", groups, run.lr(args), run.device, betas=(0.9, 0.999))
     logger.info("optimizer: %s", description)
-    mix = MixupCutmix(num_classes, args.mixup, args.cutmix, args.smoothing) if args.mixup > 0 or args.cutmix > 0 else None
-    logger.info("mixup %s, cutmix %s, label smoothing %s, random erasing %s, drop path %s, layer decay %s",
-                args.mixup, args.cutmix, args.smoothing, args.reprob, args.drop_path, args.layer_decay)
+    erase = build_random_erasing(args.reprob, args.remode, args.recount, run.device)
+    mix = build_mixup(num_classes, args.mixup, args.cutmix, args.smoothing, cutmix_minmax=args.cutmix_minmax,
+                      prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode)
+    logger.info("augmentation: %s; mixup %s, cutmix %s, label smoothing %s, random erasing %s (%s, count %d), "
+                "drop path %s, layer decay %s", "timm's, as the original" if timm_available() else
+                "torchvision's (timm is not installed: RandAugment without magnitude noise)",
+                args.mixup, args.cutmix, args.smoothing, args.reprob, args.remode, args.recount, args.drop_path,
+                args.layer_decay)
 
     def compute_loss(m, imgs, labels):
-        if args.reprob > 0:
-            imgs = random_erasing(imgs, args.reprob)
+        if erase is not None:
+            imgs = erase(imgs)
         if mix is not None:
             imgs, target = mix(imgs, labels)
             return soft_target_cross_entropy(m(imgs), target)

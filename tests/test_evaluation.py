@@ -1,13 +1,21 @@
 """Fine-tuning and linear probing: the ViT, loading encoders, the recipe's parts, the entry points."""
 import json
+import os
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
+import fastmae.data
 from fastmae.checkpoint import checkpoint_kind
 from fastmae.data import TorchvisionLoader, transform
-from fastmae.data.augment import MixupCutmix, random_erasing, soft_target_cross_entropy
+from fastmae.data.augment import (
+    MixupCutmix, build_mixup, build_random_erasing, random_erasing, soft_target_cross_entropy, timm_available,
+)
 from fastmae.data.shapes import ShapesDataset
 from fastmae.engine import evaluate
 from fastmae.finetune import cli as finetune_cli
@@ -230,3 +238,84 @@ def test_the_readmes_commands_keep_to_their_own_folders(tmp_path, monkeypatch, c
     assert "output_dir holds pretrain checkpoints (checkpoint-last.pth); a finetune run would" in caplog.text
     assert pretrain_cli(small + ["--output_dir", "elsewhere", "--resume", "output_dir_finetune/checkpoint-0.pth"]) == 1
     assert "output_dir_finetune/checkpoint-0.pth is a finetune checkpoint" in caplog.text
+
+
+# -- the original's fine-tuning recipe (timm's transform, RandomErasing and Mixup) ----------------------
+
+requires_timm = pytest.mark.skipif(not timm_available(), reason="timm is not installed (pip install -e '.[timm]')")
+
+
+@requires_timm
+def test_fine_tuning_augments_as_the_original():
+    """main_finetune.py's build_transform and Mixup, flag for flag: timm's create_transform (its random
+    erasing applied to the batch on the device instead, with the same RandomErasing), timm's Mixup."""
+    from timm.data import Mixup, create_transform
+    from timm.data.random_erasing import RandomErasing
+
+    ours = transform("train_randaug", 224)
+    theirs = create_transform(input_size=224, is_training=True, color_jitter=None, auto_augment="rand-m9-mstd0.5-inc1",
+                              interpolation="bicubic", re_prob=0.25, re_mode="pixel", re_count=1,
+                              mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    assert repr(ours) == repr(type(theirs)(theirs.transforms[:-1]))  # all but the erasing, the last step
+    erase = build_random_erasing(0.25, "pixel", 1, torch.device("cpu"))
+    assert isinstance(erase, RandomErasing) and repr(erase) == repr(theirs.transforms[-1])
+    mix = build_mixup(10, 0.8, 1.0, 0.1, cutmix_minmax=None, prob=0.7, switch_prob=0.3, mode="pair")
+    assert isinstance(mix, Mixup)
+    assert (mix.mixup_alpha, mix.cutmix_alpha, mix.mix_prob, mix.switch_prob, mix.mode, mix.label_smoothing,
+            mix.num_classes) == (0.8, 1.0, 0.7, 0.3, "pair", 0.1, 10)
+
+
+@requires_timm
+def test_timms_strongest_posterize_works_with_this_pillow():
+    from timm.data.auto_augment import AugmentOp
+
+    transform("train_randaug", 32)  # installs the compatibility of timm's posterize
+    op = AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=10)  # 0 bits kept: black, as the original's Pillow
+    out = op(Image.new("RGB", (8, 8), (200, 100, 50)))
+    assert out.getextrema() == ((0, 0), (0, 0), (0, 0))
+
+
+def test_without_timm_the_flags_only_timm_has_are_refused(monkeypatch):
+    from fastmae.data import augment
+
+    monkeypatch.setattr(augment, "timm_available", lambda: False)
+    monkeypatch.setattr(fastmae.data, "timm_available", lambda: False)
+    names = [type(t).__name__ for t in transform("train_randaug", 32).transforms]
+    assert names == ["RandomResizedCrop", "RandomHorizontalFlip", "RandAugment", "ToTensor", "Normalize"]
+    with pytest.raises(ValueError, match="--remode const needs timm"):
+        augment.build_random_erasing(0.25, "const", 1, torch.device("cpu"))
+    with pytest.raises(ValueError, match="--mixup_mode elem needs timm"):
+        augment.build_mixup(10, 0.8, 1.0, 0.1, mode="elem")
+    with pytest.raises(ValueError, match="--aa rand-m7 needs timm"):
+        transform("train_randaug", 32, aa="rand-m7")
+
+
+@pytest.mark.parametrize("size, resize", [(224, 256), (448, 448)])
+def test_evaluation_crop_is_the_originals(size, resize):
+    """crop_pct 224/256 up to 224 pixels, else 1 (main_finetune.py's build_transform)."""
+    assert transform("eval", size).transforms[0].size == resize
+
+
+@requires_timm
+def test_fine_tuning_killed_and_resumed_equals_uninterrupted(labelled_folder, tmp_path):
+    """With timm's augmentation (Python's and NumPy's generators: seeded per sample in the loader,
+    saved in the checkpoint for Mixup and RandomErasing) a resumed fine-tuning is the uninterrupted one."""
+    flags = ["--data_path", str(labelled_folder), "--batch_size", "16", "--epochs", "2", "--num_workers", "0",
+             "--print_freq", "1", "--checkpoint_steps", "3", "--warmup_epochs", "0.5", "--reprob", "0.5"]
+
+    def losses(out):
+        records = [json.loads(line) for line in (out / "log_steps.txt").read_text().splitlines()]
+        return {(r["epoch"], r["batch"]): r["loss"] for r in records}
+
+    assert finetune_cli(flags + ["--output_dir", str(tmp_path / "whole")]) == 0
+    part = tmp_path / "part"
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = subprocess.Popen([sys.executable, "-m", "fastmae.finetune", *flags, "--output_dir", str(part)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    while proc.poll() is None and not ((part / "log_steps.txt").exists()
+                                       and len((part / "log_steps.txt").read_text().splitlines()) >= 26):
+        time.sleep(0.02)
+    proc.kill()
+    assert proc.wait() == -9  # killed mid-run, not finished
+    assert finetune_cli(flags + ["--output_dir", str(part), "--resume", "auto"]) == 0
+    assert losses(part) == losses(tmp_path / "whole")

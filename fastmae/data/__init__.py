@@ -16,6 +16,7 @@ import tempfile
 import torch
 from torchvision import datasets, transforms
 
+from fastmae.data.augment import needs_timm, timm_available, timm_compatible
 from fastmae.data.dali_loader import DaliLoader, dali_unavailable_reasons
 from fastmae.data.shapes import SHAPES_VERSION, ShapesDataset
 from fastmae.data.sources import (
@@ -36,23 +37,40 @@ def pretrain_transform(input_size: int) -> transforms.Compose:
     return transform("pretrain", input_size)
 
 
-def transform(mode: str, input_size: int) -> transforms.Compose:
-    """The original's torchvision transforms. ``pretrain``: RandomResizedCrop(scale=(0.2, 1)) + flip;
-    ``train`` (linear probing): RandomResizedCrop + flip; ``train_randaug`` (fine-tuning): that +
-    RandAugment (torchvision's, 2 ops at magnitude 9 of 10, filled with the mean colour, as timm's
-    rand-m9-mstd0.5-inc1 but without its magnitude noise and its increasing-severity variants);
-    ``eval``: resize to input_size * 256 / 224, center crop. All bicubic, then ImageNet normalization
-    (fine-tuning's random erasing and mixup act on batches: ``fastmae.data.augment``)."""
+FINETUNE_AA = "rand-m9-mstd0.5-inc1"  # the original's fine-tuning RandAugment
+
+
+def transform(mode: str, input_size: int, *, aa: str = FINETUNE_AA, color_jitter: float | None = None):
+    """The original's transforms. ``pretrain``: RandomResizedCrop(scale=(0.2, 1)) + flip; ``train``
+    (linear probing): RandomResizedCrop + flip; ``train_randaug`` (fine-tuning): timm's
+    ``create_transform`` with the original's arguments (RandomResizedCrop, flip, the ``aa``
+    auto-augmentation, ``color_jitter`` where timm applies it) when timm is installed, as the
+    original; without timm, torchvision's RandAugment (2 ops at magnitude 9, filled with the mean
+    colour: ``rand-m9-mstd0.5-inc1`` without its magnitude noise and increasing-severity ops);
+    ``eval``: resize to ``input_size * 256 / 224`` (``input_size`` above 224), center crop. All
+    bicubic, then ImageNet normalization. Fine-tuning's random erasing and mixup act on batches, on
+    the device (:mod:`fastmae.data.augment`)."""
     bicubic = transforms.InterpolationMode.BICUBIC
+    if mode == "train_randaug" and timm_available():
+        from timm.data import create_transform
+
+        timm_compatible()
+        # random erasing is applied to the batch on the device, with timm's RandomErasing
+        return create_transform(input_size, is_training=True, color_jitter=color_jitter,
+                                auto_augment=None if aa == "none" else aa, interpolation="bicubic", re_prob=0.0,
+                                mean=IMAGENET_MEAN, std=IMAGENET_STD)
     if mode == "eval":
-        steps = [transforms.Resize(int(input_size * 256 / 224), interpolation=bicubic), transforms.CenterCrop(input_size)]
+        crop_pct = 224 / 256 if input_size <= 224 else 1.0  # the original's
+        steps = [transforms.Resize(int(input_size / crop_pct), interpolation=bicubic), transforms.CenterCrop(input_size)]
     else:
         scale = (0.2, 1.0) if mode == "pretrain" else (0.08, 1.0)
         steps = [transforms.RandomResizedCrop(input_size, scale=scale, interpolation=bicubic),
                  transforms.RandomHorizontalFlip()]
         if mode == "train_randaug":
-            steps.append(transforms.RandAugment(num_ops=2, magnitude=9, num_magnitude_bins=11,
-                                                interpolation=bicubic, fill=[124, 116, 104]))
+            needs_timm(aa not in (FINETUNE_AA, "none") and f"--aa {aa}", color_jitter is not None and "--color_jitter")
+            if aa != "none":
+                steps.append(transforms.RandAugment(num_ops=2, magnitude=9, num_magnitude_bins=11,
+                                                    interpolation=bicubic, fill=[124, 116, 104]))
         elif mode not in ("pretrain", "train"):
             raise ValueError(f"unknown transform mode {mode!r}")
     return transforms.Compose(steps + [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
@@ -92,17 +110,22 @@ def build_loader(
     *, backend: str, root: str | None, mode: str, input_size: int, batch_size: int, device: torch.device,
     rank: int = 0, world_size: int = 1, seed: int = 0, num_workers: int = 2, pin_memory: bool = True,
     skip_unreadable: bool = False, builtin: tuple[int, int] = (5000, 0), synthetic_batches: int = 100,
-    num_classes: int = 1000, pad_last_batch: bool = False,
+    num_classes: int = 1000, pad_last_batch: bool = False, aa: str = FINETUNE_AA, color_jitter: float | None = None,
 ):
     """A loader of ``backend`` over the ImageFolder tree (or DALI tar shards) at ``root``, or over
     the built-in shapes dataset ``builtin = (num_images, seed)`` when ``root`` is None, with the
     ``mode`` augmentation (see :func:`transform`); ``eval`` reads in order and pads its last batch
     (``evaluate`` leaves the padding out). Training modes drop each rank's incomplete last batch, as
-    the original, unless ``pad_last_batch``. ``num_classes``: the synthetic source's labels."""
+    the original, unless ``pad_last_batch``. ``aa``, ``color_jitter``: fine-tuning's augmentation
+    (``train_randaug``). ``num_classes``: the synthetic source's labels."""
     backend = resolve_data_backend(backend, device)
+    if backend == "dali" and mode == "train_randaug" and (aa not in (FINETUNE_AA, "none") or color_jitter is not None):
+        raise ValueError(f"the DALI loader's fine-tuning augmentation is its RandAugment ({FINETUNE_AA}, without "
+                         "magnitude noise): --aa and --color_jitter take the torchvision loader")
     loader = _build_loader(backend, root, mode, input_size, batch_size, device, rank, world_size, seed, num_workers,
                            pin_memory, skip_unreadable, builtin, synthetic_batches, num_classes,
-                           drop_last=mode != "eval" and not pad_last_batch)
+                           drop_last=mode != "eval" and not pad_last_batch,
+                           transform_of=lambda m: transform(m, input_size, aa=aa, color_jitter=color_jitter))
     if len(loader) == 0:
         raise ValueError(f"{loader.num_samples} images make no whole batch of {batch_size} on each of {world_size} "
                          f"rank(s): lower --batch_size, or pass --pad_last_batch to repeat images into one")
@@ -110,7 +133,7 @@ def build_loader(
 
 
 def _build_loader(backend, root, mode, input_size, batch_size, device, rank, world_size, seed, num_workers,
-                  pin_memory, skip_unreadable, builtin, synthetic_batches, num_classes, drop_last):
+                  pin_memory, skip_unreadable, builtin, synthetic_batches, num_classes, drop_last, transform_of):
     common = dict(batch_size=batch_size, device=device, rank=rank, world_size=world_size, seed=seed)
     if backend == "synthetic":
         return SyntheticLoader(batch_size=batch_size, image_size=input_size, device=device, seed=seed + rank,
@@ -119,12 +142,12 @@ def _build_loader(backend, root, mode, input_size, batch_size, device, rank, wor
     if backend == "torchvision":
         if root is None:
             dataset = ShapesDataset(builtin[0], image_size=builtin_image_size, seed=builtin[1],
-                                    transform=transform(mode, input_size))
+                                    transform=transform_of(mode))
         else:
             if list_tar_shards(root):
                 raise ValueError(f"{root} holds tar shards, which only the DALI loader reads (--data_backend dali)")
             list_image_folder(root)  # a clear error for an empty or class-less folder
-            dataset = datasets.ImageFolder(root, transform=transform(mode, input_size), loader=load_rgb)
+            dataset = datasets.ImageFolder(root, transform=transform_of(mode), loader=load_rgb)
         return TorchvisionLoader(dataset, num_workers=num_workers, pin_memory=pin_memory, shuffle=mode != "eval",
                                  drop_last=drop_last,
                                  skip_unreadable=skip_unreadable, **common)

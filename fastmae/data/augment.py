@@ -1,12 +1,78 @@
-"""Fine-tuning's batch augmentations, applied on the training device after any loader: random
-erasing (timm's ``RandomErasing(0.25, mode="pixel")``) and mixup / cutmix with label smoothing (timm's
-``Mixup``, batch mode), so that DALI and torchvision batches get the same treatment."""
+"""Fine-tuning's batch augmentations, applied on the training device after any loader, so that DALI
+and torchvision batches get the same treatment: random erasing and mixup / cutmix with label
+smoothing. With timm installed they are timm's own ``RandomErasing`` and ``Mixup`` with the
+original's flags (as the original's ``main_finetune.py``); without it, torchvision's MixUp / CutMix
+and a random erasing of the original's defaults (pixel mode, one box), and the flags that only timm
+implements are refused by name."""
 from __future__ import annotations
 
+import importlib.util
 import math
+from typing import Callable
 
 import torch
 from torchvision.transforms import v2
+
+
+def timm_available() -> bool:
+    return importlib.util.find_spec("timm") is not None
+
+
+def timm_compatible() -> None:
+    """timm's RandAugment posterizes to 0 bits at its top magnitudes (``PosterizeIncreasing`` with
+    magnitude noise reaches it), which current Pillow refuses ("bits must be between or equal to 1
+    and 8") where the Pillow of the original's time returned a black image: restore that."""
+    from PIL import Image
+    from timm.data import auto_augment
+
+    def posterize(img, bits_to_keep, **_):
+        if bits_to_keep >= 8:
+            return img
+        if bits_to_keep <= 0:
+            return Image.new(img.mode, img.size)
+        return auto_augment.ImageOps.posterize(img, bits_to_keep)
+
+    for name, op in list(auto_augment.NAME_TO_OP.items()):
+        if op is auto_augment.posterize:
+            auto_augment.NAME_TO_OP[name] = posterize
+
+
+def needs_timm(*flags: str | None | bool) -> None:
+    """Raise when a recipe flag that only timm implements was given without timm installed."""
+    given = [f for f in flags if f]
+    if given and not timm_available():
+        raise ValueError(f"{', '.join(given)} needs timm, as the original's fine-tuning: pip install timm "
+                         "(or pip install -e '.[timm]')")
+
+
+def build_random_erasing(p: float, mode: str, count: int, device: torch.device) -> Callable | None:
+    """Per-image random erasing of a normalized batch (in place): timm's ``RandomErasing(p, mode,
+    max_count=count)`` when timm is installed, else :func:`random_erasing` (pixel mode, one box)."""
+    if p <= 0:
+        return None
+    if timm_available():
+        from timm.data.random_erasing import RandomErasing
+
+        return RandomErasing(p, mode=mode, max_count=count, device=str(device))
+    needs_timm(mode != "pixel" and f"--remode {mode}", count != 1 and f"--recount {count}")
+    return lambda x: random_erasing(x, p)
+
+
+def build_mixup(num_classes: int, mixup: float, cutmix: float, smoothing: float, *, cutmix_minmax=None,
+                prob: float = 1.0, switch_prob: float = 0.5, mode: str = "batch") -> Callable | None:
+    """``mix(images, labels) -> (images, soft targets)``, or None when neither mixup nor cutmix is
+    on: timm's ``Mixup`` with the original's arguments when timm is installed, else
+    :class:`MixupCutmix` (batch mode, probability 1, an even choice between the two)."""
+    if not (mixup > 0 or cutmix > 0 or cutmix_minmax is not None):
+        return None
+    if timm_available():
+        from timm.data import Mixup
+
+        return Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, cutmix_minmax=cutmix_minmax, prob=prob,
+                     switch_prob=switch_prob, mode=mode, label_smoothing=smoothing, num_classes=num_classes)
+    needs_timm(cutmix_minmax is not None and "--cutmix_minmax", prob != 1.0 and f"--mixup_prob {prob}",
+               switch_prob != 0.5 and f"--mixup_switch_prob {switch_prob}", mode != "batch" and f"--mixup_mode {mode}")
+    return MixupCutmix(num_classes, mixup, cutmix, smoothing)
 
 
 def random_erasing(x: torch.Tensor, p: float = 0.25, area=(0.02, 1 / 3), log_aspect=(math.log(0.3), math.log(1 / 0.3)),

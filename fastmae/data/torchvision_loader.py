@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import atexit
 import logging
+import random
 import signal
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -36,9 +38,11 @@ class ReplaceUnreadable(Dataset):
 
 
 class SeededSamples(Dataset):
-    """Items keyed ``(index, seed)``: the transform's random draws come from a generator seeded for
-    that sample, so augmentation depends on (run seed, epoch, sample) only, not on the worker, the
-    number of ranks, or where a resumed run restarted."""
+    """Items keyed ``(index, seed)``: the transform's random draws (torch's, Python's and NumPy's,
+    which timm's transforms use) come from generators seeded for that sample, so augmentation
+    depends on (run seed, epoch, sample) only, not on the worker, the number of ranks, or where a
+    resumed run restarted. The generators' states are restored afterwards (a loader without workers
+    runs this in the training process)."""
 
     def __init__(self, dataset: Dataset):
         self.dataset = dataset
@@ -48,9 +52,16 @@ class SeededSamples(Dataset):
 
     def __getitem__(self, key: tuple[int, int]):
         index, seed = key
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return self.dataset[index]
+        python, numpy = random.getstate(), np.random.get_state()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                random.seed(seed)
+                np.random.seed(seed % 2**32)
+                return self.dataset[index]
+        finally:
+            random.setstate(python)
+            np.random.set_state(numpy)
 
 
 class _EpochBatches:
