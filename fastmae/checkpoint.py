@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from fastmae.interop import from_hugging_face, is_hugging_face, read_hugging_face
+
 logger = logging.getLogger("fastmae")
 
 
@@ -33,8 +35,11 @@ class UnreadableCheckpointError(ValueError):
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """``torch.load`` on the CPU, with tensors only plus the ``argparse.Namespace`` that the
-    original's checkpoints carry under ``args``. A file that is not a readable checkpoint raises
-    :class:`UnreadableCheckpointError` naming it."""
+    original's checkpoints carry under ``args``; a Hugging Face model folder or ``.safetensors`` file
+    gives its weights under ``model`` (:mod:`fastmae.interop`). A file that is not a readable
+    checkpoint raises :class:`UnreadableCheckpointError` naming it."""
+    if os.path.isdir(path) or os.fspath(path).endswith(".safetensors"):  # a Hugging Face model
+        return {"model": read_hugging_face(os.fspath(path))}
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if os.path.getsize(path) == 0:
@@ -57,6 +62,8 @@ def model_state_dict(checkpoint: str | os.PathLike | Mapping[str, Any]) -> dict[
         raise ValueError("checkpoint holds no state dict (expected tensors, or a dict with a 'model' entry)")
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
+    if is_hugging_face(state):
+        state = from_hugging_face(state)
     return dict(state)
 
 
