@@ -13,18 +13,6 @@ from fastmae.models import ENCODERS, VisionTransformer, create_vit, load_encoder
 from fastmae.training import Run, logger, resume_path
 
 
-def add_eval_args(p: argparse.ArgumentParser, *, global_pool: bool) -> None:
-    g = p.add_argument_group("model")
-    g.add_argument("--model", default="vit_tiny_patch4", choices=sorted(ENCODERS), help="the encoder's preset")
-    g.add_argument("--input_size", default=None, type=int, help="image size (default: the preset's)")
-    g.add_argument("--finetune", default="", help="pretrained checkpoint: fastmae's or the original's, full or encoder-only")
-    g.add_argument("--global_pool", action="store_true", default=global_pool,
-                   help="classify the average of the patch tokens (with fc_norm)")
-    g.add_argument("--cls_token", action="store_false", dest="global_pool", help="classify the cls token instead")
-    g.add_argument("--nb_classes", default=None, type=int, help="classes (default: the class folders' count)")
-    g.add_argument("--eval", action="store_true", help="only evaluate the checkpoint given with --resume")
-
-
 def build_data(args: argparse.Namespace, run: Run, train_mode: str):
     """``(train loader, validation loader, number of classes)`` at the model's input size."""
     input_size = args.input_size or ENCODERS[args.model].get("img_size", 224)
@@ -101,4 +89,4 @@ def log_parameters(model: nn.Module) -> None:
     logger.info("parameters: %.2fM trainable of %.2fM", trainable / 1e6, total / 1e6)
 
 
-__all__ = ["EpochEvaluation", "add_eval_args", "build_classifier", "build_data", "evaluate_checkpoint", "log_parameters"]
+__all__ = ["EpochEvaluation", "build_classifier", "build_data", "evaluate_checkpoint", "log_parameters"]

@@ -11,15 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch.nn.functional as F
-
-from fastmae.data import FINETUNE_AA
-from fastmae.data.augment import build_mixup, build_random_erasing, soft_target_cross_entropy, timm_available
-from fastmae.evaluation import (
-    EpochEvaluation, add_eval_args, build_classifier, build_data, evaluate_checkpoint, log_parameters,
-)
-from fastmae.optim import build_optimizer, param_groups_lrd
-from fastmae.training import Run, add_common_args, choose_step_mode, cli_main, fit, logger
+from fastmae.cli import add_common_args, add_eval_args, cli_main, logger
+from fastmae.config import FINETUNE_AA
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -69,6 +62,13 @@ def freeze_all_but_last_blocks(model, k: int) -> None:
 
 
 def main(args: argparse.Namespace) -> dict:
+    import torch.nn.functional as F
+
+    from fastmae.data.augment import build_mixup, build_random_erasing, soft_target_cross_entropy, timm_available
+    from fastmae.evaluation import EpochEvaluation, build_classifier, build_data, evaluate_checkpoint, log_parameters
+    from fastmae.optim import build_optimizer, param_groups_lrd
+    from fastmae.training import Run, choose_step_mode, fit
+
     run = Run(args, "finetune")
     augmented = args.aa != "none" or args.color_jitter is not None
     train_loader, val_loader, num_classes = build_data(args, run, "train_randaug" if augmented else "train")

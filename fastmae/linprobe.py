@@ -11,14 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch.nn.functional as F
-from torch import nn
-
-from fastmae.evaluation import (
-    EpochEvaluation, add_eval_args, build_classifier, build_data, evaluate_checkpoint, log_parameters,
-)
-from fastmae.optim import LARS
-from fastmae.training import Run, add_common_args, choose_step_mode, cli_main, fit
+from fastmae.cli import add_common_args, add_eval_args, cli_main
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -31,6 +24,13 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> dict:
+    import torch.nn.functional as F
+    from torch import nn
+
+    from fastmae.evaluation import EpochEvaluation, build_classifier, build_data, evaluate_checkpoint, log_parameters
+    from fastmae.optim import LARS
+    from fastmae.training import Run, choose_step_mode, fit
+
     run = Run(args, "linprobe")
     train_loader, val_loader, num_classes = build_data(args, run, "train")
     model = build_classifier(args, num_classes, head_init_std=0.01)

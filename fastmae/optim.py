@@ -7,10 +7,8 @@ import math
 import torch
 from torch import nn
 
+from fastmae.config import OPTIMIZERS  # name -> apex class; "adamw" is torch's fused AdamW
 from fastmae.ops.registry import BackendUnavailableError
-
-# name -> apex class; "adamw" is torch's AdamW (fused kernels on CUDA)
-OPTIMIZERS = {"adamw": None, "apex_adam": "FusedAdam", "apex_lamb": "FusedLAMB"}
 
 
 def _apex_optimizer(cls_name: str):

@@ -10,15 +10,17 @@ import argparse
 import os
 import sys
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+from fastmae.cli import add_common_args, cli_main, logger
+from fastmae.config import AUTO, OPTIMIZERS, backend_names
+from fastmae.presets import PRESETS
 
-from fastmae import ops
-from fastmae.data import build_pretrain_loader
-from fastmae.flops import peak_flops, train_flops_per_image
-from fastmae.models import PRESETS, MaskedAutoencoderViT, create_model
-from fastmae.optim import OPTIMIZERS, build_optimizer, param_groups_weight_decay
-from fastmae.training import Run, add_common_args, choose_step_mode, cli_main, fit, logger
+if TYPE_CHECKING:  # the heavy imports wait until the flags are parsed and checked
+    import torch
+
+    from fastmae.models import MaskedAutoencoderViT
+    from fastmae.training import Run
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -30,9 +32,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--input_size", default=None, type=int, help="image size (default: the preset's)")
     g.add_argument("--mask_ratio", default=0.75, type=float, help="fraction of patches removed, in [0, 1)")
     g.add_argument("--norm_pix_loss", action="store_true", help="regress per-patch normalized pixels")
-    g.add_argument("--kernels", default=None, choices=ops.backend_names("kernels") + [ops.AUTO],
+    g.add_argument("--kernels", default=None, choices=backend_names("kernels") + [AUTO],
                    help="kernel backend (default: $FASTMAE_KERNELS, else automatic)")
-    g.add_argument("--norm", default=None, choices=ops.backend_names("norm") + [ops.AUTO],
+    g.add_argument("--norm", default=None, choices=backend_names("norm") + [AUTO],
                    help="LayerNorm implementation (default: $FASTMAE_NORM, else apex when installed)")
     g.add_argument("--grad_checkpointing", action="store_true",
                    help="recompute block activations in the backward (less memory, ~1/3 more compute)")
@@ -65,6 +67,12 @@ class Pretraining:
 
 
 def build(args: argparse.Namespace) -> Pretraining:
+    from fastmae import ops
+    from fastmae.data import build_pretrain_loader
+    from fastmae.models import create_model
+    from fastmae.optim import build_optimizer, param_groups_weight_decay
+    from fastmae.training import Run, choose_step_mode
+
     run = Run(args, "pretrain")
     device, dist = run.device, run.dist
     model = create_model(args.model, norm_pix_loss=args.norm_pix_loss, norm_backend=args.norm,
@@ -110,6 +118,9 @@ def warn_about_small_data(images: int, global_batch: int, steps_per_epoch: int, 
 
 
 def main(args: argparse.Namespace) -> dict:
+    from fastmae.flops import peak_flops, train_flops_per_image
+    from fastmae.training import fit
+
     job = build(args)
     run, model, loader = job.run, job.model, job.loader
     flops, peak = train_flops_per_image(model, args.mask_ratio), peak_flops(run.device)

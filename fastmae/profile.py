@@ -21,12 +21,7 @@ import re
 import sys
 from dataclasses import dataclass, field
 
-import torch
-from torch.autograd import DeviceType
-from torch.profiler import ProfilerActivity, profile, record_function, schedule
-
-from fastmae.step import GRAPH_WARMUP_UPDATES
-from fastmae.training import build_step, cli_main, logger
+from fastmae.cli import cli_main, logger
 
 # The first matching rule names the category of a kernel (or CPU op), matched against its name and
 # the names of the ops and ranges it ran in ("aten::mm < AddmmBackward0 < ..."): an op's own name
@@ -89,6 +84,7 @@ def _union_ms(intervals: list[tuple[float, float]]) -> float:
 
 def summarize(events, device_type: str) -> list[StepProfile]:
     """Per profiled step, from ``torch.profiler``'s events (``prof.events()``)."""
+    from torch.autograd import DeviceType
     steps = sorted((e for e in events if e.name.startswith("ProfilerStep")), key=lambda e: e.time_range.start)
     cpu = [e for e in events if e.device_type == DeviceType.CPU and not e.name.startswith("ProfilerStep")]
     kernels = [e for e in events if e.device_type == DeviceType.CUDA]
@@ -168,8 +164,13 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> list[StepProfile]:
+    import torch
+    from torch.profiler import ProfilerActivity, profile, record_function, schedule
+
     from fastmae.optim import lr_at, set_lr
     from fastmae.pretrain import build
+    from fastmae.step import GRAPH_WARMUP_UPDATES
+    from fastmae.training import build_step
 
     job = build(args)
     run, device = job.run, job.run.device

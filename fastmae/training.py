@@ -1,20 +1,19 @@
-"""What every training entry point shares (pretrain, finetune, linprobe): the common flags, the run's
-setup (device, process group, seeds, output files, precision), resume, and the epoch loop with
-checkpoints that survive faults, logs and progress."""
+"""What every training entry point shares (pretrain, finetune, linprobe): the run's setup (device,
+process group, seeds, output folder, precision, threads), the step mode, resume, and the epoch loop
+with checkpoints that survive faults, logs and progress. (Their flags: :mod:`fastmae.cli`.)"""
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import logging
 import os
-import fcntl
 import random
 import signal
 import socket
 import tempfile
 import threading
 import time
-import traceback
 from contextlib import contextmanager
 from typing import Callable
 
@@ -27,101 +26,12 @@ from fastmae.checkpoint import (
     UnreadableCheckpointError, checkpoint_kind, checkpoints_newest_first, link_or_copy, model_state_dict,
     newest_readable_checkpoint, read_checkpoint, remove_stale_temporaries, rng_state, save_checkpoint, set_rng_state,
 )
-from fastmae.data import DATA_BACKENDS, UnreadableImageError
-from fastmae.distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, cleanup, init_distributed
-from fastmae.engine import (
-    EpochConfig, NonFiniteLossError, Progress, StopRequested, mean_and_any_signal, train_one_epoch,
-)
+from fastmae.distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, init_distributed
+from fastmae.engine import EpochConfig, Progress, StopRequested, mean_and_any_signal, train_one_epoch
 from fastmae.step import TrainStep, step_mode_unavailable_reasons
 
 logger = logging.getLogger("fastmae")
-PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
-
-
-def add_common_args(p: argparse.ArgumentParser, **defaults) -> None:
-    """The flags every entry point takes (the original's, with the same meanings, and fastmae's);
-    ``defaults`` override the defaults per entry point."""
-    g = p.add_argument_group("schedule")
-    g.add_argument("--batch_size", default=64, type=int,
-                   help="batch size per device; effective batch = batch_size * accum_iter * devices")
-    g.add_argument("--epochs", default=10, type=int)
-    g.add_argument("--accum_iter", default=1, type=int, help="gradient accumulation steps")
-    g.add_argument("--weight_decay", default=0.05, type=float)
-    g.add_argument("--lr", default=None, type=float, help="absolute lr (default: blr * effective batch / 256)")
-    g.add_argument("--blr", default=1e-3, type=float, help="base lr, for an effective batch of 256")
-    g.add_argument("--min_lr", default=0.0, type=float, help="lower bound of the cosine schedule")
-    g.add_argument("--warmup_epochs", default=1, type=float, help="linear warmup epochs")
-    g.add_argument("--clip_grad", default=None, type=float, help="clip the gradient norm to this")
-    g.add_argument("--precision", default=None, choices=list(PRECISIONS),
-                   help="autocast dtype (fp16 adds a gradient scaler); default: bf16 on CUDA, fp32 on CPU")
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the training step (forward, backward; the fused optimizer step). "
-                        "Default: on for pretraining on CUDA, else off")
-    g.add_argument("--cuda_graphs", action=argparse.BooleanOptionalAction, default=None,
-                   help="replay the compiled step as CUDA graphs (one launch per step). Default: on when "
-                        "compiling pretraining on one CUDA device")
-    g.add_argument("--attention", default=None, choices=ops.backend_names("attention") + [ops.AUTO],
-                   help="attention backend (default: $FASTMAE_ATTENTION, else automatic)")
-
-    g = p.add_argument_group("data")
-    g.add_argument("--data_path", default=None, help="image folder root; default: the built-in shapes dataset")
-    g.add_argument("--builtin_size", default=5000, type=int,
-                   help="images in the built-in shapes dataset (its validation set: a fifth of that)")
-    g.add_argument("--data_backend", default="auto", choices=DATA_BACKENDS,
-                   help="auto: DALI on CUDA when installed, else torchvision; synthetic: random batches on the device")
-    g.add_argument("--pad_last_batch", action="store_true",
-                   help="repeat images to fill each rank's last batch of an epoch, instead of leaving it out as the "
-                        "original does")
-    g.add_argument("--skip_unreadable", action="store_true",
-                   help="replace unreadable image files by readable ones (logged and counted) instead of stopping")
-    g.add_argument("--num_workers", default=None, type=int,
-                   help="DataLoader workers (torchvision) or DALI threads (default: 2 on CUDA; on a CPU, at most "
-                        "the cores less one, the model's computation needing one)")
-    g.add_argument("--pin_mem", action=argparse.BooleanOptionalAction, default=True,
-                   help="pin host memory in the loader for faster transfers to the GPU")
-
-    g = p.add_argument_group("run")
-    g.add_argument("--output_dir", default="./output_dir", help="checkpoints, log.txt, log_steps.txt")
-    g.add_argument("--log_dir", default=None, help="TensorBoard logs, when tensorboard is installed (default: output_dir)")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    g.add_argument("--seed", default=0, type=int)
-    g.add_argument("--resume", default="", help="checkpoint to resume from, or 'auto': the newest in --output_dir")
-    g.add_argument("--start_epoch", default=0, type=int)
-    g.add_argument("--save_freq", default=20, type=int, help="keep checkpoint-EPOCH.pth every this many epochs (and the last)")
-    g.add_argument("--checkpoint_steps", default=0, type=int,
-                   help="also update checkpoint-last.pth every this many batches within an epoch (0: epoch ends only)")
-    g.add_argument("--print_freq", default=20, type=int, help="log record (and loss check) every this many batches")
-    g.add_argument("--debug", action="store_true", help="on an error, the full traceback besides its one line")
-
-    g = p.add_argument_group("the original's launch flags", "accepted so that its launch scripts run unchanged; "
-                             "fastmae takes ranks from the launcher's environment (torchrun, srun)")
-    g.add_argument("--no_pin_mem", action="store_false", dest="pin_mem", help="as --no-pin_mem")
-    g.add_argument("--world_size", default=None, type=int, help="ignored: the launcher's WORLD_SIZE / SLURM_NTASKS")
-    g.add_argument("--local_rank", "--local-rank", default=None, type=int, help="ignored: LOCAL_RANK / SLURM_LOCALID")
-    g.add_argument("--dist_url", default="env://", help="only env:// (MASTER_ADDR, MASTER_PORT)")
-    g.add_argument("--dist_eval", action="store_true", help="always on: every rank evaluates its share, each image once")
-    p.set_defaults(**defaults)
-
-
-def check_common_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    for name in ("batch_size", "epochs", "accum_iter", "save_freq", "print_freq"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name} must be at least 1, got {getattr(args, name)}")
-    for name in ("lr", "blr", "min_lr", "weight_decay", "warmup_epochs"):
-        if getattr(args, name) is not None and getattr(args, name) < 0:
-            p.error(f"--{name} must not be negative, got {getattr(args, name)}")
-    if args.clip_grad is not None and args.clip_grad <= 0:
-        p.error(f"--clip_grad must be positive, got {args.clip_grad}")
-    if args.checkpoint_steps < 0 or args.checkpoint_steps % args.accum_iter:
-        p.error(f"--checkpoint_steps {args.checkpoint_steps}: checkpoints fall between optimizer steps, so it must be "
-                f"0 or a positive multiple of --accum_iter {args.accum_iter}")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        p.error(f"--device {args.device} was requested but no CUDA device is available")
-    if args.precision == "fp16" and not args.device.startswith("cuda"):
-        p.error("--precision fp16 needs a CUDA device (use bf16 or fp32 on the CPU)")
-    if args.dist_url != "env://":
-        p.error(f"--dist_url {args.dist_url}: fastmae meets its ranks through the environment (env://); "
-                "launch with torchrun, or srun with MASTER_ADDR and MASTER_PORT exported")
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}  # by config.PRECISIONS
 
 
 class RunFiles:
@@ -257,7 +167,7 @@ class Run:
         random.seed(seed)
         self.files = RunFiles(args, self.dist)
         self.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
-        self.autocast_dtype = PRECISIONS[self.precision]
+        self.autocast_dtype = AUTOCAST_DTYPES[self.precision]
         self.scaler = torch.amp.GradScaler(device.type) if self.precision == "fp16" else None
         logger.info("args: %s", json.dumps(vars(args)))
 
@@ -518,34 +428,3 @@ def fit(
             start_batch, totals = 0, None
     logger.info("training time %.0fs", time.time() - start)
     return record
-
-
-def cli_main(parser: argparse.ArgumentParser, main: Callable[[argparse.Namespace], object],
-             check: Callable[[argparse.ArgumentParser, argparse.Namespace], None], argv: list[str] | None) -> int:
-    """Parse, check, run ``main``; errors a user can fix become one log line and exit status 1."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    args = parser.parse_args(argv)
-    check_common_args(parser, args)
-    check(parser, args)
-    try:
-        main(args)
-    except (NonFiniteLossError, ops.BackendUnavailableError, FileNotFoundError, UnreadableImageError, ValueError) as e:
-        where = traceback.extract_tb(e.__traceback__)[-1]  # an internal error, too, says where it came from
-        logger.error("error: %s (raised at %s:%d)%s", e, where.filename, where.lineno,
-                     "" if args.debug else "; --debug shows the traceback")
-        if args.debug:
-            logger.error("".join(traceback.format_exception(e)))
-        return 1
-    except StopRequested as e:
-        logger.info("%s: checkpoint-last.pth in %s holds where it stood; --resume auto continues from there", e,
-                    args.output_dir)
-        return 128 + e.signum
-    except torch.OutOfMemoryError as e:
-        hint = ", or add --grad_checkpointing" if hasattr(args, "grad_checkpointing") else ""
-        logger.error("error: out of memory at --batch_size %d (%s). Lower --batch_size and raise --accum_iter to "
-                     "keep the effective batch%s.", args.batch_size, str(e).splitlines()[0], hint)
-        return 1
-    finally:
-        cleanup()
-        release_output_dirs()
-    return 0

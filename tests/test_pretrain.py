@@ -240,3 +240,13 @@ def test_the_threads_chosen_are_logged(folder, tmp_path, caplog, monkeypatch):
     assert "data loader workers, on" in caplog.text
     if cores_per_rank() <= 3:
         assert "outnumber the" in caplog.text
+
+
+@pytest.mark.parametrize("entry", ["pretrain", "finetune", "linprobe", "profile"])
+def test_flags_are_parsed_and_checked_before_torch_is_imported(entry):
+    """--help and a mistyped flag answer at once (torch and its compiler take seconds to import)."""
+    code = (f"import sys\nfrom fastmae.{entry} import cli, get_args_parser\nget_args_parser().format_help()\n"
+            "for argv in (['--bogus'], ['--batch_size', '0']):\n"
+            "    try:\n        cli(argv)\n    except SystemExit as e:\n        assert e.code == 2, e.code\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n")
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=60)

@@ -16,6 +16,7 @@ import tempfile
 import torch
 from torchvision import datasets, transforms
 
+from fastmae.config import DATA_BACKENDS, FINETUNE_AA
 from fastmae.data.augment import needs_timm, timm_available, timm_compatible
 from fastmae.data.dali_loader import DaliLoader, dali_unavailable_reasons
 from fastmae.data.shapes import SHAPES_VERSION, ShapesDataset
@@ -29,15 +30,11 @@ logger = logging.getLogger("fastmae")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-DATA_BACKENDS = ("auto", "dali", "torchvision", "synthetic")
 
 
 def pretrain_transform(input_size: int) -> transforms.Compose:
     """The original's pretraining augmentation."""
     return transform("pretrain", input_size)
-
-
-FINETUNE_AA = "rand-m9-mstd0.5-inc1"  # the original's fine-tuning RandAugment
 
 
 def transform(mode: str, input_size: int, *, aa: str = FINETUNE_AA, color_jitter: float | None = None):

@@ -15,6 +15,7 @@ from torch import nn
 from fastmae import ops
 from fastmae.models.layers import AttentionBackendSwitch, Block, Linear, PatchEmbed, run_blocks
 from fastmae.models.pos_embed import get_2d_sincos_pos_embed
+from fastmae.presets import PRESETS
 
 
 class MaskedAutoencoderViT(AttentionBackendSwitch, nn.Module):
@@ -227,24 +228,6 @@ class MaskedAutoencoderViT(AttentionBackendSwitch, nn.Module):
 
 
 # -- presets ---------------------------------------------------------------------------------------
-
-_DECODER = dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
-
-PRESETS: dict[str, dict] = {
-    "mae_vit_base_patch16": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, **_DECODER),
-    "mae_vit_large_patch16": dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16, **_DECODER),
-    "mae_vit_huge_patch14": dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16, **_DECODER),
-    # small enough to pretrain on a laptop CPU in minutes (32x32 images, 64 patches)
-    "mae_vit_tiny_patch4": dict(
-        img_size=32, patch_size=4, embed_dim=192, depth=4, num_heads=3,
-        decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4,
-    ),
-}
-# the original's long names
-PRESETS["mae_vit_base_patch16_dec512d8b"] = PRESETS["mae_vit_base_patch16"]
-PRESETS["mae_vit_large_patch16_dec512d8b"] = PRESETS["mae_vit_large_patch16"]
-PRESETS["mae_vit_huge_patch14_dec512d8b"] = PRESETS["mae_vit_huge_patch14"]
-
 
 def create_model(name: str, *, norm_backend: str | None = None, **kwargs) -> MaskedAutoencoderViT:
     """A preset by name (mlp ratio 4, LayerNorm eps 1e-6, the LayerNorm class of ``norm_backend``:

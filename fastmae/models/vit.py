@@ -13,6 +13,7 @@ from torch import nn
 
 from fastmae.checkpoint import model_state_dict
 from fastmae.models.layers import AttentionBackendSwitch, Block, PatchEmbed
+from fastmae.presets import ENCODERS
 from fastmae.models.mae import PRESETS
 
 logger = logging.getLogger("fastmae")
@@ -97,15 +98,6 @@ class VisionTransformer(AttentionBackendSwitch, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
-
-
-# the encoders of the MAE presets, under the original's (timm's) names: vit_base_patch16, ... (the
-# presets' long names, *_dec512d8b, are the same models)
-_ENCODER_KEYS = ("img_size", "patch_size", "embed_dim", "depth", "num_heads")
-ENCODERS: dict[str, dict] = {
-    name.removeprefix("mae_"): {k: v for k, v in preset.items() if k in _ENCODER_KEYS}
-    for name, preset in PRESETS.items() if not name.endswith("_dec512d8b")
-}
 
 
 def create_vit(name: str, **kwargs) -> VisionTransformer:

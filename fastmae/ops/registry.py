@@ -32,9 +32,10 @@ from typing import Callable
 
 import torch
 
+from fastmae.config import AUTO, BACKEND_TABLE, backend_names
+
 logger = logging.getLogger("fastmae")
 
-AUTO = "auto"
 
 
 class BackendUnavailableError(RuntimeError):
@@ -88,30 +89,12 @@ OPS = {
     "norm": ("layer_norm",),
 }
 
-# Priority order: automatic selection takes the first eligible backend that can run.
+# Priority order (fastmae.config.BACKEND_TABLE): automatic selection takes the first eligible backend
+# that can run.
 BACKENDS: dict[str, tuple[Backend, ...]] = {
-    "kernels": (
-        _backend("triton", "fastmae.kernels.backend", auto_devices=("cuda",)),
-        _backend("cuda", "fastmae.ops.native", auto_devices=("cuda",)),
-        _backend("torch", "fastmae.ops.reference", auto_devices=("*",)),
-    ),
-    "attention": (
-        _backend("xformers", "fastmae.ops.attention_xformers", auto_devices=("cuda",)),
-        _backend("sdpa", "fastmae.ops.attention_sdpa", auto_devices=("*",)),
-        _backend("sdpa_flash", "fastmae.ops.attention_sdpa", auto_devices=(), kernel="flash"),
-        _backend("sdpa_efficient", "fastmae.ops.attention_sdpa", auto_devices=(), kernel="efficient"),
-        _backend("sdpa_cudnn", "fastmae.ops.attention_sdpa", auto_devices=(), kernel="cudnn"),
-        _backend("math", "fastmae.ops.attention_math", auto_devices=("*",)),
-    ),
-    "norm": (
-        _backend("apex", "fastmae.ops.layer_norm", auto_devices=("*",), impl="apex"),
-        _backend("torch", "fastmae.ops.layer_norm", auto_devices=("*",), impl="torch"),
-    ),
+    family: tuple(_backend(name, module, auto_devices, **options) for name, module, auto_devices, options in rows)
+    for family, rows in BACKEND_TABLE.items()
 }
-
-
-def backend_names(family: str) -> list[str]:
-    return [b.name for b in BACKENDS[family]]
 
 
 def _find(family: str, name: str) -> Backend:

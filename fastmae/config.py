@@ -1,0 +1,39 @@
+"""The names the command lines offer, and the tables behind them, importable without torch: flags are
+parsed and checked before any heavy import (``--help`` and a mistyped flag answer at once)."""
+from __future__ import annotations
+
+AUTO = "auto"
+
+# Each op family's backends, in automatic order: (name, module, device types automatic selection may
+# pick it on ("*": any), options passed to the module's functions). fastmae.ops.registry builds the
+# backends from this table.
+BACKEND_TABLE: dict[str, tuple[tuple[str, str, tuple[str, ...], dict], ...]] = {
+    "kernels": (
+        ("triton", "fastmae.kernels.backend", ("cuda",), {}),
+        ("cuda", "fastmae.ops.native", ("cuda",), {}),
+        ("torch", "fastmae.ops.reference", ("*",), {}),
+    ),
+    "attention": (
+        ("xformers", "fastmae.ops.attention_xformers", ("cuda",), {}),
+        ("sdpa", "fastmae.ops.attention_sdpa", ("*",), {}),
+        ("sdpa_flash", "fastmae.ops.attention_sdpa", (), {"kernel": "flash"}),
+        ("sdpa_efficient", "fastmae.ops.attention_sdpa", (), {"kernel": "efficient"}),
+        ("sdpa_cudnn", "fastmae.ops.attention_sdpa", (), {"kernel": "cudnn"}),
+        ("math", "fastmae.ops.attention_math", ("*",), {}),
+    ),
+    "norm": (
+        ("apex", "fastmae.ops.layer_norm", ("*",), {"impl": "apex"}),
+        ("torch", "fastmae.ops.layer_norm", ("*",), {"impl": "torch"}),
+    ),
+}
+
+
+def backend_names(family: str) -> list[str]:
+    return [row[0] for row in BACKEND_TABLE[family]]
+
+
+DATA_BACKENDS = ("auto", "dali", "torchvision", "synthetic")
+PRECISIONS = ("bf16", "fp16", "fp32")  # autocast dtypes (fp32: none)
+# optimizer name -> apex class (None: torch's fused AdamW)
+OPTIMIZERS = {"adamw": None, "apex_adam": "FusedAdam", "apex_lamb": "FusedLAMB"}
+FINETUNE_AA = "rand-m9-mstd0.5-inc1"  # the original's fine-tuning RandAugment
