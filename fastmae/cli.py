@@ -76,6 +76,8 @@ def add_common_args(p: argparse.ArgumentParser, **defaults) -> None:
     g.add_argument("--local_rank", "--local-rank", default=None, type=int, help="ignored: LOCAL_RANK / SLURM_LOCALID")
     g.add_argument("--dist_url", default="env://", help="only env:// (MASTER_ADDR, MASTER_PORT)")
     g.add_argument("--dist_eval", action="store_true", help="always on: every rank evaluates its share, each image once")
+    g.add_argument("--dist_timeout", default=10.0, type=float,
+                   help="minutes a collective waits for a rank before the run fails, naming the rank it waited for")
     p.set_defaults(**defaults)
 
 
@@ -121,7 +123,7 @@ def cli_main(parser: argparse.ArgumentParser, main: Callable[[argparse.Namespace
 
     from fastmae.checkpoint import UnreadableCheckpointError  # noqa: F401 (a ValueError)
     from fastmae.data import UnreadableImageError
-    from fastmae.distributed import cleanup
+    from fastmae.distributed import cleanup, current_phase, is_process_group_failure, peers_report
     from fastmae.engine import NonFiniteLossError, StopRequested
     from fastmae.ops import BackendUnavailableError
     from fastmae.training import release_output_dirs
@@ -149,6 +151,15 @@ def cli_main(parser: argparse.ArgumentParser, main: Callable[[argparse.Namespace
         hint = ", or add --grad_checkpointing" if hasattr(args, "grad_checkpointing") else ""
         logger.error("error: out of memory at --batch_size %d (%s). Lower --batch_size and raise --accum_iter to "
                      "keep the effective batch%s.", args.batch_size, str(e).splitlines()[0], hint)
+        return 1
+    except Exception as e:
+        if not is_process_group_failure(e):
+            raise
+        import torch.distributed as dist
+
+        logger.error("error: rank %d lost the others while %s (%s). Last word from each rank, the furthest behind "
+                     "first: %s", dist.get_rank(), current_phase(), str(e).strip().splitlines()[0][:300],
+                     peers_report())
         return 1
     finally:
         cleanup()

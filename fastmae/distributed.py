@@ -5,12 +5,20 @@ Under ``srun`` (one task per GPU), rank, world size and local rank come from ``S
 ``SLURM_NTASKS`` and ``SLURM_LOCALID``, as in the original; the rendezvous address is
 ``MASTER_ADDR`` when exported, else the job's first node (``scontrol show hostnames``).
 NCCL on GPUs, gloo on CPUs.
+
+A rank that dies or hangs is noticed in bounded time: collectives time out after ``--dist_timeout``
+minutes, and each rank leaves word in the rendezvous store of what it is doing (:func:`set_phase`,
+at every log record and checkpoint), so that the survivors can say which rank went silent, when,
+and while doing what (:func:`peers_report`).
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+import time
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -52,8 +60,9 @@ def launch_environment() -> DistInfo:
     return DistInfo()
 
 
-def init_distributed(device_type: str) -> DistInfo:
-    """Join the process group when launched with several processes; returns this process's place."""
+def init_distributed(device_type: str, timeout_minutes: float = 10.0) -> DistInfo:
+    """Join the process group when launched with several processes; returns this process's place.
+    A collective that waits longer than ``timeout_minutes`` for a rank fails."""
     info = launch_environment()
     if not info.enabled:
         return info
@@ -63,8 +72,60 @@ def init_distributed(device_type: str) -> DistInfo:
     if device_type == "cuda":
         torch.cuda.set_device(info.local_rank)
     dist.init_process_group("nccl" if device_type == "cuda" else "gloo", init_method="env://",
-                            rank=info.rank, world_size=info.world_size)
+                            rank=info.rank, world_size=info.world_size, timeout=timedelta(minutes=timeout_minutes))
+    set_phase("starting")
     return info
+
+
+_phase = "starting"
+
+
+def set_phase(what: str, tell: bool = True) -> None:
+    """What this rank is doing now; ``tell``: also left in the rendezvous store for the others (a
+    failed or hung rank is then named with its last word; the survivors tell theirs when they
+    report). Nothing is sent without a process group."""
+    global _phase
+    _phase = what
+    if tell and dist.is_available() and dist.is_initialized():
+        try:
+            dist.distributed_c10d._get_default_store().set(
+                f"fastmae/phase/{dist.get_rank()}", json.dumps({"time": time.time(), "phase": what}))
+        except Exception:  # the store is gone: the failure will say so
+            pass
+
+
+def current_phase() -> str:
+    return _phase
+
+
+def peers_report(timeout_seconds: float = 5.0) -> str:
+    """Where every rank last said it was, oldest first: ``rank 1: training, epoch 0 batch 40 (93 s
+    ago)``; the rank furthest behind is the one the others wait for. This rank tells its own first."""
+    set_phase(_phase)
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set_timeout(timedelta(seconds=timeout_seconds))
+        now, seen = time.time(), []
+        for rank in range(dist.get_world_size()):
+            try:
+                word = json.loads(store.get(f"fastmae/phase/{rank}"))
+                seen.append((word["time"], f"rank {rank}: {word['phase']} ({now - word['time']:.0f} s ago)"))
+            except Exception:
+                seen.append((0.0, f"rank {rank}: no word"))
+        return "; ".join(line for _, line in sorted(seen))
+    except Exception as e:  # under srun, rank 0 hosts the store: it may be the rank that died
+        return f"the rendezvous store is unreachable ({type(e).__name__}), its host (rank 0, or torchrun's agent) is gone"
+
+
+def is_process_group_failure(error: BaseException) -> bool:
+    """A collective that failed because a rank died, hung or lost its network."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return False
+    if isinstance(error, getattr(dist, "DistError", ())):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and any(
+        hint in text for hint in ("gloo", "NCCL", "Connection reset", "Connection closed", "Timed out", "timed out"))
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from fastmae.distributed import DistInfo, all_reduce_mean, all_reduce_sum
+from fastmae.distributed import DistInfo, all_reduce_mean, all_reduce_sum, set_phase
 from fastmae.optim import lr_at, set_lr
 from fastmae.step import TrainStep
 
@@ -96,6 +96,7 @@ def train_one_epoch(
             set_lr(step.optimizer, lr)
         lr_sum += lr
         update = (batch + 1) % accum == 0
+        set_phase(f"training, epoch {epoch} batch {batch + 1}", tell=False)  # told at the log records
         loss = step(imgs, labels, update)
         loss_sum += loss
         window_sum += loss
@@ -108,6 +109,7 @@ def train_one_epoch(
         checkpoint_due = cfg.checkpoint_steps and (batch + 1) % cfg.checkpoint_steps == 0 and update and not last
         if (batch + 1) % cfg.print_freq == 0 or last or checkpoint_due or (stopping and update and not last):
             # the sync point: the loss since the last record, and whether any rank was asked to stop
+            set_phase(f"training, epoch {epoch} batch {batch + 1}")
             value, signalled = mean_and_any_signal(window_sum / window, stop_signal())
             stopping = stopping or (signalled and (stop_signal() or signal.SIGTERM))
             if not math.isfinite(value):

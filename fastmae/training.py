@@ -26,7 +26,7 @@ from fastmae.checkpoint import (
     UnreadableCheckpointError, checkpoint_kind, checkpoints_newest_first, link_or_copy, model_state_dict,
     newest_readable_checkpoint, read_checkpoint, remove_stale_temporaries, rng_state, save_checkpoint, set_rng_state,
 )
-from fastmae.distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, init_distributed
+from fastmae.distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, init_distributed, set_phase
 from fastmae.engine import EpochConfig, Progress, StopRequested, mean_and_any_signal, train_one_epoch
 from fastmae.step import TrainStep, step_mode_unavailable_reasons
 
@@ -143,7 +143,7 @@ class Run:
         self.kind = kind
         check_output_dir(args.output_dir, kind)
         device = torch.device(args.device)
-        self.dist = init_distributed(device.type)
+        self.dist = init_distributed(device.type, args.dist_timeout)
         if self.dist.is_main:  # rank 0 writes the folder
             lock_output_dir(args.output_dir)
         if device.type == "cuda" and self.dist.enabled:
@@ -373,6 +373,7 @@ def fit(
                       print_freq=args.print_freq, checkpoint_steps=args.checkpoint_steps)
 
     def checkpoint(epoch: int, next_batch: int, totals: dict | None = None, numbered: bool = False) -> None:
+        set_phase(f"writing a checkpoint at epoch {epoch}, batch {next_batch}")
         # every rank's random state, so that a resumed run draws the same masks and mixes
         rngs = all_gather_objects({k: v.cpu() for k, v in rng_state(device).items()})
         if dist.is_main:
@@ -408,6 +409,7 @@ def fit(
         finally:
             progress.close()
         checkpoint(epoch, 0, numbered=epoch % args.save_freq == 0 or epoch + 1 == args.epochs)
+        set_phase(f"ending epoch {epoch} (evaluation, pictures)")
         skipped = all_reduce_sum(torch.tensor(float(loader.files_skipped), device=device))
         record = {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch,
                   "files_skipped": round(skipped.item()), **after_epoch(epoch, step.model, stats)}

@@ -3,6 +3,7 @@ process with the whole batch, eager and compiled; FLOP counts; the reconstructio
 import os
 import signal
 import socket
+import time
 
 import numpy as np
 import pytest
@@ -176,3 +177,50 @@ def test_ranks_agree_on_a_stop_signal_that_one_of_them_got(tmp_path):
     # rank 0's signal seen by both at the 3rd record; the next optimizer step (accumulation 2) is the 4th batch
     assert [r["stopped"] for r in results] == [(4, signal.SIGTERM), (4, signal.SIGTERM)]
     assert [r["checkpoints"] for r in results] == [[4], [4]]
+
+
+def fail_on_rank_1(rank: int, world_size: int, folder: str, out: str, port: int, how: str) -> None:
+    """The pretraining command on two gloo ranks, rank 1 dying (or hanging) at its 4th step."""
+    import logging
+
+    from fastmae.pretrain import cli
+    from fastmae.step import TrainStep
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    logging.getLogger("fastmae").addHandler(logging.FileHandler(f"{out}.{rank}.log"))
+    real, calls = TrainStep.__call__, []
+
+    def step(self, *args, **kwargs):
+        calls.append(1)
+        if rank == 1 and len(calls) == 4:
+            if how == "dies":
+                os._exit(3)
+            time.sleep(60)  # hangs
+        return real(self, *args, **kwargs)
+
+    TrainStep.__call__ = step
+    code = cli(["--data_path", folder, "--output_dir", f"{out}-run", "--batch_size", "4", "--epochs", "1",
+                "--num_workers", "0", "--print_freq", "1", "--dist_timeout", "0.1", "--vis_freq", "0"])
+    with open(f"{out}.{rank}.code", "w") as f:
+        f.write(str(code))
+    os._exit(0)  # no waiting on the dead or hung rank at exit
+
+
+@pytest.mark.parametrize("how", ["dies", "hangs"])
+def test_a_rank_that_dies_or_hangs_is_named_in_bounded_time(tmp_path, how):
+    folder = tmp_path / "shapes"
+    ShapesDataset(32, image_size=40).write_image_folder(folder)
+    out = str(tmp_path / "fail")
+    start = time.time()
+    context = mp.start_processes(fail_on_rank_1, args=(2, str(folder), out, free_port(), how), nprocs=2, join=False,
+                                 start_method="spawn")
+    while not os.path.exists(f"{out}.0.code") and time.time() - start < 50:
+        time.sleep(0.1)
+    for p in context.processes:
+        p.kill()
+    assert open(f"{out}.0.code").read() == "1"
+    assert time.time() - start < 50  # the hang is noticed after --dist_timeout (6 s), not half an hour
+    log = open(f"{out}.0.log").read()
+    assert "error: rank 0 lost the others while training, epoch 0 batch" in log
+    assert "Last word from each rank, the furthest behind first: rank 1: training, epoch 0 batch 3" in log

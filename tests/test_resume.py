@@ -4,6 +4,7 @@ import json
 import logging
 import math
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -229,3 +230,40 @@ def test_resume_auto_passes_over_an_unreadable_newest_checkpoint(folder, tmp_pat
     assert cli(args(folder, tmp_path, "--resume", "auto")) == 0
     assert "passing over" in caplog.text and "checkpoint-last.pth: not a readable checkpoint" in caplog.text
     assert f"resumed from {kept} at epoch 1, batch 0" in caplog.text
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_torchrun_restarts_a_run_whose_rank_died(folder, tmp_path):
+    """torchrun --max-restarts with --resume auto: a worker killed mid-epoch, the group restarted, the
+    run ends with the uninterrupted run's losses (two gloo ranks)."""
+    def launch(out):
+        return subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--max-restarts", "1",
+             "-m", "fastmae.pretrain", *args(folder, out, "--batch_size", "4", "--checkpoint_steps", "1", "--resume", "auto")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    whole = launch(tmp_path / "whole")
+    assert whole.wait(timeout=300) == 0, whole.stderr.read().decode()[-2000:]
+    part = launch(tmp_path / "part")
+    log = tmp_path / "part" / "log_steps.txt"
+    while part.poll() is None and not (log.exists() and len(log.read_text().splitlines()) >= 8):
+        time.sleep(0.05)
+    workers = children(part.pid)
+    assert len(workers) == 2
+    os.kill(workers[1], signal.SIGKILL)
+    _, err = part.communicate(timeout=300)
+    assert part.returncode == 0, err.decode()[-3000:]
+    assert "restart" in err.decode().lower()
+    assert step_losses(tmp_path / "part") == step_losses(tmp_path / "whole")
+    assert epoch_records(tmp_path / "part") == epoch_records(tmp_path / "whole")
