@@ -97,6 +97,10 @@ class TrainStep:
         device = next(model.parameters()).device
         reasons = step_mode_unavailable_reasons(mode, device, distributed=hasattr(model, "no_sync"),
                                                 fused_optimizer=getattr(optimizer, "_step_supports_amp_scaling", False))
+        if mode == "graphed" and not all(g.get("capturable") and torch.is_tensor(g["lr"]) for g in optimizer.param_groups):
+            # a float lr would be baked into the captured update: the schedule would stop there
+            reasons.append("the optimizer is not capturable with a device-tensor lr "
+                           "(fastmae.optim.build_optimizer(..., capturable=True))")
         if reasons:
             raise ValueError(f"step mode {mode!r} cannot run here: {'; '.join(reasons)}")
         self.model, self.optimizer, self.compute_loss = model, optimizer, compute_loss
@@ -189,6 +193,12 @@ class TrainStep:
     # -- graphed mode ------------------------------------------------------------------------------
 
     def _graphed(self, imgs: torch.Tensor, labels: torch.Tensor, update: bool) -> torch.Tensor:
+        # the capture records the current device's streams: a run on cuda:1 without this would
+        # capture an empty graph and replay nothing
+        with torch.cuda.device(self.device):
+            return self._graphed_on_device(imgs, labels, update)
+
+    def _graphed_on_device(self, imgs: torch.Tensor, labels: torch.Tensor, update: bool) -> torch.Tensor:
         if self.static_batch is None:
             self.static_batch = (imgs.clone(), labels.clone())
         static_imgs, static_labels = self.static_batch
@@ -219,7 +229,9 @@ class TrainStep:
         torch.cuda.synchronize(self.device)
         start = time.perf_counter()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        # thread_local: the loader's threads (pinning memory, DALI's prefetch) keep using CUDA
+        # during the capture, which the default "global" mode would turn into a capture error
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             self.static_loss[update] = self._step(self.step_model, *self.static_batch, update)
         # both graphs draw on one memory pool: they never run at the same time
         self.pool = graph.pool()

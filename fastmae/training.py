@@ -249,6 +249,13 @@ def load_training_state(path, model, optimizer, scaler, dist: DistInfo, device, 
         optimizer.load_state_dict(ckpt["optimizer"])
         for group, flags in zip(optimizer.param_groups, implementation):
             group.update(flags)
+        # load_state_dict placed the step counters by the *saved* flags (on the host for an
+        # unfused optimizer's checkpoint, the original's): fused and captured updates read them on the device
+        for group in optimizer.param_groups:
+            for param in group["params"] if group.get("fused") or group.get("capturable") else ():
+                state = optimizer.state.get(param, {})
+                if torch.is_tensor(state.get("step")):
+                    state["step"] = state["step"].to(param.device, torch.float32)
     if scaler is not None and ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
     position = ckpt.get("data_position") or {"epoch": ckpt.get("epoch", -1) + 1, "batch": 0}

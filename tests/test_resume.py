@@ -147,6 +147,25 @@ def test_a_mid_epoch_position_in_other_batches_restarts_the_epoch(tmp_path, capl
     assert resume(accum_iter=2) == (3, 0)
 
 
+@pytest.mark.cuda
+def test_an_unfused_optimizers_checkpoint_resumes_a_fused_cuda_one_with_its_step_counts_on_the_device(tmp_path):
+    """The original's checkpoints hold an unfused AdamW's state: loaded as saved, the step counts
+    would stay on the host, where a fused (or captured) update cannot read them."""
+    model = torch.nn.Linear(2, 2)
+    unfused = torch.optim.AdamW(model.parameters())
+    model(torch.randn(3, 2)).sum().backward()
+    unfused.step()
+    save_checkpoint({"model": model.state_dict(), "optimizer": unfused.state_dict(), "epoch": 0}, tmp_path / "c.pth")
+    model.cuda()
+    fused = torch.optim.AdamW(model.parameters(), fused=True)
+    load_training_state(tmp_path / "c.pth", model, fused, None, DistInfo(), torch.device("cuda"),
+                        {"batch_size": 8, "accum_iter": 1, "steps_per_epoch": 6})
+    assert {state["step"].device.type for state in fused.state.values()} == {"cuda"}
+    model(torch.randn(3, 2, device="cuda")).sum().backward()
+    fused.step()
+    assert all(state["step"].item() == 2 for state in fused.state.values())
+
+
 def test_compiled_run_killed_and_resumed_equals_uninterrupted(folder, tmp_path, monkeypatch, uninterrupted):
     """The compiled step (``--compile``) resumes exactly too, and computes the eager run's losses."""
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))  # compiled once for the three runs

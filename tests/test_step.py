@@ -105,6 +105,10 @@ def test_graphs_need_cuda_one_process_and_a_fused_optimizer():
                                                                    fused_optimizer=False))
     with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
         TrainStep(tiny_mae(), torch.optim.SGD(tiny_mae().parameters(), lr=0.1), pretrain_loss, mode="graphed")
+    model = tiny_mae()
+    fused_float_lr = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    with pytest.raises(ValueError, match="not capturable with a device-tensor lr"):
+        TrainStep(model, fused_float_lr, pretrain_loss, mode="graphed")
 
 
 @pytest.mark.cuda
