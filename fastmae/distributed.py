@@ -71,8 +71,14 @@ def init_distributed(device_type: str, timeout_minutes: float = 10.0) -> DistInf
     os.environ.setdefault("MASTER_PORT", "29500")
     if device_type == "cuda":
         torch.cuda.set_device(info.local_rank)
-    dist.init_process_group("nccl" if device_type == "cuda" else "gloo", init_method="env://",
-                            rank=info.rank, world_size=info.world_size, timeout=timedelta(minutes=timeout_minutes))
+    timeout = timedelta(minutes=timeout_minutes)
+    store, _, _ = next(dist.rendezvous("env://", rank=info.rank, world_size=info.world_size, timeout=timeout))
+    if "TORCHELASTIC_RESTART_COUNT" in os.environ:
+        # torchrun's agent keeps one store across restarts: without a prefix per attempt, a restarted
+        # rank can read the address a dead rank of the previous attempt left there, and fail to connect
+        store = dist.PrefixStore(f"attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}", store)
+    dist.init_process_group("nccl" if device_type == "cuda" else "gloo", store=store,
+                            rank=info.rank, world_size=info.world_size, timeout=timeout)
     set_phase("starting")
     return info
 
