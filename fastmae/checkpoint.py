@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import argparse
 import glob
+import io
 import logging
 import math
 import os
 import random
+import shutil
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -38,6 +40,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     original's checkpoints carry under ``args``; a Hugging Face model folder or ``.safetensors`` file
     gives its weights under ``model`` (:mod:`fastmae.interop`). A file that is not a readable
     checkpoint raises :class:`UnreadableCheckpointError` naming it."""
+    if is_sharded_checkpoint(path):
+        return read_sharded_checkpoint(path)
     if os.path.isdir(path) or os.fspath(path).endswith(".safetensors"):  # a Hugging Face model
         return {"model": read_hugging_face(os.fspath(path))}
     if not os.path.isfile(path):
@@ -121,10 +125,14 @@ def _temporary_name(path: str | os.PathLike) -> str:
 
 
 def remove_stale_temporaries(output_dir: str | os.PathLike) -> None:
-    """Temporary checkpoint files left by runs that were killed while saving (call with the output
-    folder's lock held: no live run is writing them)."""
+    """Temporary checkpoint files, and sharded checkpoints without their metadata, left by runs
+    that were killed while saving (call with the output folder's lock held: no live run is
+    writing them)."""
     for tmp in glob.glob(os.path.join(output_dir, "checkpoint-*.pth.*tmp")):
         os.remove(tmp)
+    for folder in glob.glob(os.path.join(output_dir, "checkpoint-*" + SHARDED_SUFFIX)):
+        if not is_complete(folder):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _replace_durably(tmp: str, path: str | os.PathLike) -> None:
@@ -141,8 +149,11 @@ KINDS = ("pretrain", "finetune", "linprobe")
 
 
 def peek_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """The checkpoint at ``path`` with its tensors mapped, not read (cheap for multi-GB files); a
-    file that is not a readable checkpoint raises :class:`UnreadableCheckpointError`."""
+    """The checkpoint at ``path`` with its tensors mapped, not read (cheap for multi-GB files; a
+    sharded one's model weights are ``meta`` tensors of their shapes); a file that is not a
+    readable checkpoint raises :class:`UnreadableCheckpointError`."""
+    if is_sharded_checkpoint(path):
+        return peek_sharded_checkpoint(path)
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -167,19 +178,25 @@ def checkpoint_kind(path: str | os.PathLike) -> str:
 
 
 def checkpoints_newest_first(output_dir: str | os.PathLike) -> list[str]:
-    """``checkpoint-last.pth`` (the latest state of a fastmae run), then the other
-    ``checkpoint-*.pth`` (numbered ones, the original's) from the most recently written; a file
-    that is another's hard link is listed once."""
+    """The checkpoints in ``output_dir``, the most recently completed first: ``checkpoint-*.pth``
+    files (``checkpoint-last.pth``, fastmae's latest state, before a numbered file that is its hard
+    link) and complete sharded checkpoints (``checkpoint-*.dcp`` folders with their metadata)."""
     last = os.path.join(output_dir, "checkpoint-last.pth")
-    others = sorted((f for f in glob.glob(os.path.join(output_dir, "checkpoint-*.pth")) if f != last),
-                    key=os.path.getmtime, reverse=True)
+    files = sorted(glob.glob(os.path.join(output_dir, "checkpoint-*.pth")), key=lambda f: f != last)
+    folders = [d for d in glob.glob(os.path.join(output_dir, "checkpoint-*" + SHARDED_SUFFIX)) if is_complete(d)]
+    # sorted() is stable: of two with one time, checkpoint-last.pth stays first
+    candidates = sorted(files + folders, key=_completion_time, reverse=True)
     found, seen = [], set()
-    for path in ([last] if os.path.isfile(last) else []) + others:
+    for path in candidates:
         inode = os.stat(path).st_ino
         if inode not in seen:
             seen.add(inode)
             found.append(path)
     return found
+
+
+def _completion_time(path: str) -> int:
+    return os.stat(os.path.join(path, METADATA) if os.path.isdir(path) else path).st_mtime_ns
 
 
 def newest_readable_checkpoint(output_dir: str | os.PathLike) -> str | None:
@@ -200,8 +217,6 @@ def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     try:
         os.link(src, tmp)
     except OSError:
-        import shutil
-
         shutil.copyfile(src, tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
@@ -236,3 +251,190 @@ def set_rng_state(state: Mapping[str, torch.Tensor], device: torch.device) -> No
         pos, has_gauss, *np_keys = state["numpy"].tolist()
         np.random.set_state(("MT19937", np.array(np_keys, dtype=np.uint32), pos, has_gauss,
                              state["numpy_gauss"].item()))
+
+
+# -- sharded checkpoints (torch.distributed.checkpoint) -------------------------------------------
+# A folder per checkpoint, each rank writing its shards in parallel: {"model": ..., "optimizer": ...
+# (keyed by parameter name, as get_state_dict gives it), "trainer": the other entries of a
+# single-file checkpoint (epoch, data position, every rank's random state, args), pickled}.
+# DCP renames .metadata into place once every rank's part is written: a folder without it is one
+# that a kill cut short, and is never loaded.
+
+SHARDED_SUFFIX = ".dcp"
+METADATA = ".metadata"
+
+
+def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
+    return os.path.isdir(path) and (os.fspath(path).endswith(SHARDED_SUFFIX) or is_complete(path))
+
+
+def is_complete(path: str | os.PathLike) -> bool:
+    return os.path.isfile(os.path.join(path, METADATA))
+
+
+def sharded_name(epoch: int, next_batch: int) -> str:
+    """``checkpoint-EPOCH.dcp`` at the end of an epoch (as ``checkpoint-EPOCH.pth``), else
+    ``checkpoint-EPOCH-BATCH.dcp`` (continuing at ``BATCH`` of ``EPOCH``)."""
+    return f"checkpoint-{epoch}{f'-{next_batch}' if next_batch else ''}{SHARDED_SUFFIX}"
+
+
+def pack_trainer(entries: Mapping[str, Any]) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(dict(entries), buffer)
+    return buffer.getvalue()
+
+
+def unpack_trainer(blob: bytes) -> dict[str, Any]:
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+
+
+def _read_without_process_group(path: str | os.PathLike, keys: set[str] | None = None) -> dict[str, Any]:
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    if not is_complete(path):
+        raise UnreadableCheckpointError(f"{path}: a sharded checkpoint without its {METADATA} (cut short while "
+                                        "being written)")
+    state: dict[str, Any] = {}
+    try:
+        # the planner rebuilds the saved structure from the metadata (dcp_to_torch_save's way)
+        _load_state_dict(state, storage_reader=FileSystemReader(os.fspath(path)),
+                         planner=_EmptyStateDictLoadPlanner(keys=keys), no_dist=True)
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UnreadableCheckpointError(f"{path}: not a readable sharded checkpoint ({type(e).__name__}: "
+                                        f"{reason})") from e
+    return state
+
+
+def read_sharded_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """A sharded checkpoint whole, in one process, in the single-file checkpoints' layout (the
+    original's: the optimizer's state keyed by parameter index)."""
+    state = _read_without_process_group(path)
+    return {**unpack_trainer(state["trainer"]), "model": state["model"],
+            "optimizer": optimizer_state_by_index(state["optimizer"])}
+
+
+def peek_sharded_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """A sharded checkpoint's trainer entries, with its model weights as ``meta`` tensors of their
+    shapes (read from the metadata) and ``sharded`` True."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    trainer = unpack_trainer(_read_without_process_group(path, keys={"trainer"})["trainer"])
+    entries = FileSystemReader(os.fspath(path)).read_metadata().state_dict_metadata
+    shapes = {key[len("model."):]: torch.empty(meta.size, dtype=meta.properties.dtype, device="meta")
+              for key, meta in entries.items() if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)}
+    return {**trainer, "model": shapes, "sharded": True}
+
+
+def optimizer_state_by_index(state: Mapping[str, Any]) -> dict[str, Any]:
+    """An optimizer state dict keyed by parameter name (``get_optimizer_state_dict``'s) keyed by
+    index instead (``Optimizer.state_dict``'s, the original checkpoints')."""
+    order = [name for group in state["param_groups"] for name in group["params"]]
+    index = {name: i for i, name in enumerate(order)}
+    return {"state": {index[name]: value for name, value in state["state"].items()},
+            "param_groups": [{**group, "params": [index[name] for name in group["params"]]}
+                             for group in state["param_groups"]]}
+
+
+def optimizer_state_by_name(state: Mapping[str, Any], names: list[str]) -> dict[str, Any]:
+    """The inverse of :func:`optimizer_state_by_index`; ``names``: the parameters' names in the
+    optimizer's order."""
+    return {"state": {names[i]: value for i, value in state["state"].items()},
+            "param_groups": [{**group, "params": [names[i] for i in group["params"]]}
+                             for group in state["param_groups"]]}
+
+
+def parameter_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The names of ``optimizer``'s parameters in ``model``, in the optimizer's order."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+class ShardedCheckpointer:
+    """Writes sharded checkpoints into ``output_dir``, every rank its own part, at most one write in
+    flight. ``asynchronous``: :meth:`save` returns once the state is copied to host memory, and
+    the files are written while training goes on (on a process group of its own: gloo, which
+    the writing thread may use beside the training's collectives). When a checkpoint is complete,
+    the older ones that ``transient(name)`` says need not be kept are removed (rank 0)."""
+
+    def __init__(self, output_dir: str, *, asynchronous: bool, is_main: bool, transient: Callable[[str], bool]):
+        import torch.distributed as dist
+
+        self.output_dir, self.asynchronous, self.is_main, self.transient = output_dir, asynchronous, is_main, transient
+        self.group = dist.new_group(backend="gloo") if asynchronous and dist.is_initialized() else None
+        self.pending: tuple[Any, str] | None = None
+        self.last: str | None = None  # the newest complete checkpoint this run wrote
+
+    def save(self, model: nn.Module, optimizer: torch.optim.Optimizer, trainer: Mapping[str, Any], name: str) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        self.wait()
+        path = os.path.join(self.output_dir, name)
+        state = {**sharded_state(model, optimizer), "trainer": pack_trainer(trainer)}
+        no_dist = not torch.distributed.is_initialized()  # one process: it writes the whole state
+        if self.asynchronous:
+            self.pending = (dcp.async_save(state, checkpoint_id=path, process_group=self.group, no_dist=no_dist), path)
+        else:
+            dcp.save(state, checkpoint_id=path, no_dist=no_dist)
+            self._completed(path)
+
+    def wait(self) -> None:
+        """Wait for the write in flight, if any."""
+        if self.pending is None:
+            return
+        future, path = self.pending
+        self.pending = None
+        future.result()
+        self._completed(path)
+
+    def _completed(self, path: str) -> None:
+        self.last = path
+        if not self.is_main:
+            return
+        for other in glob.glob(os.path.join(self.output_dir, "checkpoint-*" + SHARDED_SUFFIX)):
+            if os.path.basename(other) != os.path.basename(path) and self.transient(os.path.basename(other)):
+                shutil.rmtree(other, ignore_errors=True)
+
+
+def sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """``{"model", "optimizer"}`` as ``torch.distributed.checkpoint`` saves and loads them: this
+    rank's shards (an FSDP model's DTensors; a replicated model's tensors, written once)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    return {"model": model_state, "optimizer": optimizer_state}
+
+
+def consolidate(path: str | os.PathLike, out: str | os.PathLike) -> None:
+    """Write the sharded checkpoint ``path`` as one file ``out`` in the original's layout
+    (``model``, ``optimizer`` keyed by index, ``epoch``, ``args``, ... ): what the original code,
+    ``--finetune`` and ``--resume`` load."""
+    save_checkpoint(read_sharded_checkpoint(path), out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser("python -m fastmae.checkpoint", description="Checkpoint tools.")
+    commands = p.add_subparsers(dest="command", required=True)
+    c = commands.add_parser("consolidate", help="a sharded checkpoint (a checkpoint-*.dcp folder) as one .pth file in "
+                            "the original's layout, in one process")
+    c.add_argument("checkpoint", help="the checkpoint-*.dcp folder")
+    c.add_argument("out", help="the .pth file to write")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    if not is_sharded_checkpoint(args.checkpoint):
+        p.error(f"{args.checkpoint} is not a sharded checkpoint (a folder with a {METADATA} file)")
+    try:
+        consolidate(args.checkpoint, args.out)
+    except (UnreadableCheckpointError, OSError) as e:
+        logger.error("error: %s", e)
+        return 1
+    logger.info("wrote %s", args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

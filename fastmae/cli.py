@@ -66,6 +66,12 @@ def add_common_args(p: argparse.ArgumentParser, **defaults) -> None:
     g.add_argument("--save_freq", default=20, type=int, help="keep checkpoint-EPOCH.pth every this many epochs (and the last)")
     g.add_argument("--checkpoint_steps", default=0, type=int,
                    help="also update checkpoint-last.pth every this many batches within an epoch (0: epoch ends only)")
+    g.add_argument("--checkpoint_format", default="auto", choices=["auto", "full", "sharded"],
+                   help="full: checkpoint-last.pth, one file that rank 0 writes; sharded: a checkpoint-*.dcp folder "
+                   "that every rank writes its part of (torch.distributed.checkpoint), consolidated into "
+                   "checkpoint-EPOCH.pth at the end; auto: sharded with --fsdp, else full")
+    g.add_argument("--async_checkpoint", action="store_true",
+                   help="sharded checkpoints written in the background while training goes on")
     g.add_argument("--print_freq", default=20, type=int, help="log record (and loss check) every this many batches")
     g.add_argument("--debug", action="store_true", help="on an error, the full traceback besides its one line")
 
@@ -81,6 +87,15 @@ def add_common_args(p: argparse.ArgumentParser, **defaults) -> None:
     p.set_defaults(**defaults)
 
 
+def add_sharding_args(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("--fsdp", action="store_true",
+                   help="shard parameters, gradients and optimizer state across the ranks (FSDP2, one unit per block; "
+                   "parameters gathered in the autocast dtype, gradients reduced in fp32) instead of replicating "
+                   "them (DDP): for models whose AdamW state does not fit beside them on one GPU")
+    g.add_argument("--grad_checkpointing", action="store_true",
+                   help="recompute block activations in the backward (less memory, ~1/3 more compute)")
+
+
 def check_common_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     for name in ("batch_size", "epochs", "accum_iter", "save_freq", "print_freq"):
         if getattr(args, name) < 1:
@@ -93,6 +108,16 @@ def check_common_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> N
     if args.checkpoint_steps < 0 or args.checkpoint_steps % args.accum_iter:
         p.error(f"--checkpoint_steps {args.checkpoint_steps}: checkpoints fall between optimizer steps, so it must be "
                 f"0 or a positive multiple of --accum_iter {args.accum_iter}")
+    fsdp = getattr(args, "fsdp", False)
+    if args.checkpoint_format == "auto":
+        args.checkpoint_format = "sharded" if fsdp else "full"
+    if fsdp and args.checkpoint_format != "sharded":
+        p.error("--fsdp writes sharded checkpoints (no rank holds the whole state): drop --checkpoint_format full")
+    if args.async_checkpoint and args.checkpoint_format != "sharded":
+        p.error("--async_checkpoint writes sharded checkpoints: add --checkpoint_format sharded (or --fsdp)")
+    if fsdp and args.precision == "fp16":
+        p.error("--fsdp with fp16 is not supported (each rank's gradient scaler would see only its own shard's "
+                "infs): use --precision bf16")
     if args.dist_url != "env://":
         p.error(f"--dist_url {args.dist_url}: fastmae meets its ranks through the environment (env://); "
                 "launch with torchrun, or srun with MASTER_ADDR and MASTER_PORT exported")
@@ -144,7 +169,7 @@ def cli_main(parser: argparse.ArgumentParser, main: Callable[[argparse.Namespace
             logger.error("".join(traceback.format_exception(e)))
         return 1
     except StopRequested as e:
-        logger.info("%s: checkpoint-last.pth in %s holds where it stood; --resume auto continues from there", e,
+        logger.info("%s: the newest checkpoint in %s holds where it stood; --resume auto continues from there", e,
                     args.output_dir)
         return 128 + e.signum
     except torch.OutOfMemoryError as e:

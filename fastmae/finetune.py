@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fastmae.cli import add_common_args, add_eval_args, cli_main, logger
+from fastmae.cli import add_common_args, add_eval_args, add_sharding_args, cli_main, logger
 from fastmae.config import FINETUNE_AA
 
 
@@ -42,6 +42,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="mixup parameters per batch, pair or element")
     g.add_argument("--finetune_blocks", default=None, type=int,
                    help="partial fine-tuning: train only the last k blocks (and the norm and head)")
+    add_sharding_args(p.add_argument_group("memory"))
     add_common_args(p, epochs=10, warmup_epochs=1, min_lr=1e-6, output_dir="./output_dir_finetune")
     return p
 
@@ -72,11 +73,13 @@ def main(args: argparse.Namespace) -> dict:
     run = Run(args, "finetune")
     augmented = args.aa != "none" or args.color_jitter is not None
     train_loader, val_loader, num_classes = build_data(args, run, "train_randaug" if augmented else "train")
-    model = build_classifier(args, num_classes, head_init_std=2e-5, drop_path_rate=args.drop_path).to(run.device)
+    model = build_classifier(args, num_classes, head_init_std=2e-5, drop_path_rate=args.drop_path)
     if args.eval:
-        return evaluate_checkpoint(args, run, model, val_loader)
+        return evaluate_checkpoint(args, run, model.to(run.device), val_loader)
     if args.finetune_blocks is not None:
         freeze_all_but_last_blocks(model, args.finetune_blocks)
+    model.set_grad_checkpointing(args.grad_checkpointing)
+    run.prepare(model)
     log_parameters(model)
 
     groups = param_groups_lrd(model, args.weight_decay, no_weight_decay_list=model.no_weight_decay(),

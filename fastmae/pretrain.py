@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from fastmae.cli import add_common_args, cli_main, logger
+from fastmae.cli import add_common_args, add_sharding_args, cli_main, logger
 from fastmae.config import AUTO, OPTIMIZERS, backend_names
 from fastmae.presets import PRESETS
 
@@ -36,8 +36,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="kernel backend (default: $FASTMAE_KERNELS, else automatic)")
     g.add_argument("--norm", default=None, choices=backend_names("norm") + [AUTO],
                    help="LayerNorm implementation (default: $FASTMAE_NORM, else apex when installed)")
-    g.add_argument("--grad_checkpointing", action="store_true",
-                   help="recompute block activations in the backward (less memory, ~1/3 more compute)")
+    add_sharding_args(g)
     g.add_argument("--optimizer", default="adamw", choices=list(OPTIMIZERS),
                    help="adamw: torch AdamW (fused, on CUDA and CPU); apex_adam / apex_lamb: apex's FusedAdam / FusedLAMB")
     g.add_argument("--vis_freq", default=20, type=int, help="reconstruction PNG every this many epochs (0: never)")
@@ -81,7 +80,7 @@ def build(args: argparse.Namespace) -> Pretraining:
     args.input_size = model.patch_embed.img_size[0]
     model.len_keep(args.mask_ratio)  # a ratio that keeps no patch fails here, before any data is read
     model.set_grad_checkpointing(args.grad_checkpointing)
-    model.to(device)
+    run.prepare(model)
     # resolve now, so that a backend that cannot run fails before any data is read
     kernels = ops.resolve("kernels", args.kernels, device.type)
     attention = ops.resolve("attention", args.attention, device.type)
@@ -127,13 +126,15 @@ def main(args: argparse.Namespace) -> dict:
     vis_batch = []
 
     def after_epoch(epoch: int, train_model, stats: dict) -> dict:
-        if args.vis_freq and (epoch % args.vis_freq == 0 or epoch + 1 == args.epochs) and run.dist.is_main:
-            from fastmae.visualize import save_reconstructions
+        # sharded, every rank takes part in the forward (it gathers the weights); rank 0 saves
+        if args.vis_freq and (epoch % args.vis_freq == 0 or epoch + 1 == args.epochs) and (run.dist.is_main or run.fsdp):
+            from fastmae.visualize import reconstruction_grid, save_grid
 
             if not vis_batch:
                 vis_batch.append(next(iter(loader))[0][:8].clone())  # not a view that keeps the batch
-            save_reconstructions(model, vis_batch[0], args.mask_ratio,
-                                 os.path.join(args.output_dir, f"reconstruction-{epoch}.png"))
+            grid = reconstruction_grid(model, vis_batch[0], args.mask_ratio)
+            if run.dist.is_main:
+                save_grid(grid, vis_batch[0].shape[-2], os.path.join(args.output_dir, f"reconstruction-{epoch}.png"))
         # model FLOPs utilization: the closed-form FLOPs of the images trained, against the GPUs' peak
         return {"mfu": stats["images_per_sec"] * flops / (peak * run.dist.world_size) if peak else None}
 

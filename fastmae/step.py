@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from fastmae.models.working_copies import WorkingCopies
+from fastmae.sharding import is_sharded
 
 logger = logging.getLogger("fastmae")
 
@@ -95,7 +96,7 @@ class TrainStep:
         compile_backend: str = "inductor",
     ):
         device = next(model.parameters()).device
-        reasons = step_mode_unavailable_reasons(mode, device, distributed=hasattr(model, "no_sync"),
+        reasons = step_mode_unavailable_reasons(mode, device, distributed=hasattr(model, "no_sync") or is_sharded(model),
                                                 fused_optimizer=getattr(optimizer, "_step_supports_amp_scaling", False))
         if mode == "graphed" and not all(g.get("capturable") and torch.is_tensor(g["lr"]) for g in optimizer.param_groups):
             # a float lr would be baked into the captured update: the schedule would stop there
@@ -108,6 +109,7 @@ class TrainStep:
         self.device = device
         self.autocast = partial(torch.autocast, device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext
         self.ddp = hasattr(model, "no_sync")
+        self.fsdp = is_sharded(model)
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         # fallback_random: Inductor draws random numbers with torch's own generator, so the compiled
         # step masks the same patches as the eager one (and as a resumed run from the saved state)
@@ -117,7 +119,9 @@ class TrainStep:
         self.step_model = model if mode == "eager" else torch.compile(model, backend=compile_backend, options=options,
                                                                       dynamic=False)
         module = model.module if self.ddp else model
-        self.working_copies = WorkingCopies(module, autocast_dtype) if mode == "eager" and autocast_dtype else None
+        # FSDP gathers the weights in the autocast dtype itself (and frees them after each block)
+        self.working_copies = (WorkingCopies(module, autocast_dtype)
+                               if mode == "eager" and autocast_dtype and not self.fsdp else None)
         self.first_call = True
         # graphed mode: the captured graphs by `update`, their static inputs and loss
         self.graphs: dict[bool, torch.cuda.CUDAGraph] = {}
@@ -149,8 +153,11 @@ class TrainStep:
     # -- the step itself ---------------------------------------------------------------------------
 
     def _step(self, model: nn.Module, imgs: torch.Tensor, labels: torch.Tensor, update: bool) -> torch.Tensor:
-        # DDP all-reduces gradients in backward: only on the micro-batch that ends an accumulation
+        # DDP all-reduces (FSDP reduce-scatters) gradients in backward: only on the micro-batch that
+        # ends an accumulation
         sync = self.model.no_sync() if self.ddp and not update else nullcontext()
+        if self.fsdp:
+            self.model.set_requires_gradient_sync(update)
         with sync:
             with self.autocast(), self.working_copies.enabled() if self.working_copies else nullcontext():
                 loss = self.compute_loss(model, imgs, labels)

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import random
+import re
 import signal
 import socket
 import tempfile
@@ -23,11 +24,16 @@ from torch import nn
 
 from fastmae import ops
 from fastmae.checkpoint import (
-    UnreadableCheckpointError, checkpoint_kind, checkpoints_newest_first, link_or_copy, model_state_dict,
-    newest_readable_checkpoint, read_checkpoint, remove_stale_temporaries, rng_state, save_checkpoint, set_rng_state,
+    SHARDED_SUFFIX, ShardedCheckpointer, UnreadableCheckpointError, checkpoint_kind, checkpoints_newest_first,
+    consolidate, is_sharded_checkpoint, link_or_copy, model_state_dict, newest_readable_checkpoint,
+    optimizer_state_by_name, parameter_names, peek_checkpoint, read_checkpoint, remove_stale_temporaries, rng_state,
+    save_checkpoint, set_rng_state, sharded_name, sharded_state,
 )
-from fastmae.distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, init_distributed, set_phase
+from fastmae.distributed import (
+    DistInfo, all_gather_objects, all_reduce_sum, barrier, init_distributed, is_process_group_failure, set_phase,
+)
 from fastmae.engine import EpochConfig, Progress, StopRequested, mean_and_any_signal, train_one_epoch
+from fastmae.sharding import fsdp_unavailable_reasons, is_sharded, shard_model
 from fastmae.step import TrainStep, step_mode_unavailable_reasons
 
 logger = logging.getLogger("fastmae")
@@ -169,7 +175,21 @@ class Run:
         self.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
         self.autocast_dtype = AUTOCAST_DTYPES[self.precision]
         self.scaler = torch.amp.GradScaler(device.type) if self.precision == "fp16" else None
+        self.fsdp = bool(getattr(args, "fsdp", False))
+        if self.fsdp and (reasons := fsdp_unavailable_reasons(self.dist, self.precision)):
+            raise ops.BackendUnavailableError(f"--fsdp was requested but cannot run: {'; '.join(reasons)}")
         logger.info("args: %s", json.dumps(vars(args)))
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """``model`` on this run's device, sharded across the ranks with ``--fsdp``: call before
+        building the optimizer (sharding replaces the parameters)."""
+        model.to(self.device)
+        if self.fsdp:
+            shard_model(model, self.device, self.autocast_dtype)
+            logger.info("FSDP: %d transformer blocks and the rest sharded across %d ranks, parameters gathered in %s, "
+                        "gradients reduced in fp32", sum(1 for m in model.modules() if is_sharded(m)) - 1,
+                        self.dist.world_size, self.autocast_dtype or torch.float32)
+        return model
 
     def lr(self, args: argparse.Namespace) -> float:
         """``args.lr``, else ``blr * effective batch / 256`` (and set it in ``args``)."""
@@ -232,21 +252,28 @@ def load_training_state(path, model, optimizer, scaler, dist: DistInfo, device, 
     ``layout``: this run's batches (batch_size, accum_iter, steps_per_epoch), which a mid-epoch
     position must have been counted in. ``args``: this run's flags, compared with the checkpoint's
     (a changed ``RECIPE_FLAGS`` is logged)."""
-    ckpt = read_checkpoint(path)
+    sharded_model = is_sharded(model)
+    # a sharded checkpoint into a sharded model: each rank reads its own shards, never the whole
+    ckpt = peek_checkpoint(path) if sharded_model and is_sharded_checkpoint(path) else read_checkpoint(path)
     saved = vars(ckpt.get("args") or argparse.Namespace())
     check_same_architecture(path, model_state_dict(ckpt), saved, model, args)
     for flag in RECIPE_FLAGS:
         if args is not None and flag in saved and hasattr(args, flag) and saved[flag] != getattr(args, flag):
             logger.warning("resuming %s with --%s %s: the checkpoint was trained with %s", path, flag,
                            getattr(args, flag), saved[flag])
-    model.load_state_dict(model_state_dict(ckpt))
-    if "optimizer" in ckpt and "epoch" in ckpt:
-        # the saved groups carry the saving run's implementation flags (a CPU run's non-fused AdamW)
-        # and lr values: keep this run's flags, and its device-tensor lr (a captured step reads it;
-        # the schedule sets its value before the next update)
-        implementation = [{k: g[k] for k in ("fused", "foreach", "capturable") if k in g}
-                          | ({"lr": g["lr"]} if torch.is_tensor(g["lr"]) else {}) for g in optimizer.param_groups]
-        optimizer.load_state_dict(ckpt["optimizer"])
+    with_optimizer = ckpt.get("sharded") or ("optimizer" in ckpt and "epoch" in ckpt)
+    # the saved groups carry the saving run's implementation flags (a CPU run's non-fused AdamW)
+    # and lr values: keep this run's flags, and its device-tensor lr (a captured step reads it;
+    # the schedule sets its value before the next update)
+    implementation = [{k: g[k] for k in ("fused", "foreach", "capturable") if k in g}
+                      | ({"lr": g["lr"]} if torch.is_tensor(g["lr"]) else {}) for g in optimizer.param_groups]
+    if sharded_model:
+        restore_sharded(path, ckpt, model, optimizer if with_optimizer else None)
+    else:
+        model.load_state_dict(model_state_dict(ckpt))
+        if with_optimizer:
+            optimizer.load_state_dict(ckpt["optimizer"])
+    if with_optimizer:
         for group, flags in zip(optimizer.param_groups, implementation):
             group.update(flags)
         # load_state_dict placed the step counters by the *saved* flags (on the host for an
@@ -276,6 +303,25 @@ def load_training_state(path, model, optimizer, scaler, dist: DistInfo, device, 
         position = {"epoch": position["epoch"], "batch": 0}
     logger.info("resumed from %s at epoch %d, batch %d", path, position["epoch"], position["batch"])
     return position["epoch"], position["batch"], position.get("totals") if position["batch"] else None
+
+
+def restore_sharded(path, ckpt: dict, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+    """Load ``path`` into an FSDP ``model`` (and ``optimizer``): a sharded checkpoint shard by shard,
+    a single-file one (``ckpt``, read whole) by handing each rank its shards of it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+    if ckpt.get("sharded"):
+        state = sharded_state(model, optimizer)
+        dcp.load(state, checkpoint_id=os.fspath(path))
+        set_model_state_dict(model, state["model"])
+        set_optimizer_state_dict(model, optimizer, state["optimizer"])
+        return
+    whole = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, model_state_dict(ckpt), options=whole)
+    if optimizer is not None:
+        by_name = optimizer_state_by_name(ckpt["optimizer"], parameter_names(model, optimizer))
+        set_optimizer_state_dict(model, optimizer, by_name, options=whole)
 
 
 @contextmanager
@@ -335,7 +381,7 @@ def build_step(run: Run, args: argparse.Namespace, model: nn.Module, optimizer: 
     """The training step of ``model`` (DDP across the ranks) in ``step_mode``, with the run's
     precision, accumulation and clipping. Checkpoints keep holding the plain model's state dict."""
     train_model = model
-    if run.dist.enabled:
+    if run.dist.enabled and not is_sharded(model):  # FSDP reduce-scatters the gradients itself
         device_ids = [run.dist.local_rank] if run.device.type == "cuda" else None
         train_model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     if step_mode != "eager":
@@ -379,19 +425,30 @@ def fit(
     cfg = EpochConfig(schedule=dict(lr=args.lr, min_lr=args.min_lr, warmup_epochs=args.warmup_epochs, epochs=args.epochs),
                       print_freq=args.print_freq, checkpoint_steps=args.checkpoint_steps)
 
+    def kept(epoch: int) -> bool:  # the epochs whose end's checkpoint is kept
+        return epoch % args.save_freq == 0 or epoch + 1 == args.epochs
+
+    def transient(name: str) -> bool:  # a sharded checkpoint that the next one replaces
+        found = re.fullmatch(r"checkpoint-(\d+)(-\d+)?" + re.escape(SHARDED_SUFFIX), name)
+        return bool(found) and (found[2] is not None or not kept(int(found[1])))
+
+    checkpointer = ShardedCheckpointer(args.output_dir, asynchronous=args.async_checkpoint, is_main=dist.is_main,
+                                       transient=transient) if args.checkpoint_format == "sharded" else None
+
     def checkpoint(epoch: int, next_batch: int, totals: dict | None = None, numbered: bool = False) -> None:
         set_phase(f"writing a checkpoint at epoch {epoch}, batch {next_batch}")
         # every rank's random state, so that a resumed run draws the same masks and mixes
         rngs = all_gather_objects({k: v.cpu() for k, v in rng_state(device).items()})
-        if dist.is_main:
-            # mid-epoch, the epoch's running sums too: the resumed epoch logs the uninterrupted one's means
-            position = {"epoch": epoch + 1 if next_batch == 0 else epoch, "batch": next_batch, **layout,
-                        **({"totals": totals} if next_batch else {})}
-            state = {"model": model.state_dict(), "optimizer": portable_state_dict(optimizer), "kind": run.kind,
-                     "scaler": run.scaler.state_dict() if run.scaler else None,
-                     "epoch": epoch if next_batch == 0 else epoch - 1,  # the original's: last finished epoch
-                     "data_position": position,
-                     "args": args, "rng": rngs, "world_size": dist.world_size}
+        # mid-epoch, the epoch's running sums too: the resumed epoch logs the uninterrupted one's means
+        position = {"epoch": epoch + 1 if next_batch == 0 else epoch, "batch": next_batch, **layout,
+                    **({"totals": totals} if next_batch else {})}
+        trainer = {"kind": run.kind, "scaler": run.scaler.state_dict() if run.scaler else None,
+                   "epoch": epoch if next_batch == 0 else epoch - 1,  # the original's: last finished epoch
+                   "data_position": position, "args": args, "rng": rngs, "world_size": dist.world_size}
+        if checkpointer:
+            checkpointer.save(model, optimizer, trainer, sharded_name(epoch, next_batch))
+        elif dist.is_main:
+            state = {"model": model.state_dict(), "optimizer": portable_state_dict(optimizer), **trainer}
             # checkpoint-last.pth first: a kill before the numbered copy still resumes from here
             last = os.path.join(args.output_dir, "checkpoint-last.pth")
             save_checkpoint(state, last)
@@ -428,12 +485,27 @@ def fit(
 
     record: dict = {}
     start = time.time()
-    with stop_signals() as stop_signal:
-        for epoch in range(start_epoch, args.epochs):
-            # a signal during an epoch's last step: its end's checkpoint holds the position (the ranks agree)
-            if mean_and_any_signal(torch.zeros((), device=device), stop_signal())[1]:
-                raise StopRequested(stop_signal() or signal.SIGTERM, epoch, 0)
-            record = fit_epoch(epoch, start_batch, totals, stop_signal)
-            start_batch, totals = 0, None
+    try:
+        with stop_signals() as stop_signal:
+            for epoch in range(start_epoch, args.epochs):
+                # a signal during an epoch's last step: its end's checkpoint holds the position (the ranks agree)
+                if mean_and_any_signal(torch.zeros((), device=device), stop_signal())[1]:
+                    raise StopRequested(stop_signal() or signal.SIGTERM, epoch, 0)
+                record = fit_epoch(epoch, start_batch, totals, stop_signal)
+                start_batch, totals = 0, None
+    except BaseException as e:
+        if checkpointer and not is_process_group_failure(e):
+            set_phase("finishing the checkpoint in flight")
+            checkpointer.wait()  # the run ends with its last checkpoint complete
+        raise
     logger.info("training time %.0fs", time.time() - start)
+    if checkpointer:
+        set_phase("finishing the last checkpoint")
+        checkpointer.wait()
+        if dist.is_main and checkpointer.last:
+            # the original's single file too: what its code, --finetune and other tools load
+            single = os.path.join(args.output_dir, f"checkpoint-{args.epochs - 1}.pth")
+            consolidate(checkpointer.last, single)
+            logger.info("consolidated %s into %s", os.path.basename(checkpointer.last), single)
+        barrier()
     return record

@@ -59,10 +59,13 @@ def readable(grid: np.ndarray, tile: int) -> np.ndarray:
     return grid.repeat(factor, axis=0).repeat(factor, axis=1)
 
 
+def save_grid(grid: np.ndarray, tile: int, path: str) -> None:
+    Image.fromarray(readable(grid, tile)).save(path)
+
+
 def save_reconstructions(model: MaskedAutoencoderViT, imgs: torch.Tensor, mask_ratio: float, path: str,
                          seed: int = 0) -> None:
-    grid = reconstruction_grid(model, imgs, mask_ratio, seed=seed)
-    Image.fromarray(readable(grid, imgs.shape[-2])).save(path)
+    save_grid(reconstruction_grid(model, imgs, mask_ratio, seed=seed), imgs.shape[-2], path)
 
 
 def model_for_checkpoint(state: dict, name: str | None, norm_pix_loss: bool) -> MaskedAutoencoderViT:

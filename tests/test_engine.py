@@ -19,6 +19,7 @@ from fastmae.engine import EpochConfig, StopRequested, train_one_epoch
 from fastmae.flops import mae_forward_flops, peak_flops_of
 from fastmae.models import MaskedAutoencoderViT, create_model
 from fastmae.optim import param_groups_weight_decay
+from fastmae.sharding import shard_model
 from fastmae.step import TrainStep
 from fastmae.visualize import reconstruction_grid
 
@@ -45,12 +46,15 @@ def join(rank: int, world_size: int, port: int):
                                 decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
 
 
-def train(rank: int, world_size: int, batch_size: int, accum_iter: int, out: str, port: int, mode: str = "eager") -> None:
+def train(rank: int, world_size: int, batch_size: int, accum_iter: int, out: str, port: int, mode: str = "eager",
+          sharding: str = "ddp") -> None:
     dist, model = join(rank, world_size, port)
+    if sharding == "fsdp":
+        shard_model(model, torch.device("cpu"), param_dtype=None)
     # SGD: Adam turns rounding noise in near-zero gradients into full-size steps, which would hide
     # what is compared here (the gradients)
     optimizer = torch.optim.SGD(param_groups_weight_decay(model, 0.05), lr=0.1)
-    step_model = torch.nn.parallel.DistributedDataParallel(model) if dist.enabled else model
+    step_model = torch.nn.parallel.DistributedDataParallel(model) if dist.enabled and sharding == "ddp" else model
     loader = TorchvisionLoader(ShapesDataset(IMAGES, image_size=40, transform=pretrain_transform(32)),
                                batch_size=batch_size, device=torch.device("cpu"), rank=dist.rank,
                                world_size=dist.world_size, seed=1, num_workers=0)
@@ -63,8 +67,10 @@ def train(rank: int, world_size: int, batch_size: int, accum_iter: int, out: str
         loader.set_epoch(epoch)
         train_one_epoch(step, loader, epoch, cfg, device=torch.device("cpu"), steps_per_epoch=len(loader), dist=dist,
                         log=lambda r: losses.append(r["loss"]))
+    # a sharded parameter gathered whole (a collective: every rank takes part)
+    params = [(p.full_tensor() if sharding == "fsdp" else p).detach().clone() for p in model.parameters()]
     if dist.is_main:
-        torch.save({"params": [p.detach() for p in model.parameters()], "losses": losses}, out)
+        torch.save({"params": params, "losses": losses}, out)
     cleanup()
 
 
@@ -74,12 +80,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(tmp_path, world_size, batch_size, accum_iter, mode="eager"):
-    out = str(tmp_path / f"w{world_size}b{batch_size}a{accum_iter}{mode}.pt")
+def run(tmp_path, world_size, batch_size, accum_iter, mode="eager", sharding="ddp"):
+    out = str(tmp_path / f"w{world_size}b{batch_size}a{accum_iter}{mode}{sharding}.pt")
     if world_size == 1:
         train(0, 1, batch_size, accum_iter, out, 0, mode)
     else:
-        mp.spawn(train, args=(world_size, batch_size, accum_iter, out, free_port(), mode), nprocs=world_size)
+        mp.spawn(train, args=(world_size, batch_size, accum_iter, out, free_port(), mode, sharding), nprocs=world_size)
     return torch.load(out)
 
 
@@ -99,6 +105,17 @@ def test_two_process_ddp_equals_one_process_with_the_doubled_batch(tmp_path, who
     # the logged loss is the mean over ranks of each rank's batch mean: the whole batch's mean
     np.testing.assert_allclose(ddp["losses"], whole_batch["losses"], rtol=1e-5)
     assert_same_training(ddp, whole_batch)
+
+
+@pytest.mark.parametrize("mode,accum_iter", [("eager", 1), ("eager", 2), ("compiled", 1)])
+def test_two_process_fsdp_equals_ddp_and_one_process_with_the_doubled_batch(tmp_path, whole_batch, mode, accum_iter):
+    # FSDP2 with its reduce-scatter; accumulation: the gradients kept unsharded, reduced on the last micro-batch
+    fsdp = run(tmp_path, 2, BATCH // accum_iter, accum_iter, mode, sharding="fsdp")
+    if accum_iter == 1:  # (accumulating, it logs each micro-batch's loss)
+        np.testing.assert_allclose(fsdp["losses"], whole_batch["losses"], rtol=1e-5)
+    assert_same_training(fsdp, whole_batch)
+    if accum_iter == 1 and mode == "eager":
+        assert_same_training(fsdp, run(tmp_path, 2, BATCH, 1, mode, sharding="ddp"))
 
 
 @pytest.mark.parametrize("mode", ["eager", "compiled"])

@@ -5,6 +5,7 @@ import logging
 import math
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import time
 import pytest
 import torch
 
-from fastmae.checkpoint import read_checkpoint, save_checkpoint
+from fastmae.checkpoint import checkpoints_newest_first, main as checkpoint_tool, read_checkpoint, save_checkpoint
 from fastmae.distributed import DistInfo
 from fastmae.data.shapes import ShapesDataset
 from fastmae.models import MaskedAutoencoderViT
@@ -95,6 +96,33 @@ def test_killed_repeatedly_even_while_saving(folder, tmp_path, uninterrupted):
         read_checkpoint(tmp_path / "checkpoint-last.pth")  # never torn
     assert cli(args(folder, tmp_path, *extra, "--resume", "auto")) == 0
     assert step_losses(tmp_path) == uninterrupted
+
+
+def test_sharded_checkpoints_in_one_process_resume_exactly_and_consolidate(folder, tmp_path, uninterrupted):
+    sharded = ["--checkpoint_format", "sharded", "--checkpoint_steps", "2"]
+    assert kill_after(start(args(folder, tmp_path, *sharded)), tmp_path, records=9)
+    (tmp_path / "checkpoint-1-5.dcp").mkdir()  # as a kill mid-save leaves one: no .metadata
+    assert re.fullmatch(r"checkpoint-1-\d\.dcp", os.path.basename(checkpoints_newest_first(tmp_path)[0]))
+    assert str(tmp_path / "checkpoint-1-5.dcp") not in checkpoints_newest_first(tmp_path)
+    assert cli(args(folder, tmp_path, *sharded, "--resume", "auto")) == 0
+    assert step_losses(tmp_path) == uninterrupted
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-0.dcp", "checkpoint-1.dcp",
+                                                                      "checkpoint-1.pth"]
+
+    assert checkpoint_tool(["consolidate", str(tmp_path / "checkpoint-1.dcp"), str(tmp_path / "again.pth")]) == 0
+    again, at_the_end = read_checkpoint(tmp_path / "again.pth"), read_checkpoint(tmp_path / "checkpoint-1.pth")
+    assert_same_tensors(again["model"], at_the_end["model"])
+    assert again["data_position"] == at_the_end["data_position"]
+    # a sharded checkpoint also loads directly where a single file does
+    assert_same_tensors(read_checkpoint(tmp_path / "checkpoint-1.dcp")["model"], at_the_end["model"])
+    with pytest.raises(SystemExit):
+        checkpoint_tool(["consolidate", str(tmp_path / "checkpoint-1.pth"), str(tmp_path / "x.pth")])
+
+
+def assert_same_tensors(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(folder, tmp_path, monkeypatch, caplog):

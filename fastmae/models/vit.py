@@ -9,6 +9,7 @@ from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from fastmae.checkpoint import model_state_dict
@@ -65,6 +66,7 @@ class VisionTransformer(AttentionBackendSwitch, nn.Module):
         else:
             self.norm = norm_layer(embed_dim)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.grad_checkpointing = False
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -80,6 +82,10 @@ class VisionTransformer(AttentionBackendSwitch, nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward instead of keeping them."""
+        self.grad_checkpointing = enable
+
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed", "cls_token"}
 
@@ -88,7 +94,7 @@ class VisionTransformer(AttentionBackendSwitch, nn.Module):
         x = self.patch_embed(x)
         x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1) + self.pos_embed
         for blk in self.blocks:
-            x = blk(x)
+            x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False) if self.grad_checkpointing and self.training else blk(x)
         if self.global_pool:
             return self.fc_norm(x[:, 1:, :].mean(dim=1))
         return self.norm(x)[:, 0]
