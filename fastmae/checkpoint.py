@@ -9,6 +9,7 @@ import math
 import os
 import random
 import shutil
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -366,6 +367,9 @@ class ShardedCheckpointer:
 
         self.output_dir, self.asynchronous, self.is_main, self.transient = output_dir, asynchronous, is_main, transient
         self.group = dist.new_group(backend="gloo") if asynchronous and dist.is_initialized() else None
+        if not dist.is_initialized():
+            # said on every save (from the writing thread too), although one process is what we ask for
+            warnings.filterwarnings("ignore", "torch.distributed is disabled, unavailable or uninitialized")
         self.pending: tuple[Any, str] | None = None
         self.last: str | None = None  # the newest complete checkpoint this run wrote
 
