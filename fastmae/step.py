@@ -32,6 +32,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from fastmae.models.layers import resolve_attention
 from fastmae.models.working_copies import WorkingCopies
 from fastmae.sharding import is_sharded
 
@@ -116,6 +117,8 @@ class TrainStep:
         options = {"fallback_random": True} if compile_backend == "inductor" else None
         # dynamic=False: one static shape, as the captured graphs want (a batch of another shape runs
         # eagerly instead of compiling a dynamic-shape graph)
+        if mode != "eager":
+            resolve_attention(model, device.type)
         self.step_model = model if mode == "eager" else torch.compile(model, backend=compile_backend, options=options,
                                                                       dynamic=False)
         module = model.module if self.ddp else model

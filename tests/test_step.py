@@ -66,6 +66,14 @@ def test_compiled_model_has_no_graph_break():
     assert explanation.graph_break_count == 0, explanation.break_reasons
 
 
+def test_compiled_step_compiles_once():
+    """Nothing the model caches on its first call (the attention backend) changes under the compiled
+    graph's guards: a recompile in the warm-up would cost minutes at ViT-L and break CUDA-graph capture."""
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        train_steps("compiled", accum_iter=2, compile_backend="aot_eager")
+
+
 class CountHostReads(TorchDispatchMode):
     """Counts the ops that read a tensor's value on the host (a synchronization on a GPU)."""
 

@@ -111,11 +111,25 @@ class Attention(nn.Module):
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        attend = self._attend.get(x.device.type)
-        if attend is None:
-            attend = self._attend[x.device.type] = ops.attention_function(self._attention_backend, x.device.type)
-        x = attend(q, k, v)
+        x = self.attention_function(x.device.type)(q, k, v)
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+    def attention_function(self, device_type: str):
+        """The backend's attention function on ``device_type``, resolved at the first call (a model
+        to be compiled resolves it before: filled while traced, the cache would change under the
+        compiled graph's guards and recompile it, see :func:`resolve_attention`)."""
+        attend = self._attend.get(device_type)
+        if attend is None:
+            attend = self._attend[device_type] = ops.attention_function(self._attention_backend, device_type)
+        return attend
+
+
+def resolve_attention(model: nn.Module, device_type: str) -> None:
+    """Resolve the attention backend of every :class:`Attention` in ``model`` on ``device_type``
+    now: before ``torch.compile`` traces the model."""
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.attention_function(device_type)
 
 
 class DropPath(nn.Module):
