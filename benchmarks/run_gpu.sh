@@ -6,7 +6,7 @@
 #   OUT=/tmp/results bash benchmarks/run_gpu.sh
 # ARCHIVE=path.tar.gz also packs $OUT into one file after every step (for a runner that brings back
 # few files, or only what was written before it was stopped). SUITES overrides the benchmark suites
-# run at the end ("kernels:75 speedup:60 attention:30"); E2E the e2e cases (preset:batch,...).
+# run at the end ("kernels:75 speedup:60 attention:30 data:90"); E2E the e2e cases (preset:batch,...).
 set -uo pipefail
 BUDGET=${BUDGET:-540}
 # limit SECONDS: the step's own limit, or what is left of the budget (0: skip the step)
@@ -55,7 +55,7 @@ pack
 # every test that runs a kernel, the model or the training step on the GPU (the CPU-only ones are CI's)
 xdist=$(python -c "import xdist" 2>/dev/null && echo "-n 8")
 run 150 python -m pytest tests/test_step.py tests/test_ops.py tests/test_kernels.py tests/test_parity.py \
-  tests/test_attention.py tests/test_model.py tests/test_compile.py -q -p no:cacheprovider $xdist -rfE 2>&1 \
+  tests/test_attention.py tests/test_model.py tests/test_compile.py tests/test_nvjpeg.py -q -p no:cacheprovider $xdist -rfE 2>&1 \
   | tail -n 60 | tee "$OUT/gpu-tests.txt"
 pack
 
@@ -88,7 +88,7 @@ run 90 python -m pytest benchmarks/test_bench_e2e.py -k host_cost --benchmark-on
 pack
 
 # one JSON per suite, each under its own time limit, so that a slow suite cannot cost the others
-for suite in ${SUITES:-kernels:75 speedup:60 attention:30}; do
+for suite in ${SUITES:-kernels:75 speedup:60 attention:30 data:90}; do
   name=${suite%%:*}
   run "${suite##*:}" python -m pytest "benchmarks/test_bench_$name.py" --benchmark-only -q -p no:cacheprovider \
     --benchmark-json "$OUT/bench-$name.json" --benchmark-columns=median,iqr,rounds 2>&1 | tail -n 40 >"$OUT/bench-$name.txt"

@@ -32,7 +32,7 @@ def backend_names(family: str) -> list[str]:
     return [row[0] for row in BACKEND_TABLE[family]]
 
 
-DATA_BACKENDS = ("auto", "dali", "torchvision", "synthetic")
+DATA_BACKENDS = ("auto", "dali", "nvjpeg", "torchvision", "synthetic")
 PRECISIONS = ("bf16", "fp16", "fp32")  # autocast dtypes (fp32: none)
 # optimizer name -> apex class (None: torch's fused AdamW)
 OPTIMIZERS = {"adamw": None, "apex_adam": "FusedAdam", "apex_lamb": "FusedLAMB"}

@@ -13,7 +13,9 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from fastmae.kernels import add_layer_norm, bias_gelu, gather_visible, masked_pixel_loss, random_masking, unshuffle  # noqa: E402
+from fastmae.kernels import (  # noqa: E402
+    add_layer_norm, bias_gelu, gather_visible, masked_pixel_loss, random_masking, resized_crop, unshuffle,
+)
 
 ROWS = dict(n_rows="i32", K="i32", L="i32", D="i32", tiles_per_program="i32")
 
@@ -62,6 +64,11 @@ CASES = [
     (bias_gelu._bias_gelu_bwd, dict(dy_ptr="*bf16", x_ptr="*bf16", b_ptr="*fp32", dx_ptr="*bf16", db_partial_ptr="*fp32",
                                     n_rows="i32", D="i32", tiles_per_program="i32"),
      dict(FP64=False, BLOCK_R=1, BLOCK_W=4096), 8),
+    *[(resized_crop._resized_crop_kernel,
+       dict(addresses_ptr="*i64", shapes_ptr="*i32", boxes_ptr="*i32", flips_ptr="*i32", out_ptr=f"*{out}",
+            mean0="fp32", mean1="fp32", mean2="fp32", std0="fp32", std1="fp32", std2="fp32"),
+       dict(S=224, BLOCK=256), 4)
+      for out in ("fp32", "bf16")],
 ]
 
 

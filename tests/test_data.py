@@ -18,7 +18,7 @@ from fastmae.data.sources import list_image_folder, load_rgb
 from fastmae.pretrain import cli
 
 HAS_DALI = importlib.util.find_spec("nvidia.dali") is not None
-LOADERS = ["torchvision", pytest.param("dali", marks=pytest.mark.skipif(not HAS_DALI, reason="DALI not installed"))]
+LOADERS = ["torchvision", "nvjpeg", pytest.param("dali", marks=pytest.mark.skipif(not HAS_DALI, reason="DALI not installed"))]
 CPU = torch.device("cpu")
 LEVEL = 8  # colour step between files: survives resizing a flat image
 
@@ -366,7 +366,7 @@ def test_pretrain_runs_on_dali_cpu_mode(flat_folder, tmp_path):
     assert (tmp_path / "checkpoint-0.pth").exists()
 
 
-@pytest.mark.parametrize("backend", LOADERS)
+@pytest.mark.parametrize("backend", [b for b in LOADERS if b != "nvjpeg"])
 def test_evaluation_and_finetuning_modes(backend, flat_folder):
     """eval: every file once, in file order, center-cropped; the fine-tuning augmentation (with
     RandAugment) yields batches of the same form."""

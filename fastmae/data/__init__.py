@@ -3,7 +3,9 @@
 Every loader yields ``(images float32 [B, 3, S, S], labels int64 [B])`` already on the training
 device, has ``len`` (batches left this epoch), ``set_epoch(epoch, start_batch=0)`` and
 ``files_skipped``. Backends: ``dali`` (GPU decode and crop; DALI's CPU mode without a GPU),
-``torchvision`` (PIL decode in DataLoader workers), ``synthetic`` (random batches on the device);
+``nvjpeg`` (JPEG bytes read by DataLoader workers, decoded by nvJPEG and cropped by one fused
+kernel on the GPU), ``torchvision`` (PIL decode in DataLoader workers), ``synthetic`` (random
+batches on the device);
 ``auto`` is DALI on CUDA when it is installed, else torchvision.
 """
 from __future__ import annotations
@@ -19,6 +21,7 @@ from torchvision import datasets, transforms
 from fastmae.config import DATA_BACKENDS, FINETUNE_AA
 from fastmae.data.augment import needs_timm, timm_available, timm_compatible
 from fastmae.data.dali_loader import DaliLoader, dali_unavailable_reasons
+from fastmae.data.nvjpeg_loader import NvjpegLoader
 from fastmae.data.shapes import SHAPES_VERSION, ShapesDataset
 from fastmae.data.sources import (
     UnreadableImageError, image_folder_root, list_image_folder, list_tar_shards, load_rgb,
@@ -30,6 +33,7 @@ logger = logging.getLogger("fastmae")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+CROP_SCALES = {"pretrain": (0.2, 1.0), "train": (0.08, 1.0)}  # RandomResizedCrop's area range
 
 
 def pretrain_transform(input_size: int) -> transforms.Compose:
@@ -60,7 +64,7 @@ def transform(mode: str, input_size: int, *, aa: str = FINETUNE_AA, color_jitter
         crop_pct = 224 / 256 if input_size <= 224 else 1.0  # the original's
         steps = [transforms.Resize(int(input_size / crop_pct), interpolation=bicubic), transforms.CenterCrop(input_size)]
     else:
-        scale = (0.2, 1.0) if mode == "pretrain" else (0.08, 1.0)
+        scale = CROP_SCALES[mode] if mode in CROP_SCALES else CROP_SCALES["train"]
         steps = [transforms.RandomResizedCrop(input_size, scale=scale, interpolation=bicubic),
                  transforms.RandomHorizontalFlip()]
         if mode == "train_randaug":
@@ -148,6 +152,18 @@ def _build_loader(backend, root, mode, input_size, batch_size, device, rank, wor
         return TorchvisionLoader(dataset, num_workers=num_workers, pin_memory=pin_memory, shuffle=mode != "eval",
                                  drop_last=drop_last,
                                  skip_unreadable=skip_unreadable, **common)
+    if backend == "nvjpeg":
+        if mode not in CROP_SCALES:
+            raise ValueError(f"the nvjpeg loader does the pretraining and linear-probing augmentation (RandomResizedCrop "
+                             f"and flip), not {mode!r}: use --data_backend torchvision or dali")
+        if root is None:
+            root = builtin_shapes_folder(builtin[0], builtin_image_size, builtin[1])
+        elif list_tar_shards(root):
+            raise ValueError(f"{root} holds tar shards, which only the DALI loader reads (--data_backend dali)")
+        files, labels, _ = list_image_folder(root)
+        return NvjpegLoader(files, labels, image_size=input_size, scale=CROP_SCALES[mode], mean=IMAGENET_MEAN,
+                            std=IMAGENET_STD, num_workers=num_workers, pin_memory=pin_memory, drop_last=drop_last,
+                            skip_unreadable=skip_unreadable, **common)
     # dali
     if root is None:
         root = builtin_shapes_folder(builtin[0], builtin_image_size, builtin[1])
@@ -190,5 +206,5 @@ def build_classification_loaders(*, data_path: str | None, train_mode: str, buil
 __all__ = [
     "DATA_BACKENDS", "IMAGENET_MEAN", "IMAGENET_STD", "DaliLoader", "ShapesDataset", "SyntheticLoader",
     "TorchvisionLoader", "UnreadableImageError", "build_classification_loaders", "build_loader",
-    "build_pretrain_loader", "pretrain_transform", "transform",
+    "build_pretrain_loader", "NvjpegLoader", "pretrain_transform", "transform",
 ]

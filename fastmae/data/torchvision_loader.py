@@ -95,11 +95,12 @@ class TorchvisionLoader:
         num_workers, pin_memory: DataLoader settings (workers persist across epochs).
         skip_unreadable: replace unreadable files by the next readable one (counted in
             ``files_skipped``) instead of stopping with the file's path.
+        collate_fn: the DataLoader's (its default: stacked tensors).
     """
 
     def __init__(self, dataset: Dataset, *, batch_size: int, device: torch.device, rank: int = 0,
                  world_size: int = 1, seed: int = 0, shuffle: bool = True, drop_last: bool = False, num_workers: int = 2,
-                 pin_memory: bool = True, skip_unreadable: bool = False):
+                 pin_memory: bool = True, skip_unreadable: bool = False, collate_fn=None):
         self.dataset, self.batch_size, self.device = dataset, batch_size, device
         self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
         self.drop_last = drop_last
@@ -111,7 +112,7 @@ class TorchvisionLoader:
             batch_sampler=_EpochBatches(self), num_workers=num_workers,
             pin_memory=pin_memory and device.type == "cuda", persistent_workers=num_workers > 0,
             generator=torch.Generator(),  # its worker seeds must not draw from the global generator (masking's)
-            worker_init_fn=_leave_stop_signals_to_the_main_process,
+            worker_init_fn=_leave_stop_signals_to_the_main_process, collate_fn=collate_fn,
         )
         # before multiprocessing's own exit handler (atexit runs last-registered first), which would
         # end the workers with a SIGTERM that they ignore
