@@ -161,8 +161,9 @@ def mean_and_any_signal(value: torch.Tensor, signum: int) -> tuple[float, bool]:
 def evaluate(model: nn.Module, loader, *, num_samples: int, device: torch.device, dist: DistInfo = DistInfo(),
              autocast_dtype: torch.dtype | None = None) -> dict:
     """Top-1 / top-5 accuracy (%) and cross-entropy over ``num_samples`` images, each counted once:
-    the loader deals sample ``j`` of this rank's shard from global position ``j * world + rank``,
-    and the positions past the end (padding) are left out."""
+    the loader deals sample ``j`` of this rank's shard from global position ``j * world + rank``
+    (or where its ``sample_positions`` says: DALI's tar shards), and the positions past the end
+    (padding) are left out."""
     model.eval()
     autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
     totals = torch.zeros(4, device=device, dtype=torch.float64)  # loss sum, top-1, top-5, count
@@ -170,7 +171,10 @@ def evaluate(model: nn.Module, loader, *, num_samples: int, device: torch.device
     for imgs, labels in loader:
         with autocast:
             logits = model(imgs).float()
-        position = (seen + torch.arange(len(labels), device=device)) * dist.world_size + dist.rank
+        if hasattr(loader, "sample_positions"):
+            position = loader.sample_positions(seen, len(labels), device)
+        else:
+            position = (seen + torch.arange(len(labels), device=device)) * dist.world_size + dist.rank
         seen += len(labels)
         valid = (position < num_samples).double()
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]

@@ -246,12 +246,13 @@ RECIPE_FLAGS = ("norm_pix_loss", "mask_ratio")
 
 
 def load_training_state(path, model, optimizer, scaler, dist: DistInfo, device, layout: dict,
-                        args: argparse.Namespace | None = None) -> tuple[int, int, dict | None]:
+                        args: argparse.Namespace | None = None, loader=None) -> tuple[int, int, dict | None]:
     """Restore a checkpoint (fastmae's, or the original's); returns where training continues
     (epoch, batch) and, for a position within an epoch, the epoch's running sums up to it.
     ``layout``: this run's batches (batch_size, accum_iter, steps_per_epoch), which a mid-epoch
     position must have been counted in. ``args``: this run's flags, compared with the checkpoint's
-    (a changed ``RECIPE_FLAGS`` is logged)."""
+    (a changed ``RECIPE_FLAGS`` is logged). ``loader``: given the state its rank saved (a loader
+    with ``load_state_dict``: DALI's) when the position is within an epoch."""
     sharded_model = is_sharded(model)
     # a sharded checkpoint into a sharded model: each rank reads its own shards, never the whole
     ckpt = peek_checkpoint(path) if sharded_model and is_sharded_checkpoint(path) else read_checkpoint(path)
@@ -301,6 +302,9 @@ def load_training_state(path, model, optimizer, scaler, dist: DistInfo, device, 
         logger.warning("checkpoint counted its batches with %s; this run's differ: epoch %d restarts from its first batch",
                        ", ".join(f"{k} {old} (now {new})" for k, (old, new) in changed.items()), position["epoch"])
         position = {"epoch": position["epoch"], "batch": 0}
+    loaders = ckpt.get("loader")
+    if position["batch"] and loaders and hasattr(loader, "load_state_dict"):
+        loader.load_state_dict(loaders[dist.rank])  # same ranks and batches: checked above
     logger.info("resumed from %s at epoch %d, batch %d", path, position["epoch"], position["batch"])
     return position["epoch"], position["batch"], position.get("totals") if position["batch"] else None
 
@@ -419,7 +423,7 @@ def fit(
         raise ValueError(f"{resume} is a {found} checkpoint: a {run.kind} run resumes {run.kind} checkpoints")
     if resume:
         start_epoch, start_batch, totals = load_training_state(resume, model, optimizer, run.scaler, dist, device,
-                                                               layout, args)
+                                                               layout, args, loader)
 
     step = build_step(run, args, model, optimizer, compute_loss, step_mode)
     cfg = EpochConfig(schedule=dict(lr=args.lr, min_lr=args.min_lr, warmup_epochs=args.warmup_epochs, epochs=args.epochs),
@@ -445,6 +449,8 @@ def fit(
         trainer = {"kind": run.kind, "scaler": run.scaler.state_dict() if run.scaler else None,
                    "epoch": epoch if next_batch == 0 else epoch - 1,  # the original's: last finished epoch
                    "data_position": position, "args": args, "rng": rngs, "world_size": dist.world_size}
+        if hasattr(loader, "state_dict"):  # a loader whose random draws are not seeded per sample (DALI)
+            trainer["loader"] = all_gather_objects(loader.state_dict())
         if checkpointer:
             checkpointer.save(model, optimizer, trainer, sharded_name(epoch, next_batch))
         elif dist.is_main:

@@ -1,5 +1,6 @@
 """A run killed at any point (SIGKILL, mid-epoch, mid-save) and resumed continues as if it had never
 stopped; a non-finite loss stops the run and leaves the last good checkpoint."""
+import importlib.util
 import json
 import logging
 import math
@@ -96,6 +97,17 @@ def test_killed_repeatedly_even_while_saving(folder, tmp_path, uninterrupted):
         read_checkpoint(tmp_path / "checkpoint-last.pth")  # never torn
     assert cli(args(folder, tmp_path, *extra, "--resume", "auto")) == 0
     assert step_losses(tmp_path) == uninterrupted
+
+
+@pytest.mark.skipif(importlib.util.find_spec("nvidia.dali") is None, reason="DALI not installed")
+def test_dali_killed_mid_epoch_and_resumed_equals_uninterrupted(folder, tmp_path):
+    """DALI's random crops come from its pipeline's streams: the checkpoint keeps each rank's
+    pipeline state, and the resumed run draws the uninterrupted run's crops (losses bit for bit)."""
+    dali = ["--data_backend", "dali", "--checkpoint_steps", "2"]
+    assert cli(args(folder, tmp_path / "whole", *dali)) == 0
+    assert kill_after(start(args(folder, tmp_path / "part", *dali)), tmp_path / "part", records=9)
+    assert cli(args(folder, tmp_path / "part", *dali, "--resume", "auto")) == 0
+    assert step_losses(tmp_path / "part") == step_losses(tmp_path / "whole")
 
 
 def test_sharded_checkpoints_in_one_process_resume_exactly_and_consolidate(folder, tmp_path, uninterrupted):

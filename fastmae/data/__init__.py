@@ -184,8 +184,9 @@ def build_pretrain_loader(*, data_path: str | None, builtin_size: int = 5000, **
 
 
 def build_classification_loaders(*, data_path: str | None, train_mode: str, builtin_size: int = 5000, **kwargs):
-    """``(train loader, validation loader, class names)`` over ``DIR/train`` and ``DIR/val``, or
-    over the built-in shapes dataset (training images, and a held-out set drawn with another seed)."""
+    """``(train loader, validation loader, class names)`` over ``DIR/train`` and ``DIR/val`` (image
+    folders, or tar shards read by DALI: then ``num_classes`` names the classes), or over the
+    built-in shapes dataset (training images, and a held-out set drawn with another seed)."""
     if data_path is None:
         train_root = val_root = None
         classes = list(ShapesDataset.classes)
@@ -193,10 +194,14 @@ def build_classification_loaders(*, data_path: str | None, train_mode: str, buil
         train_root, val_root = (os.path.join(data_path, split) for split in ("train", "val"))
         for root in (train_root, val_root):
             if not os.path.isdir(root):
-                raise FileNotFoundError(f"{root} is not a directory: evaluation needs DIR/train and DIR/val image folders")
-        if list_tar_shards(val_root):
-            raise ValueError(f"{val_root} holds tar shards: the validation set must be an image folder")
-        _, _, classes = list_image_folder(train_root)
+                raise FileNotFoundError(f"{root} is not a directory: evaluation needs DIR/train and DIR/val image "
+                                        "folders (or tar shards, with DALI)")
+        if list_tar_shards(train_root):  # labels in .cls files, no class list
+            if not kwargs.get("num_classes"):
+                raise ValueError(f"{train_root} holds tar shards, whose labels name no classes: pass --nb_classes")
+            classes = [str(c) for c in range(kwargs["num_classes"])]
+        else:
+            _, _, classes = list_image_folder(train_root)
     kwargs.setdefault("num_classes", len(classes))
     train = build_loader(root=train_root, mode=train_mode, builtin=(builtin_size, 0), **kwargs)
     val = build_loader(root=val_root, mode="eval", builtin=(builtin_size // 5, 1), **kwargs)

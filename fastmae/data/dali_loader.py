@@ -122,49 +122,98 @@ class DaliLoader:
         self.epoch = self.start_batch = 0
         self.files_skipped = 0
         self._bad: set[int] = set()
-        self._tar_batches = None
+        self._tar_reader_meta: dict | None = None  # the tar reader's metadata (sizes)
+        self._pipe = None  # the pipeline of the epoch being read, and the sample it started at
+        self._pipe_start = 0
+        self._next_batch = 0
+        self._resume: dict | None = None
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch, self.start_batch = epoch, start_batch
         self.files_skipped = 0  # replacements in this epoch
 
+    # -- exact resume -----------------------------------------------------------------------------
+    # DALI draws each sample's crop and flip from its operators' random streams, which a pipeline
+    # built at a later position would start afresh: a checkpoint mid-epoch keeps the pipeline's own
+    # checkpoint (its reader's position and its random states, as of the last batch returned), and
+    # the resumed run rebuilds the same pipeline from it.
+
+    def state_dict(self) -> dict | None:
+        """Where this rank's reading stands mid-epoch (None between epochs: an epoch's pipeline
+        starts from its seed)."""
+        if self._pipe is None:
+            return None
+        return {"epoch": self.epoch, "next_batch": self._next_batch, "pipeline_start": self._pipe_start,
+                "bad": sorted(self._bad), "dali": self._pipe.checkpoint()}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        """Continue from :meth:`state_dict`'s at the next :meth:`set_epoch` of that epoch and batch."""
+        self._resume = state
+
     @property
     def num_samples(self) -> int:
         if self.files is None:
-            raise ValueError("the number of samples in tar shards is DALI's to count; evaluate on an image folder")
+            return self._tar_meta()["epoch_size"]
         return len(self.files)
 
     def __len__(self) -> int:
         if self.shards is not None:
-            if self._tar_batches is None:
-                pipe = self._build_tar(seed=self.seed)
-                per_epoch = pipe.reader_meta("reader")["epoch_size_padded"] / (self.world_size * self.batch_size)
-                self._tar_batches = math.floor(per_epoch) if self.drop_last else math.ceil(per_epoch)
-            return self._tar_batches - self.start_batch
+            per_epoch = self._tar_meta()["epoch_size_padded"] / (self.world_size * self.batch_size)
+            return (math.floor(per_epoch) if self.drop_last else math.ceil(per_epoch)) - self.start_batch
         return batches_per_epoch(len(self.files), world_size=self.world_size, batch_size=self.batch_size,
                                  drop_last=self.drop_last) - self.start_batch
 
+    def _tar_meta(self) -> dict:
+        if self._tar_reader_meta is None:  # DALI indexes the shards: build a pipeline once to ask it
+            self._tar_reader_meta = self._build_tar(seed=self.seed).reader_meta("reader")
+        return self._tar_reader_meta
+
+    def sample_positions(self, start: int, count: int, device: torch.device) -> torch.Tensor:
+        """The dataset positions of this rank's samples ``start .. start + count - 1`` in reading
+        order (evaluation counts each position once; ``num_samples`` or more: padding). Image lists
+        are dealt round-robin (:func:`epoch_order`); DALI gives each rank of tar shards a contiguous
+        range of the samples (``n * rank // ranks`` on), padded by repeating its last one."""
+        j = start + torch.arange(count, device=device)
+        if self.files is not None:
+            return j * self.world_size + self.rank
+        n = self.num_samples
+        first, end = n * self.rank // self.world_size, n * (self.rank + 1) // self.world_size
+        return torch.where(j < end - first, first + j, n)
+
     # -- pipelines --------------------------------------------------------------------------------
 
-    def _pipeline_kwargs(self, seed: int) -> dict:
+    def _pipeline_kwargs(self, seed: int, checkpoint: bytes | None) -> dict:
         on_gpu = self.device.type == "cuda"
         return dict(batch_size=self.batch_size, num_threads=self.num_threads, seed=seed,
                     device_id=(self.device.index or 0) if on_gpu else None, prefetch_queue_depth=PREFETCH,
-                    enable_conditionals=self.mode == "train_randaug")  # RandAugment branches per sample
+                    enable_conditionals=self.mode == "train_randaug",  # RandAugment branches per sample
+                    enable_checkpointing=True, checkpoint=checkpoint)
 
-    def _build_list(self, order: np.ndarray, seed: int):
-        pipe = pipeline_def(_list_pipeline, **self._pipeline_kwargs(seed))(
+    def _build_list(self, order: np.ndarray, seed: int, checkpoint: bytes | None = None):
+        pipe = pipeline_def(_list_pipeline, **self._pipeline_kwargs(seed, checkpoint))(
             [self.files[i] for i in order], self.labels[order].tolist(), mode=self.mode, size=self.image_size,
             on_gpu=self.device.type == "cuda", mean=self.mean, std=self.std)
         pipe.build()
         return pipe
 
-    def _build_tar(self, seed: int):
-        pipe = pipeline_def(_tar_pipeline, **self._pipeline_kwargs(seed))(
+    def _build_tar(self, seed: int, checkpoint: bytes | None = None):
+        pipe = pipeline_def(_tar_pipeline, **self._pipeline_kwargs(seed, checkpoint))(
             self.shards, shard_id=self.rank, num_shards=self.world_size, shuffle_seed=self.seed + self.epoch,
             mode=self.mode, size=self.image_size, on_gpu=self.device.type == "cuda", mean=self.mean, std=self.std)
         pipe.build()
         return pipe
+
+    def _take_resume_state(self) -> dict | None:
+        """The loaded state, if it is where this epoch starts."""
+        state, self._resume = self._resume, None
+        if state is None or self.start_batch == 0:
+            return None
+        if (state["epoch"], state["next_batch"]) != (self.epoch, self.start_batch):
+            logger.warning("the DALI loader's saved state is at epoch %d batch %d, not at epoch %d batch %d: the "
+                           "crops drawn from here on differ from an uninterrupted run's", state["epoch"],
+                           state["next_batch"], self.epoch, self.start_batch)
+            return None
+        return state
 
     def _to_torch(self, images, labels) -> tuple[torch.Tensor, torch.Tensor]:
         dense = images.as_tensor()
@@ -180,25 +229,44 @@ class DaliLoader:
     # -- iteration --------------------------------------------------------------------------------
 
     def __iter__(self):
+        try:
+            yield from self._batches()
+        finally:
+            self._pipe = None
+
+    def _batches(self):
         seed = hash((self.seed, self.rank, self.epoch)) % 2**31  # augmentation randomness
+        resume = self._take_resume_state()
+        self._next_batch = self.start_batch
         if self.shards is not None:
-            pipe = self._build_tar(seed)
-            for _ in range(self.start_batch):  # DALI's reader cannot seek: read past the batches done
-                pipe.run()
+            pipe = self._pipe = self._build_tar(seed, resume and resume["dali"])
+            if resume is None:
+                for _ in range(self.start_batch):  # DALI's reader cannot seek: read past the batches done
+                    pipe.run()
             for _ in range(len(self)):
-                yield self._to_torch(*pipe.run())
+                batch = self._to_torch(*pipe.run())
+                self._next_batch += 1
+                yield batch
             return
         order = epoch_order(len(self.files), epoch=self.epoch, seed=self.seed, rank=self.rank,
                             world_size=self.world_size, batch_size=self.batch_size, shuffle=self.mode != "eval",
                             drop_last=self.drop_last)
         pos = self.start_batch * self.batch_size
+        if resume is not None:
+            self._bad = set(resume["bad"])
         while pos < len(order):
-            order[pos:] = self._replace_bad(order[pos:])
-            pipe = self._build_list(order[pos:], (seed + pos) % 2**31)
+            if resume is not None:  # the interrupted run's pipeline, from where it stood
+                start, checkpoint, resume = resume["pipeline_start"], resume["dali"], None
+            else:
+                start, checkpoint = pos, None
+            order[start:] = self._replace_bad(order[start:])
+            pipe = self._pipe = self._build_list(order[start:], (seed + start) % 2**31, checkpoint)
+            self._pipe_start = start
             try:
                 while pos < len(order):
                     batch = self._to_torch(*pipe.run())
                     pos += self.batch_size
+                    self._next_batch += 1
                     yield batch
             except RuntimeError as e:  # DALI stops the pipeline at the first undecodable file
                 window = order[pos: pos + (PREFETCH + 1) * self.batch_size]
@@ -215,6 +283,7 @@ class DaliLoader:
                     logger.warning("skipping %s: unreadable image", self.files[i])
                 self._bad.update(bad)  # replaced (and counted) when the pipeline restarts
             finally:
+                self._pipe = None
                 del pipe
 
     def _readable(self, i: int) -> bool:
