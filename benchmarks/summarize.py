@@ -91,13 +91,31 @@ def e2e_tables(infos: list[dict]) -> list[str]:
     return out
 
 
+def loader_table(infos: list[dict]) -> list[str]:
+    """Each loader's images/s against fastmae's training step's (the same run): at 1.0 or more the
+    loader is never what the step waits for."""
+    loaders = [i for i in infos if i["op"] == "loader" and i["mode"] == "epoch" and i["provider"] != "synthetic"]
+    steps = [i for i in infos if i["op"] == "training_step_e2e" and i["provider"] == "fastmae"]
+    if not loaders:
+        return []
+    head = "".join(f" / step {i['preset'].replace('mae_vit_', '')} b{i['batch']} |" for i in steps)
+    out = ["### Loaders against the training step", "", f"| loader | images/s | per worker |{head}",
+           "| --- | --- | --- |" + " --- |" * len(steps)]
+    for i in sorted(loaders, key=lambda i: -i["images_per_sec"]):
+        per_core = i.get("images_per_sec_per_core")
+        ratios = "".join(f" {i['images_per_sec'] / s_['images_per_sec']:.2f} |" for s_ in steps)
+        out.append(f"| {i['provider']} | {i['images_per_sec']:.0f} | {f'{per_core:.0f}' if per_core else ''} |{ratios}")
+    return out + [""]
+
+
 def table(infos: list[dict]) -> str:
     devices = sorted({f"{i['device']} (torch {i['torch']}, triton {i['triton']})" for i in infos})
     groups: dict[tuple, dict[str, dict]] = defaultdict(dict)
     for i in infos:
         if i["op"] not in ("training_step_e2e", "host_cost"):
             groups[(i["op"], i["mode"], i["preset"])][i["provider"]] = i
-    out = [f"Device: {'; '.join(devices)}", "", *e2e_tables(infos), *speedup_table(infos), "### Every result", "",
+    out = [f"Device: {'; '.join(devices)}", "", *e2e_tables(infos), *loader_table(infos), *speedup_table(infos),
+           "### Every result", "",
            "| op | mode | shape | provider | median ms | figures | speedup vs reference |",
            "| --- | --- | --- | --- | --- | --- | --- |"]
     for (op, mode, preset), by_provider in sorted(groups.items()):
