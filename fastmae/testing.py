@@ -40,15 +40,29 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((a - e).abs().max() / e.abs().max().clamp_min(1e-30)).item()
 
 
-def backend_cases(family: str, only: str | None = None) -> list:
+REFERENCE_BACKEND = "torch"  # what every other backend of a family is compared with
+
+
+def backend_cases(family: str, only: str | None = None, *, with_reference: bool = True) -> list:
     """pytest parameters ``(backend, device)`` for every backend of ``family`` and every device it
-    runs on here; CUDA cases carry the ``cuda`` mark."""
+    runs on here; CUDA cases carry the ``cuda`` mark. ``with_reference`` False leaves the reference
+    out (a comparison with the reference would compare it with itself). A backend that cannot run is
+    left out: what must run here is asserted once, by the tests of :func:`expected_backends`."""
     import pytest
 
     return [
         pytest.param((b.name, d), id=f"{b.name}-{d}", marks=[pytest.mark.cuda] if d == "cuda" else [])
         for b in BACKENDS[family]
-        if only in (None, b.name)
+        if only in (None, b.name) and (with_reference or b.name != REFERENCE_BACKEND)
         for d in ("cpu", "cuda")
         if not b.unavailable_reasons(d)
     ]
+
+
+def expected_backends(family: str, device_type: str) -> set[str]:
+    """The ``kernels`` backends that must run on ``device_type`` wherever the tests run: the
+    reference, Triton (on a CPU under its interpreter, which the tests switch on) and the native
+    kernels (their CPU build needs only a C++ compiler)."""
+    if family != "kernels":
+        raise ValueError(f"no expectation for the {family} family: its backends depend on optional libraries")
+    return {REFERENCE_BACKEND, "triton", "cuda"}

@@ -37,9 +37,19 @@ def official(request):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-@pytest.fixture(params=backend_cases("kernels"))
+@pytest.fixture(params=backend_cases("kernels", with_reference=False))
 def backend(request):
-    """Each kernel backend on each device it runs on here; tensors are created on that device."""
+    """Each fused kernel backend (compared with the reference) on each device it runs on here;
+    tensors are created on that device."""
+    name, device = request.param
+    with torch.device(device):
+        yield name
+
+
+@pytest.fixture(params=backend_cases("kernels"))
+def every_backend(request):
+    """Each kernel backend, the reference included (for properties each must have on its own:
+    gradients against finite differences, determinism)."""
     name, device = request.param
     with torch.device(device):
         yield name

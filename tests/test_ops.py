@@ -6,15 +6,18 @@ import torch
 from fastmae import ops
 from fastmae.ops import reference
 from fastmae.ops.registry import BACKENDS
-from fastmae.testing import assert_close
+from fastmae.testing import assert_close, expected_backends
 
 
 
-def test_the_triton_kernels_are_tested_here():
-    """Every test below runs for each backend available here; Triton must be one of them (on a GPU, or
-    under TRITON_INTERPRET=1: see conftest.py). A failure here leaves the other backends' cases running."""
-    triton = next(b for b in BACKENDS["kernels"] if b.name == "triton")
-    assert not triton.unavailable_reasons("cuda" if torch.cuda.is_available() else "cpu")
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_the_expected_backends_run_here(device):
+    """The tests below run for each backend that runs here; those that must (the reference, Triton --
+    under TRITON_INTERPRET=1 on a CPU: see conftest.py -- and the native kernels) are asserted here,
+    so that one that fails to load fails this test instead of silently dropping its cases."""
+    missing = {b.name: b.unavailable_reasons(device) for b in BACKENDS["kernels"]
+               if b.name in expected_backends("kernels", device) and b.unavailable_reasons(device)}
+    assert not missing, missing
 
 
 @pytest.fixture(autouse=True)
@@ -267,7 +270,8 @@ def test_reference_bias_gelu_is_the_mlps_activation():
     torch.testing.assert_close(reference.bias_gelu(x, bias), torch.nn.GELU()(x + bias))
 
 
-def test_gradcheck_float64(backend):
+def test_gradcheck_float64(every_backend):
+    backend = every_backend
     n, L, d, k = 2, 8, 3, 3
     _, ids_keep, ids_restore, mask = masking_inputs(n, L, k)
     x = torch.randn(n, L, d, dtype=torch.float64, requires_grad=True)
@@ -290,8 +294,9 @@ def test_gradcheck_float64(backend):
     assert torch.autograd.gradcheck(lambda x, b: ops.bias_gelu(x, b, backend=backend), (x, w))
 
 
-def test_deterministic(backend):
+def test_deterministic(every_backend):
     """The same inputs twice give bit-identical outputs and gradients."""
+    backend = every_backend
     n, L, d, k = 3, 49, 40, 12
     noise, ids_keep, ids_restore, mask = masking_inputs(n, L, k)
 

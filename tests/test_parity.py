@@ -1,4 +1,5 @@
 """The model reproduces the original implementation's own outputs and gradients."""
+import importlib.util
 from functools import partial
 
 import pytest
@@ -38,11 +39,11 @@ def test_fixed_position_embeddings_equal_the_originals(official):
 def test_parity_with_original(official, kernels, attention, device, monkeypatch):
     if (attention, device) == ("sdpa_flash", "cuda"):
         pytest.skip("PyTorch's flash kernel takes no fp32 on CUDA")
-    try:
-        resolve("kernels", kernels, device)
-        resolve("attention", attention, device)
-    except RuntimeError as e:
-        pytest.skip(str(e))
+    if (attention, device) == ("sdpa_efficient", "cpu") or (attention == "xformers" and (
+            device == "cpu" or importlib.util.find_spec("xformers") is None)):
+        pytest.skip(f"{attention} does not run on this {device} (by design, or not installed)")
+    resolve("kernels", kernels, device)  # any other backend that cannot run here is a failure
+    resolve("attention", attention, device)
     # fp32 means fp32: cuDNN convolutions default to TF32 on GPUs (matmuls do not)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     model = build(official, kernel_backend=kernels, attention_backend=attention).to(device)
