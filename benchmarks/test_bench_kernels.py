@@ -1,4 +1,4 @@
-"""Each kernel op: the fused backends (``triton``, ``cuda``) against the ``torch`` reference at MAE sizes (bf16
+"""Each kernel op: the fused backends (``triton``, ``native``) against the ``torch`` reference at MAE sizes (bf16
 activations as under autocast), forward, backward and both; achieved GB/s over the bytes the op must
 move at least, and that as a fraction of the device's copy bandwidth.
 
@@ -24,7 +24,7 @@ def runnable(name: str) -> list[str]:
 
 PROVIDERS = [
     pytest.param(name, marks=pytest.mark.skip(reason=f"{name}: {'; '.join(runnable(name))}") if runnable(name) else [])
-    for name in ("triton", "cuda", "torch")
+    for name in ("triton", "native", "torch")
 ]
 if not ON_GPU:  # interpreted Triton timings mean nothing
     PROVIDERS[0] = pytest.param("triton", marks=pytest.mark.skip(reason="Triton timings need a GPU"))

@@ -10,7 +10,7 @@ AUTO = "auto"
 BACKEND_TABLE: dict[str, tuple[tuple[str, str, tuple[str, ...], dict], ...]] = {
     "kernels": (
         ("triton", "fastmae.kernels.backend", ("cuda",), {}),
-        ("cuda", "fastmae.ops.native", ("cuda",), {}),
+        ("native", "fastmae.ops.native", ("cuda",), {}),
         ("torch", "fastmae.ops.reference", ("*",), {}),
     ),
     "attention": (
@@ -26,6 +26,33 @@ BACKEND_TABLE: dict[str, tuple[tuple[str, str, tuple[str, ...], dict], ...]] = {
         ("torch", "fastmae.ops.layer_norm", ("*",), {"impl": "torch"}),
     ),
 }
+
+
+# backends renamed, by family: old name -> new (an old name is an error that gives the new one)
+RENAMED_BACKENDS = {"kernels": {"cuda": "native"}}
+
+
+def renamed_backend_message(family: str, name: str) -> str | None:
+    new = RENAMED_BACKENDS.get(family, {}).get(name)
+    if new is None:
+        return None
+    return (f"the {family} backend {name!r} is now named {new!r} (it is the native C++/CUDA backend, and runs on "
+            f"CPUs too): use {new!r}")
+
+
+def backend_flag(family: str):
+    """An argparse ``type`` for a ``family`` backend flag: a renamed backend's old name is refused
+    with its new one."""
+    def parse(value: str) -> str:
+        message = renamed_backend_message(family, value)
+        if message:
+            import argparse
+
+            raise argparse.ArgumentTypeError(message)
+        return value
+
+    parse.__name__ = f"{family} backend"
+    return parse
 
 
 def backend_names(family: str) -> list[str]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from fastmae.cli import add_common_args, add_sharding_args, cli_main, logger
-from fastmae.config import AUTO, OPTIMIZERS, backend_names
+from fastmae.config import AUTO, OPTIMIZERS, backend_flag, backend_names
 from fastmae.presets import PRESETS
 
 if TYPE_CHECKING:  # the heavy imports wait until the flags are parsed and checked
@@ -32,7 +32,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--input_size", default=None, type=int, help="image size (default: the preset's)")
     g.add_argument("--mask_ratio", default=0.75, type=float, help="fraction of patches removed, in [0, 1)")
     g.add_argument("--norm_pix_loss", action="store_true", help="regress per-patch normalized pixels")
-    g.add_argument("--kernels", default=None, choices=backend_names("kernels") + [AUTO],
+    g.add_argument("--kernels", default=None, type=backend_flag("kernels"), choices=backend_names("kernels") + [AUTO],
                    help="kernel backend (default: $FASTMAE_KERNELS, else automatic)")
     g.add_argument("--norm", default=None, choices=backend_names("norm") + [AUTO],
                    help="LayerNorm implementation (default: $FASTMAE_NORM, else apex when installed)")

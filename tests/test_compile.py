@@ -7,7 +7,7 @@ from fastmae.models import create_model
 from fastmae.testing import assert_close
 
 
-@pytest.mark.parametrize("kernels,attention", [("torch", "sdpa"), ("torch", "math"), ("triton", "sdpa"), ("cuda", "sdpa")])
+@pytest.mark.parametrize("kernels,attention", [("torch", "sdpa"), ("torch", "math"), ("triton", "sdpa"), ("native", "sdpa")])
 def test_compiled_model_matches_eager(kernels, attention):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = create_model("mae_vit_tiny_patch4", depth=1, decoder_depth=1, norm_pix_loss=True,

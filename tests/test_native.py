@@ -38,22 +38,22 @@ def masking(n, L, k):
 
 def test_cpu_library_builds_and_is_tested_with_the_others():
     assert native.unavailable_reasons("cpu") == []
-    assert ("cuda", "cpu") in [case.values[0] for case in backend_cases("kernels")]  # so test_ops.py runs it
+    assert ("native", "cpu") in [case.values[0] for case in backend_cases("kernels")]  # so test_ops.py runs it
 
 
 def test_automatic_choice_never_takes_it_on_cpu(monkeypatch):
     monkeypatch.delenv("FASTMAE_KERNELS", raising=False)
     monkeypatch.setattr(registry, "_resolved", {})
     assert ops.resolve("kernels", None, "cpu") == "torch"
-    assert ops.resolve("kernels", "cuda", "cpu") == "cuda"
+    assert ops.resolve("kernels", "native", "cpu") == "native"
 
 
 def test_a_failed_build_is_the_reason(monkeypatch):
     monkeypatch.setattr(registry, "_resolved", {})
     monkeypatch.setattr(native, "load", lambda target, verbose=False: f"building {target}: compiler exploded")
     assert native.unavailable_reasons("cpu") == ["building cpu: compiler exploded"]
-    with pytest.raises(ops.BackendUnavailableError, match="'cuda' was requested.*compiler exploded"):
-        ops.gather_visible(torch.randn(1, 4, 2), torch.zeros(1, 2, dtype=torch.long), backend="cuda")
+    with pytest.raises(ops.BackendUnavailableError, match="'native' was requested.*compiler exploded"):
+        ops.gather_visible(torch.randn(1, 4, 2), torch.zeros(1, 2, dtype=torch.long), backend="native")
 
 
 def test_a_wrong_cuda_home_is_named(monkeypatch, tmp_path):
@@ -146,8 +146,8 @@ def test_reductions_do_not_depend_on_the_thread_count():
 
     def run(threads):
         torch.set_num_threads(threads)
-        out = ops.unshuffle_with_mask_token(x, ids_restore, token, backend="cuda")
-        loss = ops.masked_pixel_loss(pred, imgs, mask, 4, True, backend="cuda")
+        out = ops.unshuffle_with_mask_token(x, ids_restore, token, backend="native")
+        loss = ops.masked_pixel_loss(pred, imgs, mask, 4, True, backend="native")
         return [loss, *torch.autograd.grad((out * dy).sum() + loss, (x, token, pred))]
 
     for a, b in zip(run(1), run(2)):
@@ -159,7 +159,7 @@ def test_loss_does_not_read_kept_patches(device):
     _, _, mask = masking(2, 16, 4)
     pred[mask == 0] = float("nan")
     pred.requires_grad_()
-    loss = ops.masked_pixel_loss(pred, imgs, mask, 4, True, backend="cuda")
+    loss = ops.masked_pixel_loss(pred, imgs, mask, 4, True, backend="native")
     loss.backward()
     clean = pred.detach().nan_to_num().requires_grad_()
     assert_close(loss, reference.masked_pixel_loss(clean, imgs, mask, 4, True))
@@ -169,7 +169,7 @@ def test_loss_does_not_read_kept_patches(device):
 def test_empty_batch(device):
     x = torch.randn(0, 3, 4, requires_grad=True)
     token = torch.randn(4, requires_grad=True)
-    out = ops.unshuffle_with_mask_token(x, torch.zeros(0, 8, dtype=torch.long), token, backend="cuda")
+    out = ops.unshuffle_with_mask_token(x, torch.zeros(0, 8, dtype=torch.long), token, backend="native")
     assert out.shape == (0, 9, 4)
     dx, dtoken = torch.autograd.grad(out.sum(), (x, token))
     assert dx.shape == (0, 3, 4) and torch.equal(dtoken, torch.zeros(4))
@@ -178,16 +178,16 @@ def test_empty_batch(device):
 def test_out_of_range_indices_raise():
     x = torch.randn(1, 4, 2)
     with pytest.raises(RuntimeError, match="outside"):
-        ops.gather_visible(x, torch.tensor([[0, 4]]), backend="cuda")
+        ops.gather_visible(x, torch.tensor([[0, 4]]), backend="native")
     with pytest.raises(RuntimeError, match="outside"):
         ids_restore = torch.tensor([[0, 1, 2, 7]])
-        ops.unshuffle_with_mask_token(torch.randn(1, 2, 2), ids_restore, torch.randn(2), backend="cuda")
+        ops.unshuffle_with_mask_token(torch.randn(1, 2, 2), ids_restore, torch.randn(2), backend="native")
 
 
 def test_masking_takes_float64_noise(device):
     noise = torch.rand(3, 49, dtype=torch.float64)
     noise[:, 10] = noise[:, 20]  # a tie, broken by position
-    for got, want in zip(ops.random_masking(noise, 12, backend="cuda"), reference.random_masking(noise, 12)):
+    for got, want in zip(ops.random_masking(noise, 12, backend="native"), reference.random_masking(noise, 12)):
         assert torch.equal(got, want)
 
 
@@ -200,14 +200,14 @@ def test_unaligned_rows_on_gpu():
         for d in (37, 64):
             x = torch.randn(n * L * d + 1)[1:].view(n, L, d)  # contiguous, 4 bytes off 16-byte alignment
             pos = torch.randn(L * d + 1)[1:].view(L, d)
-            assert_close(ops.gather_visible(x, ids_keep, pos, backend="cuda"),
+            assert_close(ops.gather_visible(x, ids_keep, pos, backend="native"),
                          reference.gather_visible(x, ids_keep, pos))
             xv = torch.randn(n, 1 + K, d)
             token = torch.randn(d)
-            assert_close(ops.unshuffle_with_mask_token(xv, ids_restore, token, backend="cuda"),
+            assert_close(ops.unshuffle_with_mask_token(xv, ids_restore, token, backend="native"),
                          reference.unshuffle_with_mask_token(xv, ids_restore, token))
         imgs = torch.randn(2, 3, 28, 28)  # patch 14: rows of 14 pixels, not a multiple of 4
         weight, bias = torch.randn(32, 3, 14, 14), torch.randn(32)
         ids = reference.random_masking(torch.rand(2, 4), 2)[0]
-        assert_close(ops.embed_visible_patches(imgs, ids, weight, bias, backend="cuda"),
+        assert_close(ops.embed_visible_patches(imgs, ids, weight, bias, backend="native"),
                      reference.embed_visible_patches(imgs, ids, weight, bias))

@@ -90,3 +90,16 @@ def test_availability_report_runs():
     assert "kernels:" in out and "attention:" in out and "automatic on cpu: torch" in out
     if not torch.cuda.is_available():
         assert "adamw           cuda  no: no CUDA device is available" in out
+
+
+def test_the_native_backends_old_name_is_refused_with_its_new_one(monkeypatch, capsys):
+    from fastmae.pretrain import cli
+
+    with pytest.raises(ValueError, match="'cuda' is now named 'native'"):
+        ops.random_masking(torch.rand(2, 8), 2, backend="cuda")
+    monkeypatch.setenv("FASTMAE_KERNELS", "cuda")
+    with pytest.raises(ValueError, match="'cuda' is now named 'native'"):
+        ops.random_masking(torch.rand(2, 8), 2)
+    with pytest.raises(SystemExit):
+        cli(["--kernels", "cuda"])
+    assert "'cuda' is now named 'native'" in capsys.readouterr().err

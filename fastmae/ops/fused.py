@@ -1,4 +1,4 @@
-"""What the fused kernel backends (``triton``: ``kernels/``; ``cuda``: ``csrc/``) share around their
+"""What the fused kernel backends (``triton``: ``kernels/``; ``native``: ``csrc/``) share around their
 ``torch.library`` ops: the output shapes and dtypes (fake kernels, for ``torch.compile``), the
 autograd formulas that call each backend's backward kernels, and the Python side of the op
 interface (the visible-patch embedding, the loss's gradient switch).

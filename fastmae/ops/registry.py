@@ -32,7 +32,7 @@ from typing import Callable
 
 import torch
 
-from fastmae.config import AUTO, BACKEND_TABLE, backend_names
+from fastmae.config import AUTO, BACKEND_TABLE, backend_names, renamed_backend_message
 
 logger = logging.getLogger("fastmae")
 
@@ -101,7 +101,8 @@ def _find(family: str, name: str) -> Backend:
     for b in BACKENDS[family]:
         if b.name == name:
             return b
-    raise ValueError(f"unknown {family} backend {name!r}; choose one of {backend_names(family) + [AUTO]}")
+    raise ValueError(renamed_backend_message(family, name)
+                     or f"unknown {family} backend {name!r}; choose one of {backend_names(family) + [AUTO]}")
 
 
 _resolved: dict[tuple[str, str, str], str] = {}

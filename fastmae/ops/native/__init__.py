@@ -1,8 +1,8 @@
-"""The ``cuda`` kernel backend of :mod:`fastmae.ops`: native C++/CUDA kernels (``csrc/``).
+"""The ``native`` kernel backend of :mod:`fastmae.ops`: native C++/CUDA kernels (``csrc/``).
 
 The same ops as the Triton backend, as a cross-check of it on GPUs, a fallback where Triton is
 unavailable, and the C++ side of the kernel benchmarks. Its CPU kernels run on the CPU device too
-(``backend="cuda"`` with CPU tensors), which is how they are tested without a GPU; automatic
+(``backend="native"`` with CPU tensors), which is how they are tested without a GPU; automatic
 selection never picks it on a CPU, and on CUDA only after ``triton``.
 
 The ops live in the ``torch.ops.fastmae_native`` namespace, defined by the native library
@@ -11,7 +11,7 @@ shared with the Triton backend) are registered once the library is loaded, so ``
 traces them and ``torch.library.opcheck`` passes.
 
 Importing this module builds nothing. The first ``unavailable_reasons(device)`` (an explicit
-``backend="cuda"``, the availability report, the tests' backend list) builds what that device needs
+``backend="native"``, the availability report, the tests' backend list) builds what that device needs
 (see :mod:`fastmae.ops.native.build`): about a minute for the CPU library, minutes for the CUDA one,
 once; later processes load the cached build in about a second. A build that fails is reported as
 the reason, so automatic selection passes over the backend and an explicit request raises with it.

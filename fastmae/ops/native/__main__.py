@@ -1,5 +1,5 @@
 """``python -m fastmae.ops.native``: build the native libraries ahead of time (into the cache that
-the ``cuda`` backend loads from), and show which devices each op has kernels for.
+the ``native`` backend loads from), and show which devices each op has kernels for.
 
     python -m fastmae.ops.native              # the CPU library; the CUDA one too where a toolkit is found
     TORCH_CUDA_ARCH_LIST="8.0;9.0" python -m fastmae.ops.native --cuda   # the CUDA one is required
