@@ -49,7 +49,7 @@ cat "$OUT/environment.txt"
 pack
 
 # the native backend's CUDA library for this GPU, outside the tests (which would build it at collection)
-run 90 python -m fastmae.ops.native --cuda 2>&1 | tail -n 20 | tee "$OUT/native-build.txt"
+run 90 python -m fastmae.ops.native build --cuda 2>&1 | tail -n 20 | tee "$OUT/native-build.txt"
 pack
 
 # every test that runs a kernel, the model or the training step on the GPU (the CPU-only ones are CI's)

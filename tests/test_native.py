@@ -48,10 +48,21 @@ def test_automatic_choice_never_takes_it_on_cpu(monkeypatch):
     assert ops.resolve("kernels", "native", "cpu") == "native"
 
 
+def test_asking_whether_it_can_run_builds_nothing(monkeypatch):
+    def no_build(*args, **kwargs):
+        raise AssertionError("built")
+
+    monkeypatch.setattr(native, "build_and_load", no_build)
+    monkeypatch.setattr(native, "_load_errors", {})
+    assert native.unavailable_reasons("cpu") == []  # the tools are here; nothing built
+    monkeypatch.setattr(build.shutil, "which", lambda name: None if name == "ninja" else "/usr/bin/" + name)
+    assert native.unavailable_reasons("cpu") == ["ninja is not installed (pip install ninja)"]
+
+
 def test_a_failed_build_is_the_reason(monkeypatch):
     monkeypatch.setattr(registry, "_resolved", {})
     monkeypatch.setattr(native, "load", lambda target, verbose=False: f"building {target}: compiler exploded")
-    assert native.unavailable_reasons("cpu") == ["building cpu: compiler exploded"]
+    assert native.prepare("cpu") == ["building cpu: compiler exploded"]
     with pytest.raises(ops.BackendUnavailableError, match="'native' was requested.*compiler exploded"):
         ops.gather_visible(torch.randn(1, 4, 2), torch.zeros(1, 2, dtype=torch.long), backend="native")
 

@@ -9,7 +9,9 @@ Families of ops, each with its own backends:
 - ``norm``: layer_norm (the LayerNorm class the presets build)
 
 A backend is a module that defines the family's ops under their own names and a function
-``unavailable_reasons(device_type) -> list[str]`` (empty when it can run there); a backend's
+``unavailable_reasons(device_type) -> list[str]`` (empty when it can run there: a check without side
+effects), and may define ``prepare(device_type) -> list[str]``, run once at the first use on a
+device (the native backend builds there; what it returns are the reasons it failed); a backend's
 ``options`` are passed to both (one module can serve several backends, e.g. the SDPA kernels). Backend modules
 import cheaply (optional libraries are imported inside them only when they are present), and all of
 them are imported when this module is, so the table below never changes afterwards: torch.compile
@@ -58,6 +60,12 @@ class Backend:
         if device_type == "cuda" and not torch.cuda.is_available():
             return ["no CUDA device is available"]
         return list(self.module.unavailable_reasons(device_type, **dict(self.options)))
+
+    def prepare(self, device_type: str) -> list[str]:
+        """Make ready what the first use needs (the native backend builds its library here, not when
+        asked whether it can run); the reasons it failed, else empty."""
+        prepare = getattr(self.module, "prepare", None)
+        return list(prepare(device_type)) if prepare else []
 
     def op(self, name: str) -> Callable:
         fn = getattr(self.module, name)
@@ -125,7 +133,7 @@ def resolve(family: str, requested: str | None, device_type: str) -> str:
         for b in BACKENDS[family]:
             if not b.auto_eligible(device_type):
                 continue
-            reasons = b.unavailable_reasons(device_type)
+            reasons = b.unavailable_reasons(device_type) or b.prepare(device_type)
             if not reasons:
                 logger.info(
                     "%s backend on %s: %s (automatic%s)", family, device_type, b.name,
@@ -135,7 +143,8 @@ def resolve(family: str, requested: str | None, device_type: str) -> str:
                 return b.name
             skipped.append(f"{b.name}: {', '.join(reasons)}")
         raise BackendUnavailableError(f"no {family} backend can run on {device_type}: " + "; ".join(skipped))
-    reasons = _find(family, requested).unavailable_reasons(device_type)
+    backend = _find(family, requested)
+    reasons = backend.unavailable_reasons(device_type) or backend.prepare(device_type)
     if reasons:
         raise BackendUnavailableError(
             f"{family} backend {requested!r} was requested ({source}) but cannot run on "

@@ -10,26 +10,41 @@ The ops live in the ``torch.ops.fastmae_native`` namespace, defined by the nativ
 shared with the Triton backend) are registered once the library is loaded, so ``torch.compile``
 traces them and ``torch.library.opcheck`` passes.
 
-Importing this module builds nothing. The first ``unavailable_reasons(device)`` (an explicit
-``backend="native"``, the availability report, the tests' backend list) builds what that device needs
-(see :mod:`fastmae.ops.native.build`): about a minute for the CPU library, minutes for the CUDA one,
-once; later processes load the cached build in about a second. A build that fails is reported as
-the reason, so automatic selection passes over the backend and an explicit request raises with it.
-``python -m fastmae.ops.native`` builds ahead of time.
+Neither importing this module nor asking whether it can run (``unavailable_reasons``: the
+availability report, the tests' backend list) builds anything: that checks for a C++ compiler,
+ninja and, for CUDA, a toolkit of PyTorch's CUDA version. The first use on a device builds what it
+needs (:func:`prepare`, from the op dispatch; see :mod:`fastmae.ops.native.build`), saying so and how
+long it took: about a minute for the CPU library, minutes for the CUDA one, once; later processes
+load the cached build in about a second. A build that fails is the reason: automatic selection
+passes over the backend and an explicit request raises with it. ``python -m fastmae.ops.native
+build`` builds ahead of time.
 """
 from __future__ import annotations
 
 import torch
 
 from fastmae.ops.fused import FusedBackend, FusedOps, register
-from fastmae.ops.native.build import BuildError, build_and_load, cuda_archs, cuda_library_name, find_cuda_home
+from fastmae.ops.native.build import (
+    BuildError, build_and_load, cuda_archs, cuda_library_name, find_cuda_home, missing_build_tools,
+)
 
 NAMESPACE = "fastmae_native"
 
 
 def unavailable_reasons(device_type: str) -> list[str]:
+    """What keeps the native kernels from running on ``device_type``, without building them: a
+    build that already failed in this process, or a missing build tool."""
     if device_type not in ("cpu", "cuda"):
         return [f"the native kernels run on CPU and CUDA, not {device_type}"]
+    targets = ("cpu", "cuda") if device_type == "cuda" else ("cpu",)
+    failed = [_load_errors[t] for t in targets if _load_errors.get(t)]
+    if failed:
+        return failed
+    return [problem for t in targets if t not in _load_errors for problem in missing_build_tools(t)]
+
+
+def prepare(device_type: str) -> list[str]:
+    """Build (once, or find cached) and load the libraries ``device_type`` needs; why not, else []."""
     error = load("cpu") or (load("cuda") if device_type == "cuda" else None)
     return [error] if error else []
 

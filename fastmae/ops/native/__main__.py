@@ -1,8 +1,9 @@
-"""``python -m fastmae.ops.native``: build the native libraries ahead of time (into the cache that
-the ``native`` backend loads from), and show which devices each op has kernels for.
+"""``python -m fastmae.ops.native build``: build the native libraries ahead of time (into the cache
+that the ``native`` backend loads from; otherwise its first use builds them), and show which devices
+each op has kernels for.
 
-    python -m fastmae.ops.native              # the CPU library; the CUDA one too where a toolkit is found
-    TORCH_CUDA_ARCH_LIST="8.0;9.0" python -m fastmae.ops.native --cuda   # the CUDA one is required
+    python -m fastmae.ops.native build         # the CPU library; the CUDA one too where a toolkit is found
+    TORCH_CUDA_ARCH_LIST="8.0;9.0" python -m fastmae.ops.native build --cuda   # the CUDA one is required
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ OPS = ("random_masking", "gather_visible", "gather_visible_backward", "gather_pa
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastmae.ops.native", description=__doc__.split("\n\n")[0])
+    parser.add_argument("command", nargs="?", default="build", choices=["build"], help="build (the default)")
     parser.add_argument("--cuda", action="store_true", help="fail unless the CUDA library builds and loads too")
     parser.add_argument("--verbose", action="store_true", help="show the compiler commands and their output")
     args = parser.parse_args(argv)

@@ -8,11 +8,13 @@ Two shared libraries, each loaded with ``torch.ops.load_library``:
 
 A build is cached under ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``), in a
 folder per PyTorch and Python version; ninja rebuilds only what changed, so a later process loads
-the library in about a second. ``python -m fastmae.ops.native`` builds ahead of time.
+the library in about a second. ``python -m fastmae.ops.native build`` builds ahead of time; the
+first use of the ``native`` backend on a device builds otherwise. ``CUDA_HOME`` reaches
+``torch.utils.cpp_extension`` through the environment (:func:`find_cuda_home`'s toolkit, exported
+before it is imported).
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
@@ -45,8 +47,15 @@ def sources_dir() -> Path:
 
 
 def _cpp_extension():
-    # Importing it logs its own guess of CUDA_HOME (nvcc's grandparent folder, wrong where nvcc is a
-    # wrapper script) on machines without a GPU; find_cuda_home below is what the build uses.
+    # cpp_extension fixes its CUDA_HOME (for nvcc, the CUDA headers and -lcudart) when it is first
+    # imported, from the environment or its own guess (nvcc's grandparent folder, wrong where nvcc is
+    # a wrapper script: the link fails with "cannot find -lcudart"): export the toolkit found by
+    # find_cuda_home first. (Importing it also logs its guess on machines without a GPU: quieted.)
+    if "torch.utils.cpp_extension" not in sys.modules and not os.environ.get("CUDA_HOME") and torch.version.cuda:
+        try:
+            os.environ["CUDA_HOME"] = str(find_cuda_home())
+        except BuildError:
+            pass  # no toolkit: CPU builds only
     log = logging.getLogger("torch.utils.cpp_extension")
     level = log.level
     log.setLevel(logging.ERROR)
@@ -55,6 +64,27 @@ def _cpp_extension():
     finally:
         log.setLevel(level)
     return cpp_extension
+
+
+def missing_build_tools(target: str) -> list[str]:
+    """What building the ``cpu`` or ``cuda`` library would lack here, found without building: the
+    sources, a C++ compiler, ninja, a CUDA toolkit."""
+    problems = []
+    try:
+        sources_dir()
+    except BuildError as e:
+        problems.append(str(e))
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        problems.append(f"no C++ compiler ({compiler!r} is not on the PATH; set CXX)")
+    if shutil.which("ninja") is None:
+        problems.append("ninja is not installed (pip install ninja)")
+    if target == "cuda":
+        try:
+            find_cuda_home()
+        except BuildError as e:
+            problems.append(str(e))
+    return problems
 
 
 def build_root() -> Path:
@@ -144,20 +174,6 @@ def cuda_library_name(archs: list[str]) -> str:
 
 # -- building -------------------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def _cuda_home(home: Path | None):
-    # cpp_extension reads its module-level CUDA_HOME, fixed when it was imported, for nvcc, the CUDA
-    # headers and the -lcudart link path: point it at the toolkit found here for this build only.
-    cpp_extension = _cpp_extension()
-    saved = cpp_extension.CUDA_HOME
-    if home is not None:
-        cpp_extension.CUDA_HOME = str(home)
-    try:
-        yield
-    finally:
-        cpp_extension.CUDA_HOME = saved
-
-
 def _summary(error: Exception) -> str:
     """The compiler's error lines out of a failed build's (long) message."""
     lines = str(error).splitlines()
@@ -170,6 +186,10 @@ def build_and_load(name: str, sources: list[str], *, cuda_home: Path | None = No
     """Builds (or finds up to date in the cache) the library ``name`` from ``csrc/sources`` and
     loads it into this process; returns its build folder."""
     cpp_extension = _cpp_extension()
+    if cuda_home is not None and Path(cpp_extension.CUDA_HOME or "") != cuda_home:
+        raise BuildError(f"the CUDA toolkit to build with is {cuda_home}, but torch.utils.cpp_extension was imported "
+                         f"before fastmae could say so and uses {cpp_extension.CUDA_HOME}: export "
+                         f"CUDA_HOME={cuda_home} before starting Python")
     csrc = sources_dir()
     directory = build_root() / name
     directory.mkdir(parents=True, exist_ok=True)
@@ -182,20 +202,19 @@ def build_and_load(name: str, sources: list[str], *, cuda_home: Path | None = No
                 "checking the cached build" if built else "building (minutes, once)", directory)
     start = time.perf_counter()
     try:
-        with _cuda_home(cuda_home):
-            cpp_extension.load(
-                name, [str(csrc / s) for s in sources],
-                extra_cflags=["-O3", "-fopenmp"],  # OpenMP: at::parallel_for runs the rows on all cores
-                extra_ldflags=["-fopenmp"],
-                extra_cuda_cflags=cuda_flags,
-                extra_include_paths=[str(csrc)],
-                build_directory=str(directory),
-                is_python_module=False,
-                verbose=verbose,
-            )
+        cpp_extension.load(
+            name, [str(csrc / s) for s in sources],
+            extra_cflags=["-O3", "-fopenmp"],  # OpenMP: at::parallel_for runs the rows on all cores
+            extra_ldflags=["-fopenmp"],
+            extra_cuda_cflags=cuda_flags,
+            extra_include_paths=[str(csrc)],
+            build_directory=str(directory),
+            is_python_module=False,
+            verbose=verbose,
+        )
     except Exception as e:  # noqa: BLE001 - a compiler, linker or loader failure of any kind
         raise BuildError(
-            f"building {name} failed: {_summary(e)} (full log: python -m fastmae.ops.native --verbose)"
+            f"building {name} failed: {_summary(e)} (full log: python -m fastmae.ops.native build --verbose)"
         ) from e
     logger.info("fastmae native library %s ready in %.1f s", name, time.perf_counter() - start)
     return directory
