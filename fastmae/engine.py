@@ -194,12 +194,9 @@ class Progress:
     def __init__(self, enabled: bool, epoch: int, total: int, initial: int, line: Callable[[str], None]):
         self.line, self.bar = line, None
         if enabled and sys.stderr.isatty():
-            try:
-                from tqdm import tqdm
+            from tqdm import tqdm
 
-                self.bar = tqdm(total=total, initial=initial, desc=f"epoch {epoch}", dynamic_ncols=True)
-            except ImportError:
-                pass
+            self.bar = tqdm(total=total, initial=initial, desc=f"epoch {epoch}", dynamic_ncols=True)
         self.enabled, self.total, self.last_batch = enabled, total, initial
 
     def __call__(self, record: dict) -> None:

@@ -35,7 +35,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--kernels", default=None, type=backend_flag("kernels"), choices=backend_names("kernels") + [AUTO],
                    help="kernel backend (default: $FASTMAE_KERNELS, else automatic)")
     g.add_argument("--norm", default=None, choices=backend_names("norm") + [AUTO],
-                   help="LayerNorm implementation (default: $FASTMAE_NORM, else apex when installed)")
+                   help="LayerNorm implementation (default: $FASTMAE_NORM, else torch; apex only when named)")
     add_sharding_args(g)
     g.add_argument("--optimizer", default="adamw", choices=list(OPTIMIZERS),
                    help="adamw: torch AdamW (fused, on CUDA and CPU); apex_adam / apex_lamb: apex's FusedAdam / FusedLAMB")

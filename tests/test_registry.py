@@ -103,3 +103,16 @@ def test_the_native_backends_old_name_is_refused_with_its_new_one(monkeypatch, c
     with pytest.raises(SystemExit):
         cli(["--kernels", "cuda"])
     assert "'cuda' is now named 'native'" in capsys.readouterr().err
+
+
+def test_apex_is_never_chosen_automatically(monkeypatch):
+    """Installed, apex changes nothing until named (its LayerNorm rounds otherwise and breaks
+    torch.compile's graph)."""
+    import importlib
+
+    layer_norm = importlib.import_module("fastmae.ops.layer_norm")  # (fastmae.ops.layer_norm is also a function)
+    monkeypatch.setattr(layer_norm, "FusedLayerNorm", torch.nn.LayerNorm)  # a stand-in: "installed"
+    monkeypatch.setattr(registry, "_resolved", {})
+    monkeypatch.delenv("FASTMAE_NORM", raising=False)
+    assert ops.resolve("norm", None, "cpu") == "torch"
+    assert ops.resolve("norm", "apex", "cpu") == "apex"

@@ -36,7 +36,7 @@ PREFETCH = 2  # batches DALI prepares ahead; a decode error surfaces up to this 
 
 def dali_unavailable_reasons() -> list[str]:
     if DALI_IMPORT_ERROR:
-        return [f"NVIDIA DALI is not installed (pip install 'fastmae[dali]' or 'fastmae[dali-cu13]'; {DALI_IMPORT_ERROR})"]
+        return [f"NVIDIA DALI is not installed (pip install 'fastmae[dali-cu12]' or 'fastmae[dali-cu13]'; {DALI_IMPORT_ERROR})"]
     return []
 
 
