@@ -91,8 +91,8 @@ def add_common_args(p: argparse.ArgumentParser, **defaults) -> None:
 def add_sharding_args(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--fsdp", action="store_true",
                    help="shard parameters, gradients and optimizer state across the ranks (FSDP2, one unit per block; "
-                   "parameters gathered in the autocast dtype, gradients reduced in fp32) instead of replicating "
-                   "them (DDP): for models whose AdamW state does not fit beside them on one GPU")
+                   "parameters gathered and gradients reduced in fp32, autocast casting as under DDP) instead of "
+                   "replicating them (DDP): for models whose AdamW state does not fit beside them on one GPU")
     g.add_argument("--grad_checkpointing", action="store_true",
                    help="recompute block activations in the backward (less memory, ~1/3 more compute)")
 

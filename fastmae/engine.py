@@ -96,14 +96,15 @@ def train_one_epoch(
             set_lr(step.optimizer, lr)
         lr_sum += lr
         update = (batch + 1) % accum == 0
+        last = batch + 1 == steps_per_epoch
         set_phase(f"training, epoch {epoch} batch {batch + 1}", tell=False)  # told at the log records
-        loss = step(imgs, labels, update)
+        # an incomplete accumulation at the epoch's end is reduced, then discarded (below)
+        loss = step(imgs, labels, update, reduce=update or last)
         loss_sum += loss
         window_sum += loss
         window += 1
         images += imgs.shape[0]
         window_images += imgs.shape[0]
-        last = batch + 1 == steps_per_epoch
         if not dist.enabled:  # one process: no rank to agree with
             stopping = stopping or stop_signal()
         checkpoint_due = cfg.checkpoint_steps and (batch + 1) % cfg.checkpoint_steps == 0 and update and not last

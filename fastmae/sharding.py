@@ -5,13 +5,18 @@ beside the model on one GPU (ViT-H at 448 px, ViT-g).
 Each transformer block (the encoder's and the decoder's) is one FSDP unit, the rest (embeddings,
 final norms, the decoder's projections, the head) the root's: a block's parameters are gathered
 just before its forward and backward and freed after, its gradients reduce-scattered as its
-backward ends, overlapping the next block's compute. Parameters are gathered in the autocast
-dtype (bf16) and gradients reduced in fp32 (``MixedPrecisionPolicy``), the fp32 master weights
-and AdamW's state stay sharded: per GPU, 16 bytes per parameter / ranks, plus a block's bf16
-weights at a time (:func:`training_state_per_rank`; ``python -m fastmae.sharding`` prints the table).
+backward ends, overlapping the next block's compute. Gradients are reduced in fp32
+(``MixedPrecisionPolicy``); the fp32 master weights and AdamW's state stay sharded: per GPU,
+16 bytes per parameter / ranks, plus a few units' weights at a time
+(:func:`training_state_per_rank`; ``python -m fastmae.sharding`` prints the table).
 
-Same training as DDP: the same gradients, averaged over the same global batch, within fp32
-rounding of the reduction order (tested on the CPU with gloo).
+Parameters are gathered in fp32, and autocast casts the matmuls' operands to bf16 as it does under
+DDP. Gathering in bf16 would halve the all-gathers' bytes but compute something else: the
+position embeddings, the cls and mask tokens and the LayerNorm weights, which DDP keeps in fp32,
+would be rounded to bf16, and with them the whole residual stream (measured: loss 2.5140 against
+DDP's 2.5126 at initialization). So: the same training as DDP -- the same gradients, averaged over
+the same global batch, within fp32 rounding of the reduction order (tested on the CPU with gloo, in
+fp32 and under bf16 autocast).
 """
 from __future__ import annotations
 
@@ -37,17 +42,16 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     return [*model.blocks, *getattr(model, "decoder_blocks", [])]
 
 
-def shard_model(model: nn.Module, device: torch.device, param_dtype: torch.dtype | None) -> nn.Module:
+def shard_model(model: nn.Module, device: torch.device) -> nn.Module:
     """``fully_shard`` each transformer block, then the root, over all ranks (in place; returns
     ``model``, now an ``FSDPModule``). Call before building the optimizer: its parameters become
-    sharded DTensors. ``param_dtype``: the dtype gathered parameters compute in (the autocast
-    dtype; None: fp32)."""
+    sharded DTensors."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
     # cast_forward_inputs off: the images stay fp32 into the patch embedding, as autocast wants them
-    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    policy = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32, cast_forward_inputs=False)
     for block in transformer_blocks(model):
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
@@ -70,9 +74,9 @@ def training_state_per_rank(model_name: str, ranks: int, sharded: bool) -> dict[
     DDP holds every parameter, and the bf16 working copies of the matmul weights that the eager
     step keeps. FSDP holds its shards (dim 0 split ``ranks`` ways, padded; a parameter whose dim 0
     is 1, as ``pos_embed``'s, falls whole to rank 0, the most loaded), plus what is gathered at a
-    time: the root unit's bf16 weights (FSDP keeps them between forward and backward) and two
-    blocks' (the one computing and the one prefetched), with their fp32 unsharded gradients
-    during the backward."""
+    time: the root unit's weights (FSDP keeps them between forward and backward) and two blocks'
+    (the one computing and the one prefetched), gathered in fp32, with their fp32 unsharded
+    gradients during the backward."""
     import torch.distributed as dist
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
@@ -88,11 +92,11 @@ def training_state_per_rank(model_name: str, ranks: int, sharded: bool) -> dict[
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=ranks)
     block = max(sum(p.numel() for p in b.parameters()) for b in transformer_blocks(model))
     root = numel - sum(p.numel() for b in transformer_blocks(model) for p in b.parameters() if p.requires_grad)
-    shard_model(model, torch.device("cpu"), torch.bfloat16)
+    shard_model(model, torch.device("cpu"))
     local = sum(p.to_local().numel() for p in model.parameters() if p.requires_grad)
     dist.destroy_process_group()
     return {"fp32 weights, gradients, AdamW moments": 16 * local,
-            "gathered: root unit, 2 blocks (bf16), their gradients (fp32)": 2 * root + 2 * block * (2 + 4)}
+            "gathered: root unit, 2 blocks, their gradients (fp32)": 4 * root + 2 * block * (4 + 4)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -142,25 +142,32 @@ class TrainStep:
             "graphed": "compiled and replayed as CUDA graphs (forward, backward and optimizer in one launch)",
         }[self.mode]
 
-    def __call__(self, imgs: torch.Tensor, labels: torch.Tensor, update: bool) -> torch.Tensor:
+    def __call__(self, imgs: torch.Tensor, labels: torch.Tensor, update: bool, *, reduce: bool | None = None) -> torch.Tensor:
+        """One micro-batch; ``update``: the optimizer steps after it. ``reduce`` (default:
+        ``update``): the ranks reduce the gradients after it -- also before an incomplete
+        accumulation is discarded, so that the gradients are where ``discard_gradients`` clears
+        them (FSDP keeps an unreduced accumulation in buffers of its own)."""
+        reduce = update if reduce is None else reduce
         if self.mode != "eager" and self.first_call:
-            return self._timed_first_call(imgs, labels, update)
+            return self._timed_first_call(imgs, labels, update, reduce)
         if self.mode == "graphed":
             return self._graphed(imgs, labels, update)
-        return self._step(self.step_model, imgs, labels, update)
+        return self._step(self.step_model, imgs, labels, update, reduce)
 
     def discard_gradients(self) -> None:
-        """Drop an incomplete accumulation (the end of an epoch)."""
+        """Drop an incomplete accumulation (the end of an epoch: its last micro-batch reduced)."""
         self._zero_grad()
 
     # -- the step itself ---------------------------------------------------------------------------
 
-    def _step(self, model: nn.Module, imgs: torch.Tensor, labels: torch.Tensor, update: bool) -> torch.Tensor:
+    def _step(self, model: nn.Module, imgs: torch.Tensor, labels: torch.Tensor, update: bool,
+              reduce: bool | None = None) -> torch.Tensor:
         # DDP all-reduces (FSDP reduce-scatters) gradients in backward: only on the micro-batch that
-        # ends an accumulation
-        sync = self.model.no_sync() if self.ddp and not update else nullcontext()
+        # ends an accumulation (or one about to be discarded)
+        reduce = update if reduce is None else reduce
+        sync = self.model.no_sync() if self.ddp and not reduce else nullcontext()
         if self.fsdp:
-            self.model.set_requires_gradient_sync(update)
+            self.model.set_requires_gradient_sync(reduce)
         with sync:
             with self.autocast(), self.working_copies.enabled() if self.working_copies else nullcontext():
                 loss = self.compute_loss(model, imgs, labels)
@@ -190,9 +197,12 @@ class TrainStep:
         else:
             self.optimizer.zero_grad(set_to_none=True)
 
-    def _timed_first_call(self, imgs, labels, update) -> torch.Tensor:
+    def _timed_first_call(self, imgs, labels, update, reduce) -> torch.Tensor:
         start = time.perf_counter()
-        loss = (self._graphed if self.mode == "graphed" else lambda *a: self._step(self.step_model, *a))(imgs, labels, update)
+        if self.mode == "graphed":
+            loss = self._graphed(imgs, labels, update)
+        else:
+            loss = self._step(self.step_model, imgs, labels, update, reduce)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.first_call = False

@@ -185,10 +185,10 @@ class Run:
         building the optimizer (sharding replaces the parameters)."""
         model.to(self.device)
         if self.fsdp:
-            shard_model(model, self.device, self.autocast_dtype)
-            logger.info("FSDP: %d transformer blocks and the rest sharded across %d ranks, parameters gathered in %s, "
-                        "gradients reduced in fp32", sum(1 for m in model.modules() if is_sharded(m)) - 1,
-                        self.dist.world_size, self.autocast_dtype or torch.float32)
+            shard_model(model, self.device)
+            logger.info("FSDP: %d transformer blocks and the rest sharded across %d ranks, parameters gathered and "
+                        "gradients reduced in fp32 (autocast casts the matmuls' operands, as under DDP)",
+                        sum(1 for m in model.modules() if is_sharded(m)) - 1, self.dist.world_size)
         return model
 
     def lr(self, args: argparse.Namespace) -> float:
