@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import random
+import re
 import shutil
 import warnings
 from dataclasses import dataclass, field
@@ -185,8 +186,9 @@ def checkpoints_newest_first(output_dir: str | os.PathLike) -> list[str]:
     last = os.path.join(output_dir, "checkpoint-last.pth")
     files = sorted(glob.glob(os.path.join(output_dir, "checkpoint-*.pth")), key=lambda f: f != last)
     folders = [d for d in glob.glob(os.path.join(output_dir, "checkpoint-*" + SHARDED_SUFFIX)) if is_complete(d)]
-    # sorted() is stable: of two with one time, checkpoint-last.pth stays first
-    candidates = sorted(files + folders, key=_completion_time, reverse=True)
+    # sorted() is stable: of two with one time, a sharded checkpoint comes before its consolidated
+    # copy, and checkpoint-last.pth before its numbered link
+    candidates = sorted(folders + files, key=_completion_time, reverse=True)
     found, seen = [], set()
     for path in candidates:
         inode = os.stat(path).st_ino
@@ -273,6 +275,11 @@ def is_complete(path: str | os.PathLike) -> bool:
     return os.path.isfile(os.path.join(path, METADATA))
 
 
+def _position_name(name: str) -> str:
+    """``checkpoint-E[-B].dcp`` of ``checkpoint-E[-B][.N].dcp``."""
+    return re.sub(r"\.\d+(?=" + re.escape(SHARDED_SUFFIX) + "$)", "", name)
+
+
 def sharded_name(epoch: int, next_batch: int) -> str:
     """``checkpoint-EPOCH.dcp`` at the end of an epoch (as ``checkpoint-EPOCH.pth``), else
     ``checkpoint-EPOCH-BATCH.dcp`` (continuing at ``BATCH`` of ``EPOCH``)."""
@@ -310,11 +317,21 @@ def _read_without_process_group(path: str | os.PathLike, keys: set[str] | None =
     return state
 
 
+def _trainer_of(path, state: Mapping[str, Any]) -> dict[str, Any]:
+    if "trainer" not in state:
+        raise UnreadableCheckpointError(f"{path}: a torch.distributed.checkpoint folder, but not fastmae's (no "
+                                        "trainer entry: epoch, data position, args)")
+    try:
+        return unpack_trainer(state["trainer"])
+    except Exception as e:
+        raise UnreadableCheckpointError(f"{path}: its trainer entry does not load ({type(e).__name__}: {e})") from e
+
+
 def read_sharded_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """A sharded checkpoint whole, in one process, in the single-file checkpoints' layout (the
     original's: the optimizer's state keyed by parameter index)."""
     state = _read_without_process_group(path)
-    return {**unpack_trainer(state["trainer"]), "model": state["model"],
+    return {**_trainer_of(path, state), "model": state["model"],
             "optimizer": optimizer_state_by_index(state["optimizer"])}
 
 
@@ -324,7 +341,7 @@ def peek_sharded_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    trainer = unpack_trainer(_read_without_process_group(path, keys={"trainer"})["trainer"])
+    trainer = _trainer_of(path, _read_without_process_group(path, keys={"trainer"}))
     entries = FileSystemReader(os.fspath(path)).read_metadata().state_dict_metadata
     shapes = {key[len("model."):]: torch.empty(meta.size, dtype=meta.properties.dtype, device="meta")
               for key, meta in entries.items() if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)}
@@ -344,6 +361,10 @@ def optimizer_state_by_index(state: Mapping[str, Any]) -> dict[str, Any]:
 def optimizer_state_by_name(state: Mapping[str, Any], names: list[str]) -> dict[str, Any]:
     """The inverse of :func:`optimizer_state_by_index`; ``names``: the parameters' names in the
     optimizer's order."""
+    saved = sum(len(group["params"]) for group in state["param_groups"])
+    if saved != len(names) or len(state["param_groups"]) == 0:
+        raise ValueError(f"the checkpoint's optimizer holds {saved} parameters in {len(state['param_groups'])} "
+                         f"groups; this model's optimizer has {len(names)}")
     return {"state": {names[i]: value for i, value in state["state"].items()},
             "param_groups": [{**group, "params": [names[i] for i in group["params"]]}
                              for group in state["param_groups"]]}
@@ -377,7 +398,7 @@ class ShardedCheckpointer:
         import torch.distributed.checkpoint as dcp
 
         self.wait()
-        path = os.path.join(self.output_dir, name)
+        path = self._fresh_path(name)
         state = {**sharded_state(model, optimizer), "trainer": pack_trainer(trainer)}
         no_dist = not torch.distributed.is_initialized()  # one process: it writes the whole state
         if self.asynchronous:
@@ -385,6 +406,22 @@ class ShardedCheckpointer:
         else:
             dcp.save(state, checkpoint_id=path, no_dist=no_dist)
             self._completed(path)
+
+    def _fresh_path(self, name: str) -> str:
+        """``name`` in the output folder, or ``STEM.N.dcp`` if a folder of that name exists (one a
+        resumed run started from): a checkpoint is never written over, so a kill mid-write leaves
+        the one before whole. Rank 0 decides (the ranks must agree on one folder)."""
+        import torch.distributed as dist
+
+        stem, path, n = name[: -len(SHARDED_SUFFIX)], os.path.join(self.output_dir, name), 0
+        while os.path.exists(path):
+            n += 1
+            path = os.path.join(self.output_dir, f"{stem}.{n}{SHARDED_SUFFIX}")
+        if dist.is_initialized():
+            chosen = [path]
+            dist.broadcast_object_list(chosen, src=0, group=self.group)
+            path = chosen[0]
+        return path
 
     def wait(self) -> None:
         """Wait for the write in flight, if any."""
@@ -399,9 +436,11 @@ class ShardedCheckpointer:
         self.last = path
         if not self.is_main:
             return
+        position = _position_name(os.path.basename(path))
         for other in glob.glob(os.path.join(self.output_dir, "checkpoint-*" + SHARDED_SUFFIX)):
-            if os.path.basename(other) != os.path.basename(path) and self.transient(os.path.basename(other)):
-                shutil.rmtree(other, ignore_errors=True)
+            name = os.path.basename(other)
+            if name != os.path.basename(path) and (self.transient(name) or _position_name(name) == position):
+                shutil.rmtree(other, ignore_errors=True)  # older, or of the same position: superseded
 
 
 def sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -416,8 +455,11 @@ def sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[st
 def consolidate(path: str | os.PathLike, out: str | os.PathLike) -> None:
     """Write the sharded checkpoint ``path`` as one file ``out`` in the original's layout
     (``model``, ``optimizer`` keyed by index, ``epoch``, ``args``, ... ): what the original code,
-    ``--finetune`` and ``--resume`` load."""
+    ``--finetune`` and ``--resume`` load. ``out`` is dated as ``path`` completed, so that ``--resume
+    auto`` takes the sharded original (each rank reading its shards) over the copy (read whole)."""
     save_checkpoint(read_sharded_checkpoint(path), out)
+    completed = os.stat(os.path.join(path, METADATA))
+    os.utime(out, ns=(completed.st_atime_ns, completed.st_mtime_ns))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -235,7 +235,8 @@ def resume_path(args: argparse.Namespace) -> str | None:
     """The checkpoint ``--resume`` names: a path, or with ``auto`` the newest in ``--output_dir``."""
     if args.resume != "auto":
         return args.resume or None
-    path = newest_readable_checkpoint(args.output_dir)
+    # rank 0 decides: ranks that looked on their own (a file system's attribute caches) could differ
+    path = all_gather_objects(newest_readable_checkpoint(args.output_dir))[0]
     if path is None:
         logger.info("--resume auto: no checkpoint in %s, starting afresh", args.output_dir)
     return path
@@ -433,7 +434,7 @@ def fit(
         return epoch % args.save_freq == 0 or epoch + 1 == args.epochs
 
     def transient(name: str) -> bool:  # a sharded checkpoint that the next one replaces
-        found = re.fullmatch(r"checkpoint-(\d+)(-\d+)?" + re.escape(SHARDED_SUFFIX), name)
+        found = re.fullmatch(r"checkpoint-(\d+)(-\d+)?(\.\d+)?" + re.escape(SHARDED_SUFFIX), name)
         return bool(found) and (found[2] is not None or not kept(int(found[1])))
 
     checkpointer = ShardedCheckpointer(args.output_dir, asynchronous=args.async_checkpoint, is_main=dist.is_main,
@@ -508,10 +509,10 @@ def fit(
     if checkpointer:
         set_phase("finishing the last checkpoint")
         checkpointer.wait()
+        barrier()  # every rank's part written; the others need not wait for the consolidation
         if dist.is_main and checkpointer.last:
             # the original's single file too: what its code, --finetune and other tools load
             single = os.path.join(args.output_dir, f"checkpoint-{args.epochs - 1}.pth")
             consolidate(checkpointer.last, single)
             logger.info("consolidated %s into %s", os.path.basename(checkpointer.last), single)
-        barrier()
     return record

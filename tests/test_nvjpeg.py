@@ -187,6 +187,9 @@ def test_a_sample_is_drawn_from_its_seed_alone(jpeg_folder):
     assert torch.equal(first[0].box, again[0].box) and first[0].flip == again[0].flip
 
 
-def test_modes_it_does_not_augment_are_refused(jpeg_folder):
-    with pytest.raises(ValueError, match="not 'eval': use --data_backend torchvision or dali"):
-        build_loader(backend="nvjpeg", root=str(jpeg_folder), mode="eval", input_size=16, batch_size=2, device=CPU)
+def test_evaluation_takes_the_torchvision_loader_and_randaugment_is_refused(jpeg_folder):
+    common = dict(backend="nvjpeg", root=str(jpeg_folder), input_size=16, batch_size=2, device=CPU, num_workers=0)
+    assert type(build_loader(mode="eval", **common)) is TorchvisionLoader  # linear probing's validation set
+    assert type(build_loader(mode="train", **common)) is NvjpegLoader
+    with pytest.raises(ValueError, match="not 'train_randaug'.*use --data_backend torchvision or dali"):
+        build_loader(mode="train_randaug", **common)

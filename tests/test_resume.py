@@ -15,7 +15,9 @@ import time
 import pytest
 import torch
 
-from fastmae.checkpoint import checkpoints_newest_first, main as checkpoint_tool, read_checkpoint, save_checkpoint
+from fastmae.checkpoint import (
+    UnreadableCheckpointError, checkpoints_newest_first, main as checkpoint_tool, read_checkpoint, save_checkpoint,
+)
 from fastmae.distributed import DistInfo
 from fastmae.data.shapes import ShapesDataset
 from fastmae.models import MaskedAutoencoderViT
@@ -120,6 +122,8 @@ def test_sharded_checkpoints_in_one_process_resume_exactly_and_consolidate(folde
     assert step_losses(tmp_path) == uninterrupted
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-0.dcp", "checkpoint-1.dcp",
                                                                       "checkpoint-1.pth"]
+    # the consolidated copy is dated as its original: a resume reads the shards, not the whole file
+    assert checkpoints_newest_first(tmp_path)[0].endswith("checkpoint-1.dcp")
 
     assert checkpoint_tool(["consolidate", str(tmp_path / "checkpoint-1.dcp"), str(tmp_path / "again.pth")]) == 0
     again, at_the_end = read_checkpoint(tmp_path / "again.pth"), read_checkpoint(tmp_path / "checkpoint-1.pth")
@@ -129,6 +133,32 @@ def test_sharded_checkpoints_in_one_process_resume_exactly_and_consolidate(folde
     assert_same_tensors(read_checkpoint(tmp_path / "checkpoint-1.dcp")["model"], at_the_end["model"])
     with pytest.raises(SystemExit):
         checkpoint_tool(["consolidate", str(tmp_path / "checkpoint-1.pth"), str(tmp_path / "x.pth")])
+
+
+def test_a_sharded_checkpoint_is_never_written_over(tmp_path):
+    """A resumed run that saves at the position it resumed from writes a new folder (a kill mid-write
+    would otherwise leave a torn folder that still looks complete); the older one goes once the new
+    one is complete."""
+    from fastmae.checkpoint import ShardedCheckpointer
+
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.randn(4, 3)).sum().backward()
+    optimizer.step()
+    saver = ShardedCheckpointer(str(tmp_path), asynchronous=False, is_main=True, transient=lambda name: False)
+    saver.save(model, optimizer, {"epoch": 0}, "checkpoint-1-2.dcp")
+    saver.save(model, optimizer, {"epoch": 1}, "checkpoint-1-2.dcp")
+    assert saver.last == str(tmp_path / "checkpoint-1-2.1.dcp")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1-2.1.dcp"]
+    assert read_checkpoint(saver.last)["epoch"] == 1
+
+
+def test_a_checkpoint_folder_of_another_tool_says_so(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save({"model": torch.nn.Linear(3, 2).state_dict()}, checkpoint_id=str(tmp_path / "other.dcp"), no_dist=True)
+    with pytest.raises(UnreadableCheckpointError, match="not fastmae's"):
+        read_checkpoint(tmp_path / "other.dcp")
 
 
 def assert_same_tensors(a: dict, b: dict) -> None:

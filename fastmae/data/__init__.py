@@ -120,6 +120,10 @@ def build_loader(
     the original, unless ``pad_last_batch``. ``aa``, ``color_jitter``: fine-tuning's augmentation
     (``train_randaug``). ``num_classes``: the synthetic source's labels."""
     backend = resolve_data_backend(backend, device)
+    if backend == "nvjpeg" and mode == "eval":
+        # evaluation's resize + center crop is not its kernel's: the torchvision loader's, as the original
+        logger.info("evaluation data: torchvision loader (the nvjpeg loader does the random-crop augmentations)")
+        backend = "torchvision"
     if backend == "dali" and mode == "train_randaug" and (aa not in (FINETUNE_AA, "none") or color_jitter is not None):
         raise ValueError(f"the DALI loader's fine-tuning augmentation is its RandAugment ({FINETUNE_AA}, without "
                          "magnitude noise): --aa and --color_jitter take the torchvision loader")
@@ -155,7 +159,8 @@ def _build_loader(backend, root, mode, input_size, batch_size, device, rank, wor
     if backend == "nvjpeg":
         if mode not in CROP_SCALES:
             raise ValueError(f"the nvjpeg loader does the pretraining and linear-probing augmentation (RandomResizedCrop "
-                             f"and flip), not {mode!r}: use --data_backend torchvision or dali")
+                             f"and flip), not {mode!r} (fine-tuning's RandAugment): use --data_backend torchvision "
+                             "or dali")
         if root is None:
             root = builtin_shapes_folder(builtin[0], builtin_image_size, builtin[1])
         elif list_tar_shards(root):

@@ -73,6 +73,14 @@ def _augment(encoded, *, mode: str, size: int, on_gpu: bool, mean, std):
     )
 
 
+def _class_index(text: bytes, shards) -> int:
+    try:
+        return int(text.decode().strip())
+    except ValueError:
+        raise ValueError(f"a .cls file in the tar shards ({shards[0]}, ...) holds {text[:40]!r}, not a class index "
+                         "(an integer from 0)") from None
+
+
 def _list_pipeline(files, labels, *, mode, size, on_gpu, mean, std):
     encoded, label = fn.readers.file(files=files, labels=labels, random_shuffle=False, pad_last_batch=True,
                                      name="reader", prefetch_queue_depth=PREFETCH)
@@ -221,7 +229,7 @@ class DaliLoader:
         stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
         feed_ndarray(dense, out, cuda_stream=stream)
         if self.shards is not None:  # label files hold text
-            values = [int(bytes(np.array(t)).decode().strip()) for t in labels]
+            values = [_class_index(bytes(np.array(t)), self.shards) for t in labels]
         else:
             values = np.array(labels.as_tensor()).reshape(-1)
         return out, torch.as_tensor(np.asarray(values, dtype=np.int64)).to(self.device, non_blocking=True)

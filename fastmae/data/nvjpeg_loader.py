@@ -116,26 +116,42 @@ class NvjpegLoader(TorchvisionLoader):
         self.image_size, self.mean, self.std = image_size, tuple(mean), tuple(std)
         self.files = files
         self.crop_backend = crop_backend or default_crop_backend(device)
+        # nvJPEG writes its outputs from a stream of its own that waits for nothing on the caller's:
+        # memory freed by the step still queued on the training stream must not be handed to it
+        self.decode_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         super().__init__(EncodedImages(files, labels, scale), device=device, collate_fn=collate, **kwargs)
 
     def _batches(self):
         for samples, labels, skipped in self._loader:
             self.files_skipped += int(skipped)
             images = self._decode(samples)
-            boxes = torch.stack([s.box for s in samples]).to(self.device, non_blocking=True)
-            flips = torch.tensor([s.flip for s in samples], dtype=torch.int32).to(self.device, non_blocking=True)
+            boxes = torch.stack([s.box for s in samples])  # checked on the host, moved by resized_crop
+            flips = torch.tensor([s.flip for s in samples], dtype=torch.int32)
             yield (resized_crop(images, boxes, flips, self.image_size, self.mean, self.std, backend=self.crop_backend),
                    labels.to(self.device, non_blocking=True))
 
-    def _decode(self, samples: list[Sample]) -> list[torch.Tensor]:
-        """Each sample as uint8 [3, H, W] on the device: the JPEGs in one ``decode_jpeg`` call."""
+    def _decode_jpegs(self, payloads):
+        """``decode_jpeg`` on the device: on the decode stream, whose memory pool only decodes use
+        (each output marked in use by the training stream until it is done with it)."""
         from torchvision.io import ImageReadMode, decode_jpeg
 
+        if self.decode_stream is None:
+            return decode_jpeg(payloads, mode=ImageReadMode.RGB, device=self.device)
+        with torch.cuda.stream(self.decode_stream):
+            decoded = decode_jpeg(payloads, mode=ImageReadMode.RGB, device=self.device)
+        training = torch.cuda.current_stream(self.device)
+        training.wait_stream(self.decode_stream)
+        for img in decoded if isinstance(decoded, list) else [decoded]:
+            img.record_stream(training)
+        return decoded
+
+    def _decode(self, samples: list[Sample]) -> list[torch.Tensor]:
+        """Each sample as uint8 [3, H, W] on the device: the JPEGs in one ``decode_jpeg`` call."""
         images: list[torch.Tensor | None] = [None] * len(samples)
         jpegs = [i for i, s in enumerate(samples) if not s.decoded]
         if jpegs:
             try:
-                decoded = decode_jpeg([samples[i].payload for i in jpegs], mode=ImageReadMode.RGB, device=self.device)
+                decoded = self._decode_jpegs([samples[i].payload for i in jpegs])
             except RuntimeError:  # one of them: find it, decode the others
                 decoded = [self._decode_one(samples[i]) for i in jpegs]
             for i, img in zip(jpegs, decoded):
@@ -149,10 +165,8 @@ class NvjpegLoader(TorchvisionLoader):
         return images
 
     def _decode_one(self, sample: Sample) -> torch.Tensor:
-        from torchvision.io import ImageReadMode, decode_jpeg
-
         try:
-            return decode_jpeg(sample.payload, mode=ImageReadMode.RGB, device=self.device)
+            return self._decode_jpegs(sample.payload)
         except RuntimeError as e:
             path = self.files[sample.index]
             logger.warning("%s: the device's JPEG decoder failed (%s); decoding on the CPU", path, e)
