@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fastmae.errors import FastMAEError, MissingPathError, UsageError
 from fastmae.interop import from_hugging_face, is_hugging_face, read_hugging_face
 
 logger = logging.getLogger("fastmae")
@@ -32,7 +33,7 @@ class LoadResult:
     unexpected_keys: list[str] = field(default_factory=list)
 
 
-class UnreadableCheckpointError(ValueError):
+class UnreadableCheckpointError(FastMAEError, ValueError):
     """A checkpoint file that cannot be loaded (empty, truncated, not a checkpoint); the message
     starts with its path."""
 
@@ -47,7 +48,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if os.path.isdir(path) or os.fspath(path).endswith(".safetensors"):  # a Hugging Face model
         return {"model": read_hugging_face(os.fspath(path))}
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise MissingPathError(f"checkpoint not found: {path}")
     if os.path.getsize(path) == 0:
         raise UnreadableCheckpointError(f"{path}: an empty file, not a checkpoint")
     try:
@@ -65,7 +66,7 @@ def model_state_dict(checkpoint: str | os.PathLike | Mapping[str, Any]) -> dict[
         checkpoint = read_checkpoint(checkpoint)
     state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, Mapping) else checkpoint
     if not isinstance(state, Mapping) or not all(torch.is_tensor(v) for v in state.values()):
-        raise ValueError("checkpoint holds no state dict (expected tensors, or a dict with a 'model' entry)")
+        raise UsageError("checkpoint holds no state dict (expected tensors, or a dict with a 'model' entry)")
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
     if is_hugging_face(state):
@@ -90,7 +91,7 @@ def load_checkpoint(
     own = model.state_dict()
     for key, value in state.items():
         if key in own and own[key].shape != value.shape:
-            raise ValueError(
+            raise UsageError(
                 f"shape mismatch for {key}: checkpoint {tuple(value.shape)}, model {tuple(own[key].shape)}"
             )
     result = LoadResult(
@@ -98,7 +99,7 @@ def load_checkpoint(
         unexpected_keys=[k for k in state if k not in own],
     )
     if strict and (result.missing_keys or result.unexpected_keys):
-        raise ValueError(f"checkpoint does not match the model: missing {_some(result.missing_keys)}; "
+        raise UsageError(f"checkpoint does not match the model: missing {_some(result.missing_keys)}; "
                          f"unexpected {_some(result.unexpected_keys)}")
     model.load_state_dict(state, strict=False)
     if result.missing_keys:
@@ -363,7 +364,7 @@ def optimizer_state_by_name(state: Mapping[str, Any], names: list[str]) -> dict[
     optimizer's order."""
     saved = sum(len(group["params"]) for group in state["param_groups"])
     if saved != len(names) or len(state["param_groups"]) == 0:
-        raise ValueError(f"the checkpoint's optimizer holds {saved} parameters in {len(state['param_groups'])} "
+        raise UsageError(f"the checkpoint's optimizer holds {saved} parameters in {len(state['param_groups'])} "
                          f"groups; this model's optimizer has {len(names)}")
     return {"state": {names[i]: value for i, value in state["state"].items()},
             "param_groups": [{**group, "params": [names[i] for i in group["params"]]}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import traceback
 from typing import Callable
 
@@ -147,11 +148,9 @@ def cli_main(parser: argparse.ArgumentParser, main: Callable[[argparse.Namespace
     check(parser, args)
     import torch
 
-    from fastmae.checkpoint import UnreadableCheckpointError  # noqa: F401 (a ValueError)
-    from fastmae.data import UnreadableImageError
     from fastmae.distributed import cleanup, current_phase, is_process_group_failure, peers_report
-    from fastmae.engine import NonFiniteLossError, StopRequested
-    from fastmae.ops import BackendUnavailableError
+    from fastmae.engine import StopRequested
+    from fastmae.errors import FastMAEError
     from fastmae.training import release_output_dirs
 
     if args.device is None:
@@ -162,11 +161,10 @@ def cli_main(parser: argparse.ArgumentParser, main: Callable[[argparse.Namespace
         parser.error("--precision fp16 needs a CUDA device (use bf16 or fp32 on the CPU)")
     try:
         main(args)
-    except (NonFiniteLossError, BackendUnavailableError, FileNotFoundError, UnreadableImageError, ValueError) as e:
-        where = traceback.extract_tb(e.__traceback__)[-1]  # an internal error, too, says where it came from
-        logger.error("error: %s (raised at %s:%d)%s", e, where.filename, where.lineno,
-                     "" if args.debug else "; --debug shows the traceback")
-        if args.debug:
+    except FastMAEError as e:  # what the user can fix: one line (anything else is a bug: its traceback)
+        debug = args.debug or os.environ.get("FASTMAE_DEBUG", "") not in ("", "0")
+        logger.error("error: %s%s", e, "" if debug else " (--debug or FASTMAE_DEBUG=1: the traceback)")
+        if debug:
             logger.error("".join(traceback.format_exception(e)))
         return 1
     except StopRequested as e:

@@ -15,11 +15,12 @@ import torch
 from torch import nn
 
 from fastmae.distributed import DistInfo, all_reduce_mean, all_reduce_sum, set_phase
+from fastmae.errors import FastMAEError
 from fastmae.optim import lr_at, set_lr
 from fastmae.step import TrainStep
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(FastMAEError, RuntimeError):
     pass
 
 

@@ -9,6 +9,7 @@ from torch import nn
 from fastmae.checkpoint import model_state_dict
 from fastmae.data import build_classification_loaders
 from fastmae.engine import evaluate
+from fastmae.errors import UsageError
 from fastmae.models import ENCODERS, VisionTransformer, create_vit, load_encoder
 from fastmae.training import Run, logger, resume_path
 
@@ -24,7 +25,7 @@ def build_data(args: argparse.Namespace, run: Run, train_mode: str):
         builtin_size=args.builtin_size, **({"num_classes": args.nb_classes} if args.nb_classes else {}),
     )
     if args.nb_classes and args.nb_classes < len(classes) and args.data_backend != "synthetic":  # synthetic: labels < nb_classes
-        raise ValueError(f"--nb_classes {args.nb_classes} is fewer than the {len(classes)} classes of "
+        raise UsageError(f"--nb_classes {args.nb_classes} is fewer than the {len(classes)} classes of "
                          f"{args.data_path or 'the built-in shapes'}: labels would fall outside the head")
     logger.info("data: %s, %d classes, %d training steps per epoch per rank", args.data_path or "built-in shapes",
                 len(classes), len(train))
@@ -55,6 +56,12 @@ class EpochEvaluation:
         self.run, self.model, self.loader = run, model, val_loader
         self.best = 0.0
 
+    def state_dict(self) -> dict:
+        return {"max_accuracy": self.best}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best = state["max_accuracy"]
+
     def __call__(self, epoch: int, train_model: nn.Module, stats: dict) -> dict:
         result = self.evaluate()
         self.best = max(self.best, result["acc1"])
@@ -75,7 +82,7 @@ def evaluate_checkpoint(args: argparse.Namespace, run: Run, model: nn.Module, va
     """``--eval``: the model of ``--resume`` on the validation set."""
     path = resume_path(args)
     if not path:
-        raise ValueError(f"--eval needs the checkpoint to evaluate: --resume PATH, or auto with one in {args.output_dir}")
+        raise UsageError(f"--eval needs the checkpoint to evaluate: --resume PATH, or auto with one in {args.output_dir}")
     model.load_state_dict(model_state_dict(path))
     result = EpochEvaluation(run, model, val_loader).evaluate()
     logger.info("accuracy of %s on %d images: top-1 %.2f%%, top-5 %.2f%%", path, val_loader.num_samples,

@@ -13,6 +13,7 @@ import sys
 
 from fastmae.cli import add_common_args, add_eval_args, add_sharding_args, cli_main, logger
 from fastmae.config import FINETUNE_AA
+from fastmae.errors import UsageError
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -56,7 +57,7 @@ def freeze_all_but_last_blocks(model, k: int) -> None:
     """Partial fine-tuning (the paper's Fig. 9): the last ``k`` blocks, the final norm and the
     head train; the embeddings and the earlier blocks are frozen."""
     if k > len(model.blocks):
-        raise ValueError(f"--finetune_blocks {k}: the model has {len(model.blocks)} blocks")
+        raise UsageError(f"--finetune_blocks {k}: the model has {len(model.blocks)} blocks")
     trainable = {f"blocks.{i}." for i in range(len(model.blocks) - k, len(model.blocks))} | {"norm.", "fc_norm.", "head."}
     for name, param in model.named_parameters():
         param.requires_grad = any(name.startswith(prefix) for prefix in trainable)

@@ -19,6 +19,8 @@ import sys
 
 import torch
 
+from fastmae.errors import MissingPathError, UsageError
+
 # Hugging Face name (after the "vit." / "decoder." prefixes) -> fastmae's, for one transformer layer:
 # transformers 4 (the published checkpoints) and 5. None: the q/k/v parts of fastmae's qkv.
 _LAYER = [
@@ -69,7 +71,7 @@ def from_hugging_face(state: dict) -> dict[str, torch.Tensor]:
             continue
         match = _LAYERS.fullmatch(key)
         if match is None:
-            raise ValueError(f"a Hugging Face ViTMAE key fastmae does not know: {key}")
+            raise UsageError(f"a Hugging Face ViTMAE key fastmae does not know: {key}")
         blocks = "decoder_blocks" if key.startswith("decoder.") else "blocks"
         index, rest = match.groups()
         for pattern, target in _LAYER:
@@ -83,10 +85,10 @@ def from_hugging_face(state: dict) -> dict[str, torch.Tensor]:
                 out[f"{blocks}.{index}.{m.expand(target)}"] = value
             break
         else:
-            raise ValueError(f"a Hugging Face ViTMAE key fastmae does not know: {key}")
+            raise UsageError(f"a Hugging Face ViTMAE key fastmae does not know: {key}")
     for (name, _), parts in qkv.items():
         if any(p is None for p in parts):
-            raise ValueError(f"{name}: the checkpoint lacks one of query, key and value")
+            raise UsageError(f"{name}: the checkpoint lacks one of query, key and value")
         out[name] = torch.cat(parts, dim=0)
     return out
 
@@ -150,7 +152,7 @@ def read_hugging_face(path: str) -> dict[str, torch.Tensor]:
     files = [path] if os.path.isfile(path) else [os.path.join(path, f) for f in
                                                   ("model.safetensors", "pytorch_model.bin") if os.path.isfile(os.path.join(path, f))]
     if not files:
-        raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin (a Hugging Face model folder)")
+        raise MissingPathError(f"{path}: no model.safetensors or pytorch_model.bin (a Hugging Face model folder)")
     if files[0].endswith(".safetensors"):
         from safetensors.torch import load_file
 
@@ -195,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         name = args.model or saved.get("model")
         presets = {**PRESETS, **ENCODERS}
         if name not in presets:
-            raise ValueError(f"cannot tell the preset of {args.checkpoint} ({name!r}): pass --model")
+            raise UsageError(f"cannot tell the preset of {args.checkpoint} ({name!r}): pass --model")
         export(state, args.to, args.out, heads=presets[name]["num_heads"],
                norm_pix_loss=bool(saved.get("norm_pix_loss", False)))
     except (FileNotFoundError, ValueError) as e:

@@ -32,6 +32,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from fastmae.errors import UsageError
 from fastmae.models.layers import resolve_attention
 from fastmae.models.working_copies import WorkingCopies
 from fastmae.sharding import is_sharded
@@ -104,7 +105,7 @@ class TrainStep:
             reasons.append("the optimizer is not capturable with a device-tensor lr "
                            "(fastmae.optim.build_optimizer(..., capturable=True))")
         if reasons:
-            raise ValueError(f"step mode {mode!r} cannot run here: {'; '.join(reasons)}")
+            raise UsageError(f"step mode {mode!r} cannot run here: {'; '.join(reasons)}")
         self.model, self.optimizer, self.compute_loss = model, optimizer, compute_loss
         self.accum_iter, self.clip_grad, self.scaler, self.mode = accum_iter, clip_grad, scaler, mode
         self.device = device

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from fastmae.errors import UsageError
 from fastmae.ops.registry import BACKENDS
 
 FORWARD = {
@@ -64,5 +65,5 @@ def expected_backends(family: str, device_type: str) -> set[str]:
     reference, Triton (on a CPU under its interpreter, which the tests switch on) and the native
     kernels (their CPU build needs only a C++ compiler)."""
     if family != "kernels":
-        raise ValueError(f"no expectation for the {family} family: its backends depend on optional libraries")
+        raise UsageError(f"no expectation for the {family} family: its backends depend on optional libraries")
     return {REFERENCE_BACKEND, "triton", "native"}

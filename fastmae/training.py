@@ -33,6 +33,7 @@ from fastmae.distributed import (
     DistInfo, all_gather_objects, all_reduce_sum, barrier, init_distributed, is_process_group_failure, set_phase,
 )
 from fastmae.engine import EpochConfig, Progress, StopRequested, mean_and_any_signal, train_one_epoch
+from fastmae.errors import UsageError
 from fastmae.sharding import fsdp_unavailable_reasons, is_sharded, shard_model
 from fastmae.step import TrainStep, step_mode_unavailable_reasons
 
@@ -78,14 +79,14 @@ def check_output_dir(output_dir: str, kind: str) -> None:
         with tempfile.TemporaryFile(dir=output_dir):
             pass
     except OSError as e:
-        raise ValueError(f"--output_dir {output_dir} cannot be written ({type(e).__name__}: {e.strerror or e})") from e
+        raise UsageError(f"--output_dir {output_dir} cannot be written ({type(e).__name__}: {e.strerror or e})") from e
     for newest in checkpoints_newest_first(output_dir):
         try:
             found = checkpoint_kind(newest)
         except UnreadableCheckpointError:  # --resume auto passes over it too
             continue
         if found != kind:
-            raise ValueError(f"{output_dir} holds {found} checkpoints ({os.path.basename(newest)}); a {kind} run "
+            raise UsageError(f"{output_dir} holds {found} checkpoints ({os.path.basename(newest)}); a {kind} run "
                              "would write its own beside them: choose another --output_dir")
         return
 
@@ -124,7 +125,7 @@ def lock_output_dir(output_dir: str) -> None:
         handle.seek(0)
         owner = handle.read().strip() or "another process"
         handle.close()
-        raise ValueError(f"{output_dir} is in use by another run ({owner}): wait for it to end, or choose another "
+        raise UsageError(f"{output_dir} is in use by another run ({owner}): wait for it to end, or choose another "
                          "--output_dir") from None
     except OSError as e:  # a file system without locks (some network mounts)
         logger.warning("cannot lock %s (%s): make sure no other run writes to it", output_dir, e)
@@ -247,13 +248,15 @@ RECIPE_FLAGS = ("norm_pix_loss", "mask_ratio")
 
 
 def load_training_state(path, model, optimizer, scaler, dist: DistInfo, device, layout: dict,
-                        args: argparse.Namespace | None = None, loader=None) -> tuple[int, int, dict | None]:
+                        args: argparse.Namespace | None = None, loader=None,
+                        after_epoch=None) -> tuple[int, int, dict | None]:
     """Restore a checkpoint (fastmae's, or the original's); returns where training continues
     (epoch, batch) and, for a position within an epoch, the epoch's running sums up to it.
     ``layout``: this run's batches (batch_size, accum_iter, steps_per_epoch), which a mid-epoch
     position must have been counted in. ``args``: this run's flags, compared with the checkpoint's
     (a changed ``RECIPE_FLAGS`` is logged). ``loader``: given the state its rank saved (a loader
-    with ``load_state_dict``: DALI's) when the position is within an epoch."""
+    with ``load_state_dict``: DALI's) when the position is within an epoch. ``after_epoch``: given
+    its saved state (fine-tuning's evaluation: the best accuracy so far)."""
     sharded_model = is_sharded(model)
     # a sharded checkpoint into a sharded model: each rank reads its own shards, never the whole
     ckpt = peek_checkpoint(path) if sharded_model and is_sharded_checkpoint(path) else read_checkpoint(path)
@@ -303,6 +306,8 @@ def load_training_state(path, model, optimizer, scaler, dist: DistInfo, device, 
         logger.warning("checkpoint counted its batches with %s; this run's differ: epoch %d restarts from its first batch",
                        ", ".join(f"{k} {old} (now {new})" for k, (old, new) in changed.items()), position["epoch"])
         position = {"epoch": position["epoch"], "batch": 0}
+    if ckpt.get("after_epoch") is not None and hasattr(after_epoch, "load_state_dict"):
+        after_epoch.load_state_dict(ckpt["after_epoch"])
     loaders = ckpt.get("loader")
     if position["batch"] and loaders and hasattr(loader, "load_state_dict"):
         loader.load_state_dict(loaders[dist.rank])  # same ranks and batches: checked above
@@ -366,7 +371,7 @@ def check_same_architecture(path, state: dict, saved: dict, model: nn.Module, ar
     if all(k in state and state[k].shape == v.shape for k, v in own.items()) and state.keys() <= own.keys():
         return
     this = getattr(args, "model", None) if args is not None else None
-    raise ValueError(f"{path} holds {describe_weights(state, saved.get('model'))}; this run builds "
+    raise UsageError(f"{path} holds {describe_weights(state, saved.get('model'))}; this run builds "
                      f"{describe_weights(own, this)}: resume with the checkpoint's --model and --input_size, or "
                      "train afresh in another --output_dir")
 
@@ -421,10 +426,10 @@ def fit(
     layout = {"batch_size": args.batch_size, "accum_iter": args.accum_iter, "steps_per_epoch": steps_per_epoch}
     resume = resume_path(args)
     if resume and (found := checkpoint_kind(resume)) != run.kind:
-        raise ValueError(f"{resume} is a {found} checkpoint: a {run.kind} run resumes {run.kind} checkpoints")
+        raise UsageError(f"{resume} is a {found} checkpoint: a {run.kind} run resumes {run.kind} checkpoints")
     if resume:
         start_epoch, start_batch, totals = load_training_state(resume, model, optimizer, run.scaler, dist, device,
-                                                               layout, args, loader)
+                                                               layout, args, loader, after_epoch)
 
     step = build_step(run, args, model, optimizer, compute_loss, step_mode)
     cfg = EpochConfig(schedule=dict(lr=args.lr, min_lr=args.min_lr, warmup_epochs=args.warmup_epochs, epochs=args.epochs),
@@ -450,6 +455,8 @@ def fit(
         trainer = {"kind": run.kind, "scaler": run.scaler.state_dict() if run.scaler else None,
                    "epoch": epoch if next_batch == 0 else epoch - 1,  # the original's: last finished epoch
                    "data_position": position, "args": args, "rng": rngs, "world_size": dist.world_size}
+        if hasattr(after_epoch, "state_dict"):  # fine-tuning's best accuracy so far
+            trainer["after_epoch"] = after_epoch.state_dict()
         if hasattr(loader, "state_dict"):  # a loader whose random draws are not seeded per sample (DALI)
             trainer["loader"] = all_gather_objects(loader.state_dict())
         if checkpointer:
@@ -479,11 +486,12 @@ def fit(
                                     totals=totals, stop_signal=stop_signal)
         finally:
             progress.close()
-        checkpoint(epoch, 0, numbered=epoch % args.save_freq == 0 or epoch + 1 == args.epochs)
         set_phase(f"ending epoch {epoch} (evaluation, pictures)")
         skipped = all_reduce_sum(torch.tensor(float(loader.files_skipped), device=device))
         record = {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch,
                   "files_skipped": round(skipped.item()), **after_epoch(epoch, step.model, stats)}
+        # after the evaluation: its best accuracy so far is part of the state a resumed run continues
+        checkpoint(epoch, 0, numbered=epoch % args.save_freq == 0 or epoch + 1 == args.epochs)
         run.files.append("log.txt", record)
         run.files.scalars(record, epoch)
         logger.info("epoch %d: %s", epoch, ", ".join(f"{k} {v:.4g}" for k, v in record.items()

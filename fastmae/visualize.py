@@ -19,6 +19,7 @@ from torchvision import transforms
 from fastmae.checkpoint import load_checkpoint, model_state_dict, read_checkpoint
 from fastmae.data import IMAGENET_MEAN, IMAGENET_STD
 from fastmae.data.sources import UnreadableImageError, load_rgb
+from fastmae.errors import MissingPathError, UsageError
 from fastmae.models import PRESETS, MaskedAutoencoderViT, create_model
 from fastmae.ops.reference import NORM_PIX_EPS
 
@@ -75,7 +76,7 @@ def model_for_checkpoint(state: dict, name: str | None, norm_pix_loss: bool) -> 
         matches = [n for n, cfg in PRESETS.items()
                    if cfg["embed_dim"] == width and cfg["patch_size"] == patch and "_dec512d8b" not in n]
         if len(matches) != 1:
-            raise ValueError(f"cannot tell the preset of a {width}-wide, patch-{patch} checkpoint: pass --model")
+            raise UsageError(f"cannot tell the preset of a {width}-wide, patch-{patch} checkpoint: pass --model")
         name = matches[0]
     grid = state["pos_embed"].shape[1] - 1
     return create_model(name, norm_pix_loss=norm_pix_loss, img_size=int(round(grid**0.5)) * state["patch_embed.proj.weight"].shape[-1])
@@ -107,7 +108,7 @@ def draw(args: argparse.Namespace) -> int:
     saved = vars(ckpt.get("args", None) or argparse.Namespace())
     state = model_state_dict(ckpt)
     if "decoder_pred.weight" not in state:
-        raise ValueError(f"{args.checkpoint} holds an encoder only; reconstructions need the decoder (a full MAE "
+        raise UsageError(f"{args.checkpoint} holds an encoder only; reconstructions need the decoder (a full MAE "
                          "checkpoint)")
     norm_pix = args.norm_pix_loss if args.norm_pix_loss is not None else bool(saved.get("norm_pix_loss", False))
     model = model_for_checkpoint(state, args.model or saved.get("model"), norm_pix)
@@ -119,7 +120,7 @@ def draw(args: argparse.Namespace) -> int:
                              transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
     for f in args.image:
         if not os.path.isfile(f):
-            raise FileNotFoundError(f"image not found: {f}")
+            raise MissingPathError(f"image not found: {f}")
     imgs = torch.stack([tf(load_rgb(f)) for f in args.image])
     save_reconstructions(model, imgs, args.mask_ratio, args.out, seed=args.seed)
     print(f"wrote {args.out} ({len(args.image)} rows: original | masked | reconstruction | reconstruction + visible)")

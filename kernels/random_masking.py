@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fastmae.errors import UsageError
 from fastmae.kernels._launch import on_device
 
 
@@ -37,7 +38,7 @@ def random_masking_op(noise: torch.Tensor, len_keep: int) -> tuple[torch.Tensor,
     n, L = noise.shape
     if noise.dtype == torch.float64:
         # the keys hold 32-bit floats; a float64 tie-break would differ from argsort's
-        raise ValueError("the triton random_masking takes float32/float16/bfloat16 noise, got float64")
+        raise UsageError("the triton random_masking takes float32/float16/bfloat16 noise, got float64")
     ids_keep = torch.empty(n, len_keep, dtype=torch.int64, device=noise.device)
     ids_restore = torch.empty(n, L, dtype=torch.int64, device=noise.device)
     mask = torch.empty(n, L, dtype=torch.float32, device=noise.device)

@@ -240,7 +240,7 @@ def test_an_unreadable_file_in_a_worker_is_one_line(broken_folder, tmp_path, cap
     assert cli(flags) == 1
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and "\n" not in errors[0] and ".jpg: unreadable image" in errors[0]
-    assert "Traceback" not in errors[0] and "--debug shows the traceback" in errors[0]
+    assert "Traceback" not in errors[0] and "--debug or FASTMAE_DEBUG=1: the traceback" in errors[0]
     caplog.clear()
     assert cli(flags + ["--debug"]) == 1
     assert "Traceback" in caplog.text

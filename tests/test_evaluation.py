@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import fastmae.data
-from fastmae.checkpoint import checkpoint_kind
+from fastmae.checkpoint import checkpoint_kind, read_checkpoint
 from fastmae.data import TorchvisionLoader, transform
 from fastmae.data.augment import (
     MixupCutmix, build_mixup, build_random_erasing, random_erasing, soft_target_cross_entropy, timm_available,
@@ -162,9 +162,12 @@ def test_entry_points_run_and_resume(labelled_folder, tmp_path):
     log = run_eval(finetune_cli, labelled_folder, tmp_path / "ft", "--epochs", "2", "--batch_size", "32",
                    "--finetune_blocks", "2", "--resume", "auto")
     assert [r["epoch"] for r in log] == [0, 1]
+    best = read_checkpoint(tmp_path / "ft" / "checkpoint-1.pth")["after_epoch"]["max_accuracy"]
+    assert best == max(r["test_acc1"] for r in log)  # what a resumed run starts from
     log = run_eval(finetune_cli, labelled_folder, tmp_path / "ft", "--epochs", "3", "--batch_size", "32",
                    "--finetune_blocks", "2", "--resume", "auto")
     assert [r["epoch"] for r in log] == [0, 1, 2]  # resumed after epoch 1
+    assert log[2]["max_accuracy"] == max(best, log[2]["test_acc1"])
     # --eval: a checkpoint's accuracy, nothing trained
     assert finetune_cli(["--data_path", str(labelled_folder), "--output_dir", str(tmp_path / "ev"), "--eval",
                          "--resume", str(tmp_path / "ft" / "checkpoint-1.pth"), "--num_workers", "0"]) == 0

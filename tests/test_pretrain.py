@@ -250,3 +250,23 @@ def test_flags_are_parsed_and_checked_before_torch_is_imported(entry):
             "    try:\n        cli(argv)\n    except SystemExit as e:\n        assert e.code == 2, e.code\n"
             "assert 'torch' not in sys.modules, 'torch was imported'\n")
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=60)
+
+
+def test_only_fastmaes_own_errors_are_one_line(monkeypatch, tmp_path, caplog):
+    """A user's error (fastmae's FastMAEError) is one line and exit status 1; any other error is a
+    bug and keeps its traceback."""
+    import fastmae.pretrain as pretrain
+    from fastmae.errors import UsageError
+
+    def fail(error):
+        def main(args):
+            raise error
+        return main
+
+    monkeypatch.setattr(pretrain, "main", fail(ValueError("an internal bug")))
+    with pytest.raises(ValueError, match="an internal bug"):
+        pretrain.cli(["--output_dir", str(tmp_path)])
+    monkeypatch.setattr(pretrain, "main", fail(UsageError("this flag cannot be used so")))
+    assert pretrain.cli(["--output_dir", str(tmp_path)]) == 1
+    assert "error: this flag cannot be used so (--debug or FASTMAE_DEBUG=1: the traceback)" in caplog.text
+    assert "Traceback" not in caplog.text

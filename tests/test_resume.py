@@ -217,6 +217,19 @@ def test_a_mid_epoch_position_in_other_batches_restarts_the_epoch(tmp_path, capl
     assert resume(accum_iter=2) == (3, 0)
 
 
+def test_a_resumed_fine_tuning_keeps_its_best_accuracy(tmp_path):
+    from fastmae.evaluation import EpochEvaluation
+
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 4,
+                     "after_epoch": {"max_accuracy": 77.5}}, tmp_path / "c.pth")
+    evaluation = EpochEvaluation(None, model, None)
+    load_training_state(tmp_path / "c.pth", model, optimizer, None, DistInfo(), torch.device("cpu"), {}, None, None,
+                        evaluation)
+    assert evaluation.best == 77.5
+
+
 @pytest.mark.cuda
 def test_an_unfused_optimizers_checkpoint_resumes_a_fused_cuda_one_with_its_step_counts_on_the_device(tmp_path):
     """The original's checkpoints hold an unfused AdamW's state: loaded as saved, the step counts

@@ -28,6 +28,7 @@ from fastmae.data.sources import (
 )
 from fastmae.data.synthetic import SyntheticLoader
 from fastmae.data.torchvision_loader import TorchvisionLoader
+from fastmae.errors import MissingPathError, UsageError
 
 logger = logging.getLogger("fastmae")
 
@@ -73,7 +74,7 @@ def transform(mode: str, input_size: int, *, aa: str = FINETUNE_AA, color_jitter
                 steps.append(transforms.RandAugment(num_ops=2, magnitude=9, num_magnitude_bins=11,
                                                     interpolation=bicubic, fill=[124, 116, 104]))
         elif mode not in ("pretrain", "train"):
-            raise ValueError(f"unknown transform mode {mode!r}")
+            raise UsageError(f"unknown transform mode {mode!r}")
     return transforms.Compose(steps + [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
@@ -95,7 +96,7 @@ def builtin_shapes_folder(num_images: int, image_size: int, seed: int = 0) -> st
 
 def resolve_data_backend(name: str, device: torch.device) -> str:
     if name not in DATA_BACKENDS:
-        raise ValueError(f"unknown data backend {name!r}; choose one of {DATA_BACKENDS}")
+        raise UsageError(f"unknown data backend {name!r}; choose one of {DATA_BACKENDS}")
     if name == "auto":
         chosen = "dali" if device.type == "cuda" and not dali_unavailable_reasons() else "torchvision"
         logger.info("data backend: %s (automatic)", chosen)
@@ -125,14 +126,14 @@ def build_loader(
         logger.info("evaluation data: torchvision loader (the nvjpeg loader does the random-crop augmentations)")
         backend = "torchvision"
     if backend == "dali" and mode == "train_randaug" and (aa not in (FINETUNE_AA, "none") or color_jitter is not None):
-        raise ValueError(f"the DALI loader's fine-tuning augmentation is its RandAugment ({FINETUNE_AA}, without "
+        raise UsageError(f"the DALI loader's fine-tuning augmentation is its RandAugment ({FINETUNE_AA}, without "
                          "magnitude noise): --aa and --color_jitter take the torchvision loader")
     loader = _build_loader(backend, root, mode, input_size, batch_size, device, rank, world_size, seed, num_workers,
                            pin_memory, skip_unreadable, builtin, synthetic_batches, num_classes,
                            drop_last=mode != "eval" and not pad_last_batch,
                            transform_of=lambda m: transform(m, input_size, aa=aa, color_jitter=color_jitter))
     if len(loader) == 0:
-        raise ValueError(f"{loader.num_samples} images make no whole batch of {batch_size} on each of {world_size} "
+        raise UsageError(f"{loader.num_samples} images make no whole batch of {batch_size} on each of {world_size} "
                          f"rank(s): lower --batch_size, or pass --pad_last_batch to repeat images into one")
     return loader
 
@@ -150,7 +151,7 @@ def _build_loader(backend, root, mode, input_size, batch_size, device, rank, wor
                                     transform=transform_of(mode))
         else:
             if list_tar_shards(root):
-                raise ValueError(f"{root} holds tar shards, which only the DALI loader reads (--data_backend dali)")
+                raise UsageError(f"{root} holds tar shards, which only the DALI loader reads (--data_backend dali)")
             list_image_folder(root)  # a clear error for an empty or class-less folder
             dataset = datasets.ImageFolder(root, transform=transform_of(mode), loader=load_rgb)
         return TorchvisionLoader(dataset, num_workers=num_workers, pin_memory=pin_memory, shuffle=mode != "eval",
@@ -158,13 +159,13 @@ def _build_loader(backend, root, mode, input_size, batch_size, device, rank, wor
                                  skip_unreadable=skip_unreadable, **common)
     if backend == "nvjpeg":
         if mode not in CROP_SCALES:
-            raise ValueError(f"the nvjpeg loader does the pretraining and linear-probing augmentation (RandomResizedCrop "
+            raise UsageError(f"the nvjpeg loader does the pretraining and linear-probing augmentation (RandomResizedCrop "
                              f"and flip), not {mode!r} (fine-tuning's RandAugment): use --data_backend torchvision "
                              "or dali")
         if root is None:
             root = builtin_shapes_folder(builtin[0], builtin_image_size, builtin[1])
         elif list_tar_shards(root):
-            raise ValueError(f"{root} holds tar shards, which only the DALI loader reads (--data_backend dali)")
+            raise UsageError(f"{root} holds tar shards, which only the DALI loader reads (--data_backend dali)")
         files, labels, _ = list_image_folder(root)
         return NvjpegLoader(files, labels, image_size=input_size, scale=CROP_SCALES[mode], mean=IMAGENET_MEAN,
                             std=IMAGENET_STD, num_workers=num_workers, pin_memory=pin_memory, drop_last=drop_last,
@@ -199,11 +200,11 @@ def build_classification_loaders(*, data_path: str | None, train_mode: str, buil
         train_root, val_root = (os.path.join(data_path, split) for split in ("train", "val"))
         for root in (train_root, val_root):
             if not os.path.isdir(root):
-                raise FileNotFoundError(f"{root} is not a directory: evaluation needs DIR/train and DIR/val image "
+                raise MissingPathError(f"{root} is not a directory: evaluation needs DIR/train and DIR/val image "
                                         "folders (or tar shards, with DALI)")
         if list_tar_shards(train_root):  # labels in .cls files, no class list
             if not kwargs.get("num_classes"):
-                raise ValueError(f"{train_root} holds tar shards, whose labels name no classes: pass --nb_classes")
+                raise UsageError(f"{train_root} holds tar shards, whose labels name no classes: pass --nb_classes")
             classes = [str(c) for c in range(kwargs["num_classes"])]
         else:
             _, _, classes = list_image_folder(train_root)

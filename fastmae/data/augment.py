@@ -13,6 +13,8 @@ from typing import Callable
 import torch
 from torchvision.transforms import v2
 
+from fastmae.errors import UsageError
+
 
 def timm_available() -> bool:
     return importlib.util.find_spec("timm") is not None
@@ -41,7 +43,7 @@ def needs_timm(*flags: str | None | bool) -> None:
     """Raise when a recipe flag that only timm implements was given without timm installed."""
     given = [f for f in flags if f]
     if given and not timm_available():
-        raise ValueError(f"{', '.join(given)} needs timm, as the original's fine-tuning: pip install timm "
+        raise UsageError(f"{', '.join(given)} needs timm, as the original's fine-tuning: pip install timm "
                          "(or pip install -e '.[timm]')")
 
 

@@ -16,6 +16,7 @@ import torch
 
 from fastmae.data.order import batches_per_epoch, epoch_order
 from fastmae.data.sources import UnreadableImageError, load_rgb
+from fastmae.errors import UsageError
 
 logger = logging.getLogger("fastmae")
 
@@ -77,7 +78,7 @@ def _class_index(text: bytes, shards) -> int:
     try:
         return int(text.decode().strip())
     except ValueError:
-        raise ValueError(f"a .cls file in the tar shards ({shards[0]}, ...) holds {text[:40]!r}, not a class index "
+        raise UsageError(f"a .cls file in the tar shards ({shards[0]}, ...) holds {text[:40]!r}, not a class index "
                          "(an integer from 0)") from None
 
 
@@ -119,9 +120,9 @@ class DaliLoader:
         if reasons:
             raise ImportError(reasons[0])
         if (files is None) == (shards is None):
-            raise ValueError("give the DALI loader either files and labels or tar shards")
+            raise UsageError("give the DALI loader either files and labels or tar shards")
         if mode not in MODES:
-            raise ValueError(f"unknown DALI augmentation mode {mode!r}; choose one of {MODES}")
+            raise UsageError(f"unknown DALI augmentation mode {mode!r}; choose one of {MODES}")
         self.mode, self.drop_last = mode, drop_last
         self.files, self.labels, self.shards = files, labels, shards
         self.batch_size, self.image_size, self.device = batch_size, image_size, device

@@ -16,6 +16,8 @@ import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
+from fastmae.errors import UsageError
+
 CROP_BACKENDS = ("triton", "torch")
 
 
@@ -62,17 +64,17 @@ def resized_crop_reference(images: list[torch.Tensor], boxes: torch.Tensor, flip
 
 def check_crop_inputs(images: list[torch.Tensor], boxes: torch.Tensor, flips: torch.Tensor, size: int) -> None:
     if not images:
-        raise ValueError("resized_crop: no images")
+        raise UsageError("resized_crop: no images")
     if boxes.shape != (len(images), 4) or flips.shape != (len(images),):
-        raise ValueError(f"resized_crop: {len(images)} images need boxes [{len(images)}, 4] and flips "
+        raise UsageError(f"resized_crop: {len(images)} images need boxes [{len(images)}, 4] and flips "
                          f"[{len(images)}], got {tuple(boxes.shape)} and {tuple(flips.shape)}")
     if size < 1:
-        raise ValueError(f"resized_crop: output size {size} must be positive")
+        raise UsageError(f"resized_crop: output size {size} must be positive")
     for i, (img, (top, left, h, w)) in enumerate(zip(images, boxes.tolist())):
         if img.dtype != torch.uint8 or img.dim() != 3 or img.shape[0] != 3:
-            raise ValueError(f"resized_crop: image {i} must be uint8 [3, H, W], got {img.dtype} {tuple(img.shape)}")
+            raise UsageError(f"resized_crop: image {i} must be uint8 [3, H, W], got {img.dtype} {tuple(img.shape)}")
         if not (0 <= top and 0 <= left and 0 < h and 0 < w and top + h <= img.shape[1] and left + w <= img.shape[2]):
-            raise ValueError(f"resized_crop: box (top {top}, left {left}, height {h}, width {w}) of image {i} is not "
+            raise UsageError(f"resized_crop: box (top {top}, left {left}, height {h}, width {w}) of image {i} is not "
                              f"inside its {img.shape[1]} x {img.shape[2]} pixels")
 
 
@@ -85,11 +87,11 @@ def resized_crop(images: list[torch.Tensor], boxes: torch.Tensor, flips: torch.T
     a CPU) or ``torch`` (the reference). The boxes are checked against the images' sizes: given on
     the host, that costs no synchronization with the device."""
     if backend not in CROP_BACKENDS:
-        raise ValueError(f"unknown crop backend {backend!r}; choose one of {CROP_BACKENDS}")
+        raise UsageError(f"unknown crop backend {backend!r}; choose one of {CROP_BACKENDS}")
     check_crop_inputs(images, boxes, flips, size)
     device = images[0].device
     if any(img.device != device for img in images):
-        raise ValueError("resized_crop: the images must all be on one device")
+        raise UsageError("resized_crop: the images must all be on one device")
     if backend == "torch":
         return resized_crop_reference(images, boxes, flips, size, mean, std, dtype)
     from fastmae.kernels.resized_crop import resized_crop_batch

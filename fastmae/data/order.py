@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from fastmae.errors import UsageError
+
 
 def epoch_order(n: int, *, epoch: int, seed: int, rank: int = 0, world_size: int = 1, batch_size: int = 1,
                 shuffle: bool = True, drop_last: bool = False) -> np.ndarray:
@@ -17,7 +19,7 @@ def epoch_order(n: int, *, epoch: int, seed: int, rank: int = 0, world_size: int
     number of batches.
     """
     if n <= 0:
-        raise ValueError("the dataset is empty")
+        raise UsageError("the dataset is empty")
     order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
     per_rank = -(-n // world_size)
     mine = np.resize(order, per_rank * world_size)[rank::world_size]

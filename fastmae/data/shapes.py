@@ -16,6 +16,8 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
+from fastmae.errors import UsageError
+
 SHAPES_VERSION = 2  # bumped whenever the drawing changes: cached folders of older images are not reused
 CLASSES = (
     "checkerboard",
@@ -58,7 +60,7 @@ def _shape_mask(label: str, u: np.ndarray, v: np.ndarray, r: float, rng: np.rand
         return square & (np.floor(u / period) % 2 == 0)
     if label == "checkerboard":
         return square & ((np.floor(u / period) + np.floor(v / period)) % 2 == 0)
-    raise ValueError(f"unknown shape class {label!r}")
+    raise UsageError(f"unknown shape class {label!r}")
 
 
 def render_shape(label: int, size: int, rng: np.random.Generator) -> np.ndarray:

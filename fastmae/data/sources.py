@@ -16,8 +16,10 @@ import numpy as np
 from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
+from fastmae.errors import FastMAEError, MissingPathError
 
-class UnreadableImageError(OSError):
+
+class UnreadableImageError(FastMAEError, OSError):
     """An image file that cannot be decoded; the message starts with its path."""
 
 
@@ -62,7 +64,7 @@ def image_folder_root(data_path: str) -> str:
     """``data_path/train`` when it exists (the original's layout, e.g. an ImageNet root), else
     ``data_path`` itself."""
     if not os.path.isdir(data_path):
-        raise FileNotFoundError(f"data path {data_path!r} is not a directory")
+        raise MissingPathError(f"data path {data_path!r} is not a directory")
     train = os.path.join(data_path, "train")
     return train if os.path.isdir(train) else data_path
 
@@ -78,7 +80,7 @@ def list_image_folder(root: str) -> tuple[list[str], np.ndarray, list[str]]:
         classes, class_to_idx = find_classes(root)
         samples = make_dataset(root, class_to_idx, extensions=IMG_EXTENSIONS)
     except FileNotFoundError as e:
-        raise FileNotFoundError(
+        raise MissingPathError(
             f"no images found under {root!r}: expected one folder per class holding "
             f"{', '.join(IMG_EXTENSIONS[:4])}... files ({e})"
         ) from e

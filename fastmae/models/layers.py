@@ -7,6 +7,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from fastmae import ops
+from fastmae.errors import UsageError
 
 
 class Linear(nn.Linear):
@@ -40,7 +41,7 @@ class PatchEmbed(nn.Module):
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768):
         super().__init__()
         if img_size % patch_size:
-            raise ValueError(f"image size {img_size} is not divisible by the patch size {patch_size}")
+            raise UsageError(f"image size {img_size} is not divisible by the patch size {patch_size}")
         self.img_size = (img_size, img_size)
         self.patch_size = (patch_size, patch_size)
         self.grid_size = (img_size // patch_size, img_size // patch_size)
@@ -91,7 +92,7 @@ class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attention_backend: str | None = None):
         super().__init__()
         if dim % num_heads:
-            raise ValueError(f"dimension {dim} is not divisible by {num_heads} heads")
+            raise UsageError(f"dimension {dim} is not divisible by {num_heads} heads")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.attention_backend = attention_backend

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from fastmae import ops
+from fastmae.errors import UsageError
 from fastmae.models.layers import AttentionBackendSwitch, Block, Linear, PatchEmbed, run_blocks
 from fastmae.models.pos_embed import get_2d_sincos_pos_embed
 from fastmae.presets import PRESETS
@@ -150,12 +151,12 @@ class MaskedAutoencoderViT(AttentionBackendSwitch, nn.Module):
     def random_masking(self, n: int, mask_ratio: float, noise: torch.Tensor | None = None, device=None):
         """``ids_keep, ids_restore, mask`` for ``n`` samples; ``noise`` [n, L] replaces ``rand``."""
         if not 0 <= mask_ratio < 1:
-            raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+            raise UsageError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
         L = self.num_patches
         if noise is None:
             noise = torch.rand(n, L, device=device)
         elif tuple(noise.shape) != (n, L):
-            raise ValueError(f"noise must be [N={n}, L={L}], got {tuple(noise.shape)}")
+            raise UsageError(f"noise must be [N={n}, L={L}], got {tuple(noise.shape)}")
         return ops.random_masking(noise, self.len_keep(mask_ratio), backend=self.kernel_backend)
 
     def len_keep(self, mask_ratio: float) -> int:
@@ -164,7 +165,7 @@ class MaskedAutoencoderViT(AttentionBackendSwitch, nn.Module):
         L = self.num_patches
         keep = int(L * (1 - mask_ratio))
         if keep == 0:
-            raise ValueError(f"mask ratio {mask_ratio} keeps none of the {L} patches (the encoder would see only the "
+            raise UsageError(f"mask ratio {mask_ratio} keeps none of the {L} patches (the encoder would see only the "
                              f"cls token): use at most {1 - 1 / L:.4g}")
         return keep
 
@@ -217,11 +218,11 @@ class MaskedAutoencoderViT(AttentionBackendSwitch, nn.Module):
     def _check_imgs(self, imgs: torch.Tensor) -> None:
         pe = self.patch_embed
         if imgs.dim() != 4:
-            raise ValueError(f"expected images [N, C, H, W], got shape {tuple(imgs.shape)}")
+            raise UsageError(f"expected images [N, C, H, W], got shape {tuple(imgs.shape)}")
         if imgs.shape[1] != pe.in_chans:
-            raise ValueError(f"expected {pe.in_chans} image channels, got {imgs.shape[1]}")
+            raise UsageError(f"expected {pe.in_chans} image channels, got {imgs.shape[1]}")
         if tuple(imgs.shape[2:]) != pe.img_size:
-            raise ValueError(
+            raise UsageError(
                 f"image size {tuple(imgs.shape[2:])} does not match the model's {pe.img_size} "
                 f"(patch size {self.patch_size}); build the model with img_size={imgs.shape[2]}"
             )
@@ -233,7 +234,7 @@ def create_model(name: str, *, norm_backend: str | None = None, **kwargs) -> Mas
     """A preset by name (mlp ratio 4, LayerNorm eps 1e-6, the LayerNorm class of ``norm_backend``:
     ``torch``, ``apex``, or None for ``$FASTMAE_NORM``, else automatic); ``kwargs`` override its settings."""
     if name not in PRESETS:
-        raise ValueError(f"unknown model {name!r}; choose one of {sorted(PRESETS)}")
+        raise UsageError(f"unknown model {name!r}; choose one of {sorted(PRESETS)}")
     norm_layer = partial(ops.layer_norm(backend=norm_backend), eps=1e-6)
     return MaskedAutoencoderViT(**{"mlp_ratio": 4.0, "norm_layer": norm_layer, **PRESETS[name], **kwargs})
 

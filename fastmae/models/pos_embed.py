@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from fastmae.errors import UsageError
+
 
 def get_1d_sincos_pos_embed_from_grid(embed_dim: int, pos: np.ndarray) -> np.ndarray:
     """``pos`` [M] -> [M, embed_dim]: sin of the first half of the frequencies, cos of the second."""
     if embed_dim % 2:
-        raise ValueError(f"sin-cos position embedding needs an even dimension, got {embed_dim}")
+        raise UsageError(f"sin-cos position embedding needs an even dimension, got {embed_dim}")
     omega = np.arange(embed_dim // 2, dtype=np.float64)
     omega /= embed_dim / 2.0
     omega = 1.0 / 10000**omega
@@ -19,7 +21,7 @@ def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int | tuple[int, int], cl
     """[(1 if cls_token) + h*w, embed_dim]; the cls row is zeros. Half the channels encode the row,
     half the column (the original's meshgrid puts w first and uses grid[0] for the first half)."""
     if embed_dim % 4:
-        raise ValueError(f"2-D sin-cos position embedding needs a dimension divisible by 4, got {embed_dim}")
+        raise UsageError(f"2-D sin-cos position embedding needs a dimension divisible by 4, got {embed_dim}")
     gh, gw = (grid_size, grid_size) if isinstance(grid_size, int) else grid_size
     grid = np.meshgrid(np.arange(gw, dtype=np.float32), np.arange(gh, dtype=np.float32))
     grid = np.stack(grid, axis=0).reshape(2, 1, gh, gw)

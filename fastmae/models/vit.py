@@ -13,6 +13,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from fastmae.checkpoint import model_state_dict
+from fastmae.errors import UsageError
 from fastmae.models.layers import AttentionBackendSwitch, Block, PatchEmbed
 from fastmae.presets import ENCODERS
 from fastmae.models.mae import PRESETS
@@ -109,7 +110,7 @@ class VisionTransformer(AttentionBackendSwitch, nn.Module):
 def create_vit(name: str, **kwargs) -> VisionTransformer:
     """A ViT preset by name (the encoders of the MAE presets); ``kwargs`` override its settings."""
     if name not in ENCODERS:
-        raise ValueError(f"unknown model {name!r}; choose one of {sorted(ENCODERS)}")
+        raise UsageError(f"unknown model {name!r}; choose one of {sorted(ENCODERS)}")
     return VisionTransformer(**{**ENCODERS[name], **kwargs})
 
 
@@ -119,7 +120,7 @@ def interpolate_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int]) -> tor
     cls, patches = pos_embed[:, :1], pos_embed[:, 1:]
     old = int(round(patches.shape[1] ** 0.5))
     if old * old != patches.shape[1]:
-        raise ValueError(f"position embedding of {patches.shape[1]} patches is not a square grid")
+        raise UsageError(f"position embedding of {patches.shape[1]} patches is not a square grid")
     if (old, old) == tuple(grid):
         return pos_embed
     d = patches.shape[-1]
@@ -144,11 +145,11 @@ def load_encoder(model: VisionTransformer, checkpoint: str | os.PathLike | Mappi
     used = {k: v for k, v in state.items() if k in own}
     for key, value in used.items():
         if value.shape != own[key].shape:
-            raise ValueError(f"shape mismatch for {key}: checkpoint {tuple(value.shape)}, model {tuple(own[key].shape)}")
+            raise UsageError(f"shape mismatch for {key}: checkpoint {tuple(value.shape)}, model {tuple(own[key].shape)}")
     missing = [k for k in own if k not in used]
     allowed = ("head.", "fc_norm.")
     if any(not k.startswith(allowed) for k in missing):
-        raise ValueError(f"the checkpoint is not an encoder of this model: missing "
+        raise UsageError(f"the checkpoint is not an encoder of this model: missing "
                        f"{[k for k in missing if not k.startswith(allowed)]}")
     model.load_state_dict(used, strict=False)
     logger.info("loaded encoder (%d tensors); initialized here: %s; unused from the checkpoint: %d tensors",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from fastmae.errors import UsageError
 from fastmae.ops.reference import patchify, unpatchify
 from fastmae.ops.registry import AUTO, BackendUnavailableError, backend_names, fuses_layers, implementation, resolve
 
@@ -32,7 +33,7 @@ __all__ = [
 
 
 def _fail(op: str, msg: str):
-    raise ValueError(f"{op}: {msg}")
+    raise UsageError(f"{op}: {msg}")
 
 
 def _check_index(op: str, name: str, ids: torch.Tensor, n: int):

@@ -35,12 +35,13 @@ from typing import Callable
 import torch
 
 from fastmae.config import AUTO, BACKEND_TABLE, backend_names, renamed_backend_message
+from fastmae.errors import FastMAEError, UsageError
 
 logger = logging.getLogger("fastmae")
 
 
 
-class BackendUnavailableError(RuntimeError):
+class BackendUnavailableError(FastMAEError, RuntimeError):
     """An explicitly requested backend cannot run here; the message says why."""
 
 
@@ -109,7 +110,7 @@ def _find(family: str, name: str) -> Backend:
     for b in BACKENDS[family]:
         if b.name == name:
             return b
-    raise ValueError(renamed_backend_message(family, name)
+    raise UsageError(renamed_backend_message(family, name)
                      or f"unknown {family} backend {name!r}; choose one of {backend_names(family) + [AUTO]}")
 
 

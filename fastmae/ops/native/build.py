@@ -26,13 +26,15 @@ from pathlib import Path
 
 import torch
 
+from fastmae.errors import FastMAEError
+
 logger = logging.getLogger("fastmae")
 
 # A100 and H100, when TORCH_CUDA_ARCH_LIST is unset and no GPU is visible
 DEFAULT_CUDA_ARCHS = ("8.0", "9.0")
 
 
-class BuildError(RuntimeError):
+class BuildError(FastMAEError, RuntimeError):
     """A native library cannot be built or loaded here; the message says why."""
 
 
