@@ -22,8 +22,8 @@ BACKEND_TABLE: dict[str, tuple[tuple[str, str, tuple[str, ...], dict], ...]] = {
         ("math", "fastmae.ops.attention_math", ("*",), {}),
     ),
     "norm": (
-        ("apex", "fastmae.ops.layer_norm", (), {"impl": "apex"}),  # by name only: other numerics, no torch.compile
-        ("torch", "fastmae.ops.layer_norm", ("*",), {"impl": "torch"}),
+        ("apex", "fastmae.ops.norm_backends", (), {"impl": "apex"}),  # by name only: other numerics, no torch.compile
+        ("torch", "fastmae.ops.norm_backends", ("*",), {"impl": "torch"}),
     ),
 }
 

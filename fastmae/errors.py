@@ -15,3 +15,8 @@ class UsageError(FastMAEError, ValueError):
 
 class MissingPathError(FastMAEError, FileNotFoundError):
     """A file or folder that is not there (a data folder, a checkpoint)."""
+
+
+class BackendUnavailableError(FastMAEError, RuntimeError):
+    """An explicitly requested backend (kernels, attention, norm, optimizer, data loader) cannot run
+    here; the message says why."""

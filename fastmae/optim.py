@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from fastmae.config import OPTIMIZERS  # name -> apex class; "adamw" is torch's fused AdamW
-from fastmae.ops.registry import BackendUnavailableError
+from fastmae.errors import BackendUnavailableError
 
 
 def _apex_optimizer(cls_name: str):

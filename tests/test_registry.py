@@ -108,11 +108,20 @@ def test_the_native_backends_old_name_is_refused_with_its_new_one(monkeypatch, c
 def test_apex_is_never_chosen_automatically(monkeypatch):
     """Installed, apex changes nothing until named (its LayerNorm rounds otherwise and breaks
     torch.compile's graph)."""
-    import importlib
+    from fastmae.ops import norm_backends
 
-    layer_norm = importlib.import_module("fastmae.ops.layer_norm")  # (fastmae.ops.layer_norm is also a function)
-    monkeypatch.setattr(layer_norm, "FusedLayerNorm", torch.nn.LayerNorm)  # a stand-in: "installed"
+    monkeypatch.setattr(norm_backends, "FusedLayerNorm", torch.nn.LayerNorm)  # a stand-in: "installed"
     monkeypatch.setattr(registry, "_resolved", {})
     monkeypatch.delenv("FASTMAE_NORM", raising=False)
     assert ops.resolve("norm", None, "cpu") == "torch"
     assert ops.resolve("norm", "apex", "cpu") == "apex"
+
+
+def test_importing_the_models_loads_no_backend_and_builds_nothing():
+    """Backends load when asked for: import fastmae.models pulls in neither triton (nor torch's
+    compiler, which imports it), nor a backend's module, nor the checkpoint files' layer."""
+    code = ("import sys, fastmae.models; loaded = [m for m in ('triton', 'torch._dynamo', 'fastmae.kernels', "
+            "'fastmae.ops.native', 'fastmae.ops.attention_xformers', 'fastmae.checkpoint') if m in sys.modules]; "
+            "print(loaded)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

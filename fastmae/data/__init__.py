@@ -28,7 +28,7 @@ from fastmae.data.sources import (
 )
 from fastmae.data.synthetic import SyntheticLoader
 from fastmae.data.torchvision_loader import TorchvisionLoader
-from fastmae.errors import MissingPathError, UsageError
+from fastmae.errors import BackendUnavailableError, MissingPathError, UsageError
 
 logger = logging.getLogger("fastmae")
 
@@ -102,8 +102,6 @@ def resolve_data_backend(name: str, device: torch.device) -> str:
         logger.info("data backend: %s (automatic)", chosen)
         return chosen
     if name == "dali" and dali_unavailable_reasons():
-        from fastmae.ops import BackendUnavailableError
-
         raise BackendUnavailableError(f"data backend 'dali' was requested but {dali_unavailable_reasons()[0]}")
     return name
 

@@ -12,7 +12,6 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from fastmae.checkpoint import model_state_dict
 from fastmae.errors import UsageError
 from fastmae.models.layers import AttentionBackendSwitch, Block, PatchEmbed
 from fastmae.presets import ENCODERS
@@ -135,6 +134,8 @@ def load_encoder(model: VisionTransformer, checkpoint: str | os.PathLike | Mappi
     position embedding is interpolated when the resolution differs; a head of another shape is
     left out. Returns the keys left as initialized (the head, ``fc_norm``); any other missing key
     is an error that names them."""
+    from fastmae.checkpoint import model_state_dict  # reading files is the layer above the models'
+
     state = model_state_dict(checkpoint)
     own = model.state_dict()
     for key in ("head.weight", "head.bias"):

@@ -12,10 +12,11 @@ A backend is a module that defines the family's ops under their own names and a 
 ``unavailable_reasons(device_type) -> list[str]`` (empty when it can run there: a check without side
 effects), and may define ``prepare(device_type) -> list[str]``, run once at the first use on a
 device (the native backend builds there; what it returns are the reasons it failed); a backend's
-``options`` are passed to both (one module can serve several backends, e.g. the SDPA kernels). Backend modules
-import cheaply (optional libraries are imported inside them only when they are present), and all of
-them are imported when this module is, so the table below never changes afterwards: torch.compile
-can then trace the dispatch without graph breaks.
+``options`` are passed to both (one module can serve several backends, e.g. the SDPA kernels). A
+backend's module is imported at the first question about it (its availability, automatic
+selection), never by ``import fastmae.ops`` or ``import fastmae.models``: triton, xformers and apex
+load only when a run asks for them. torch.compile traces the dispatch without graph breaks:
+resolution runs once at trace time (``assume_constant_result``) and has imported the module by then.
 
 Selection, as DESIGN.md fixes it: an explicit ``backend=`` argument, else the family's environment
 variable (``FASTMAE_KERNELS`` / ``FASTMAE_ATTENTION``), else automatic. A backend named explicitly
@@ -28,32 +29,51 @@ import importlib
 import logging
 import functools
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Callable
 
 import torch
 
 from fastmae.config import AUTO, BACKEND_TABLE, backend_names, renamed_backend_message
-from fastmae.errors import FastMAEError, UsageError
+from fastmae.errors import BackendUnavailableError, UsageError
 
 logger = logging.getLogger("fastmae")
 
 
 
-class BackendUnavailableError(FastMAEError, RuntimeError):
-    """An explicitly requested backend cannot run here; the message says why."""
-
-
-@dataclass(frozen=True)
+@dataclass
 class Backend:
     name: str
     module_name: str
     # device types on which automatic selection may pick this backend ("*": any device)
     auto_devices: tuple[str, ...]
     options: tuple[tuple[str, str], ...] = ()
-    module: ModuleType | None = None
-    import_error: str | None = None
+    _module: ModuleType | None = field(default=None, repr=False)
+    _import_error: str | None = field(default=None, repr=False)
+    _imported: bool = field(default=False, repr=False)
+
+    @property
+    def module(self) -> ModuleType | None:
+        """The backend's module, imported at the first question about the backend (``import
+        fastmae.ops`` imports none: triton, xformers, apex load only when asked for); None if it
+        cannot be imported (:attr:`import_error` says why)."""
+        if not self._imported:
+            self._imported = True
+            try:
+                self._module = importlib.import_module(self.module_name)
+            except ImportError as e:
+                reason = str(e)
+                if e.name == "fastmae.kernels":  # the package-dir mapping of kernels/ is missing
+                    reason += (" (the checkout's kernels/ is installed as fastmae.kernels: install with pip install -e . "
+                               "and setuptools >= 77, and do not run from a checkout whose fastmae/ shadows an "
+                               "installed copy)")
+                self._import_error = reason
+        return self._module
+
+    @property
+    def import_error(self) -> str | None:
+        return self._import_error if self.module is None else None
 
     def unavailable_reasons(self, device_type: str) -> list[str]:
         if self.module is None:
@@ -77,15 +97,7 @@ class Backend:
 
 
 def _backend(name: str, module_name: str, auto_devices: tuple[str, ...], **options: str) -> Backend:
-    opts = tuple(options.items())
-    try:
-        return Backend(name, module_name, auto_devices, opts, module=importlib.import_module(module_name))
-    except ImportError as e:
-        reason = str(e)
-        if e.name == "fastmae.kernels":  # the package-dir mapping of kernels/ is missing
-            reason += (" (the checkout's kernels/ is installed as fastmae.kernels: install with pip install -e . "
-                       "and setuptools >= 77, and do not run from a checkout whose fastmae/ shadows an installed copy)")
-        return Backend(name, module_name, auto_devices, opts, import_error=reason)
+    return Backend(name, module_name, auto_devices, tuple(options.items()))
 
 
 ENV_VARS = {"kernels": "FASTMAE_KERNELS", "attention": "FASTMAE_ATTENTION", "norm": "FASTMAE_NORM"}
@@ -117,9 +129,16 @@ def _find(family: str, name: str) -> Backend:
 _resolved: dict[tuple[str, str, str], str] = {}
 
 
+def _constant_result(fn: Callable) -> Callable:
+    # torch.compiler.assume_constant_result's mark, set without importing torch._dynamo (which
+    # imports triton) when fastmae.ops is imported; tests/test_compile.py fails if it stops working
+    fn._dynamo_marked_constant = True
+    return fn
+
+
 # Resolution is host-side bookkeeping (environment, logging): torch.compile runs it once while
 # tracing and keeps the answer, so the graph holds only the chosen op.
-@torch.compiler.assume_constant_result
+@_constant_result
 def resolve(family: str, requested: str | None, device_type: str) -> str:
     """The name of the backend that runs ``family``'s ops on ``device_type``."""
     source = "argument"
