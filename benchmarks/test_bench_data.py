@@ -64,7 +64,7 @@ def test_loader_throughput(benchmark, backend, jpeg_folder):
     run()  # warm-up: workers, pipeline build
     seconds = measure(benchmark, run, rounds=3 if ON_GPU else 2, op="loader", provider=backend, mode="epoch",
                       preset=f"{NUM_IMAGES}x400-500px_jpeg", workers=WORKERS)
-    images_per_sec = len(loader) * batch / seconds
+    images_per_sec = loader.steps_per_epoch * batch / seconds
     benchmark.extra_info.update(images_per_sec=images_per_sec,
                                 images_per_sec_per_core=None if backend == "synthetic" else images_per_sec / WORKERS)
 

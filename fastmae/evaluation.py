@@ -28,7 +28,7 @@ def build_data(args: argparse.Namespace, run: Run, train_mode: str):
         raise UsageError(f"--nb_classes {args.nb_classes} is fewer than the {len(classes)} classes of "
                          f"{args.data_path or 'the built-in shapes'}: labels would fall outside the head")
     logger.info("data: %s, %d classes, %d training steps per epoch per rank", args.data_path or "built-in shapes",
-                len(classes), len(train))
+                len(classes), train.steps_per_epoch)
     return train, val, args.nb_classes or len(classes)
 
 

@@ -95,8 +95,9 @@ def build(args: argparse.Namespace) -> Pretraining:
         builtin_size=args.builtin_size, pad_last_batch=args.pad_last_batch,
     )
     logger.info("data: %s via %s, %d steps per epoch per rank, %d ranks",
-                args.data_path or "built-in shapes", type(loader).__name__, len(loader), dist.world_size)
-    warn_about_small_data(loader.num_samples, args.batch_size * dist.world_size, len(loader), args.warmup_epochs)
+                args.data_path or "built-in shapes", type(loader).__name__, loader.steps_per_epoch, dist.world_size)
+    warn_about_small_data(loader.num_samples, args.batch_size * dist.world_size, loader.steps_per_epoch,
+                          args.warmup_epochs)
     # the loss draws its masks on the device: the step can be captured as a CUDA graph
     step_mode = choose_step_mode(args, run, compile_by_default=True, capturable_loss=True,
                                  fused_optimizer=args.optimizer == "adamw")

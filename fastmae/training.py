@@ -421,7 +421,7 @@ def fit(
     (atomic) at every epoch end and every ``--checkpoint_steps`` batches; ``log.txt`` gets the epoch's ``train_*`` figures and what
     ``after_epoch(epoch, train_model)`` returns (evaluation, pictures). Returns the last record."""
     dist, device = run.dist, run.device
-    steps_per_epoch = len(loader)
+    steps_per_epoch = loader.steps_per_epoch
     start_epoch, start_batch, totals = args.start_epoch, 0, None
     layout = {"batch_size": args.batch_size, "accum_iter": args.accum_iter, "steps_per_epoch": steps_per_epoch}
     resume = resume_path(args)

@@ -460,3 +460,14 @@ def test_evaluation_and_finetuning_modes(backend, flat_folder):
     assert decode_file_index(images)[:43] == number and labels[:43].tolist() == file_labels.tolist()
     images, labels = read_epoch(build_loader(mode="train_randaug", **common))
     assert images.shape == (40, 3, 16, 16) and torch.isfinite(images).all()  # the last, incomplete batch left out
+
+
+@pytest.mark.parametrize("backend", [*LOADERS, "synthetic"])
+def test_every_loader_is_an_epoch_loader(backend, flat_folder):
+    from fastmae.data.protocol import EpochLoader
+
+    loader_ = loader(backend, flat_folder, batch_size=4)
+    assert isinstance(loader_, EpochLoader)
+    steps = loader_.steps_per_epoch
+    loader_.set_epoch(0, start_batch=2)
+    assert loader_.steps_per_epoch == steps and len(loader_) == steps - 2 == len(list(loader_))

@@ -65,7 +65,7 @@ def train(rank: int, world_size: int, batch_size: int, accum_iter: int, out: str
     losses = []
     for epoch in range(2):
         loader.set_epoch(epoch)
-        train_one_epoch(step, loader, epoch, cfg, device=torch.device("cpu"), steps_per_epoch=len(loader), dist=dist,
+        train_one_epoch(step, loader, epoch, cfg, device=torch.device("cpu"), steps_per_epoch=loader.steps_per_epoch, dist=dist,
                         log=lambda r: losses.append(r["loss"]))
     # a sharded parameter gathered whole (a collective: every rank takes part)
     params = [(p.full_tensor() if sharding == "fsdp" else p).detach().clone() for p in model.parameters()]
@@ -190,7 +190,7 @@ def stop_on_rank_0(rank: int, world_size: int, out: str, port: int) -> None:
     checkpoints = []
     cfg = EpochConfig(schedule=dict(lr=0.1, min_lr=0, warmup_epochs=0, epochs=1), print_freq=1)
     try:
-        train_one_epoch(step, loader, 0, cfg, device=torch.device("cpu"), steps_per_epoch=len(loader), dist=dist,
+        train_one_epoch(step, loader, 0, cfg, device=torch.device("cpu"), steps_per_epoch=loader.steps_per_epoch, dist=dist,
                         log=lambda r: steps.append(r["batch"]), on_checkpoint=lambda e, b, t: checkpoints.append(b),
                         stop_signal=lambda: signal.SIGTERM if rank == 0 and len(steps) >= 3 else 0)
         stopped = None

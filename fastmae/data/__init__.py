@@ -1,8 +1,8 @@
 """Pretraining data: one loader interface, several backends.
 
-Every loader yields ``(images float32 [B, 3, S, S], labels int64 [B])`` already on the training
-device, has ``len`` (batches left this epoch), ``set_epoch(epoch, start_batch=0)`` and
-``files_skipped``. Backends: ``dali`` (GPU decode and crop; DALI's CPU mode without a GPU),
+Every loader is an :class:`~fastmae.data.protocol.EpochLoader`: ``(images float32 [B, 3, S, S],
+labels int64 [B])`` already on the training device, ``steps_per_epoch``, ``num_samples``,
+``set_epoch(epoch, start_batch=0)``, ``files_skipped``. Backends: ``dali`` (GPU decode and crop; DALI's CPU mode without a GPU),
 ``nvjpeg`` (JPEG bytes read by DataLoader workers, decoded by nvJPEG and cropped by one fused
 kernel on the GPU), ``torchvision`` (PIL decode in DataLoader workers), ``synthetic`` (random
 batches on the device);
@@ -130,7 +130,7 @@ def build_loader(
                            pin_memory, skip_unreadable, builtin, synthetic_batches, num_classes,
                            drop_last=mode != "eval" and not pad_last_batch,
                            transform_of=lambda m: transform(m, input_size, aa=aa, color_jitter=color_jitter))
-    if len(loader) == 0:
+    if loader.steps_per_epoch == 0:
         raise UsageError(f"{loader.num_samples} images make no whole batch of {batch_size} on each of {world_size} "
                          f"rank(s): lower --batch_size, or pass --pad_last_batch to repeat images into one")
     return loader

@@ -165,12 +165,16 @@ class DaliLoader:
             return self._tar_meta()["epoch_size"]
         return len(self.files)
 
-    def __len__(self) -> int:
+    @property
+    def steps_per_epoch(self) -> int:
         if self.shards is not None:
             per_epoch = self._tar_meta()["epoch_size_padded"] / (self.world_size * self.batch_size)
-            return (math.floor(per_epoch) if self.drop_last else math.ceil(per_epoch)) - self.start_batch
+            return math.floor(per_epoch) if self.drop_last else math.ceil(per_epoch)
         return batches_per_epoch(len(self.files), world_size=self.world_size, batch_size=self.batch_size,
-                                 drop_last=self.drop_last) - self.start_batch
+                                 drop_last=self.drop_last)
+
+    def __len__(self) -> int:  # the batches the next iteration yields
+        return self.steps_per_epoch - self.start_batch
 
     def _tar_meta(self) -> dict:
         if self._tar_reader_meta is None:  # DALI indexes the shards: build a pipeline once to ask it

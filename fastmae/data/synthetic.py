@@ -28,8 +28,12 @@ class SyntheticLoader:
     def num_samples(self) -> int:
         return self.batches_per_epoch * len(self.batches[0][1])
 
-    def __len__(self) -> int:
-        return self.batches_per_epoch - self.start_batch
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.batches_per_epoch
+
+    def __len__(self) -> int:  # the batches the next iteration yields
+        return self.steps_per_epoch - self.start_batch
 
     def __iter__(self):
         for i in range(self.start_batch, self.batches_per_epoch):

@@ -133,9 +133,13 @@ class TorchvisionLoader:
     def num_samples(self) -> int:
         return len(self.dataset)
 
-    def __len__(self) -> int:
+    @property
+    def steps_per_epoch(self) -> int:
         return batches_per_epoch(len(self.dataset), world_size=self.world_size, batch_size=self.batch_size,
-                                 drop_last=self.drop_last) - self.start_batch
+                                 drop_last=self.drop_last)
+
+    def __len__(self) -> int:  # the batches the next iteration yields
+        return self.steps_per_epoch - self.start_batch
 
     def __iter__(self):
         try:
