@@ -83,8 +83,8 @@ def test_nvjpeg_device_decode_and_crop(benchmark, jpeg_folder):
     data = [read_file(f) for f in files]
     decoded = decode_jpeg(data, device="cuda")
     params = [crop_params(img.shape[1], img.shape[2]) for img in decoded]
-    boxes = torch.tensor([p[:4] for p in params], dtype=torch.int32, device="cuda")
-    flips = torch.tensor([p[4] for p in params], dtype=torch.int32, device="cuda")
+    boxes = torch.tensor([p[:4] for p in params], dtype=torch.int32)  # on the host, as the loader gives them
+    flips = torch.tensor([p[4] for p in params], dtype=torch.int32)
 
     def run():
         images = decode_jpeg(data, device="cuda")

@@ -19,6 +19,7 @@ import triton.language as tl
 from fastmae.kernels._launch import INTERPRET, on_device
 
 A = tl.constexpr(-0.75)
+TABLE_WIDTH = tl.constexpr(8)
 
 
 @triton.jit
@@ -65,21 +66,22 @@ def _round_half_even(x):
 
 @triton.jit
 def _resized_crop_kernel(
-    addresses_ptr, shapes_ptr, boxes_ptr, flips_ptr, out_ptr,
+    table_ptr, out_ptr,
     mean0, mean1, mean2, std0, std1, std2,
     S: tl.constexpr, BLOCK: tl.constexpr,
 ):
     b = tl.program_id(0)
     o = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = o < S * S
-    img = tl.load(addresses_ptr + b).to(tl.pointer_type(tl.uint8), bitcast=True)
-    H = tl.load(shapes_ptr + 2 * b)
-    W = tl.load(shapes_ptr + 2 * b + 1)
-    top = tl.load(boxes_ptr + 4 * b)
-    left = tl.load(boxes_ptr + 4 * b + 1)
-    h = tl.load(boxes_ptr + 4 * b + 2)
-    w = tl.load(boxes_ptr + 4 * b + 3)
-    flip = tl.load(flips_ptr + b) != 0
+    row = table_ptr + TABLE_WIDTH * b  # this image's (address, H, W, top, left, h, w, flip)
+    img = tl.load(row).to(tl.pointer_type(tl.uint8), bitcast=True)
+    H = tl.load(row + 1).to(tl.int32)
+    W = tl.load(row + 2).to(tl.int32)
+    top = tl.load(row + 3).to(tl.int32)
+    left = tl.load(row + 4).to(tl.int32)
+    h = tl.load(row + 5).to(tl.int32)
+    w = tl.load(row + 6).to(tl.int32)
+    flip = tl.load(row + 7) != 0
 
     oy = o // S
     ox = o % S
@@ -119,14 +121,19 @@ def resized_crop_batch(images: list[torch.Tensor], boxes: torch.Tensor, flips: t
                        mean: tuple[float, float, float], std: tuple[float, float, float],
                        out: torch.Tensor) -> torch.Tensor:
     """Fill ``out`` [B, 3, size, size] from ``images`` (uint8 [3, H, W], contiguous, on ``out``'s
-    device), ``boxes`` int32 [B, 4] (top, left, height, width) and ``flips`` [B] on that device.
-    Checks are the caller's (:func:`fastmae.data.gpu_augment.resized_crop`)."""
-    device = out.device
-    addresses = torch.tensor([img.data_ptr() for img in images], dtype=torch.int64).to(device, non_blocking=True)
-    shapes = torch.tensor([img.shape[1:] for img in images], dtype=torch.int32).to(device, non_blocking=True)
+    device), ``boxes`` [B, 4] (top, left, height, width) and ``flips`` [B] on the host. Checks are
+    the caller's (:func:`fastmae.data.gpu_augment.resized_crop`)."""
+    # one table per batch, one copy from pinned memory: a copy from pageable memory would wait for
+    # the training step queued on the device
+    on_gpu = out.device.type == "cuda"
+    table = torch.empty(len(images), 8, dtype=torch.int64, pin_memory=on_gpu)
+    table[:, 0] = torch.tensor([img.data_ptr() for img in images], dtype=torch.int64)
+    table[:, 1:3] = torch.tensor([img.shape[1:] for img in images], dtype=torch.int64)
+    table[:, 3:7] = boxes
+    table[:, 7] = flips
+    table = table.to(out.device, non_blocking=True)
     block = triton.next_power_of_2(size * size) if INTERPRET else 256
     grid = (len(images), triton.cdiv(size * size, block))
     with on_device(out):
-        _resized_crop_kernel[grid](addresses, shapes, boxes, flips, out, *mean, *std, S=size, BLOCK=block,
-                                   num_warps=4)
+        _resized_crop_kernel[grid](table, out, *mean, *std, S=size, BLOCK=block, num_warps=4)
     return out

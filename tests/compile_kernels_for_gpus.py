@@ -65,7 +65,7 @@ CASES = [
                                     n_rows="i32", D="i32", tiles_per_program="i32"),
      dict(FP64=False, BLOCK_R=1, BLOCK_W=4096), 8),
     *[(resized_crop._resized_crop_kernel,
-       dict(addresses_ptr="*i64", shapes_ptr="*i32", boxes_ptr="*i32", flips_ptr="*i32", out_ptr=f"*{out}",
+       dict(table_ptr="*i64", out_ptr=f"*{out}",
             mean0="fp32", mean1="fp32", mean2="fp32", std0="fp32", std1="fp32", std2="fp32"),
        dict(S=224, BLOCK=256), 4)
       for out in ("fp32", "bf16")],

@@ -51,8 +51,7 @@ def test_kernel_matches_torchvisions_tensor_ops(triton_device, dtype, size):
     images = random_images([(37, 53), (61, 40), (9, 13), (120, 97), (5, 1), (24, 24)], g)
     boxes, flips = draw(images)
     out = torch.full((len(images), 3, size, size), float("nan"), dtype=dtype, device=triton_device)
-    resized_crop_batch([img.to(triton_device) for img in images], boxes.to(triton_device),
-                       flips.int().to(triton_device), size, IMAGENET_MEAN, IMAGENET_STD, out)
+    resized_crop_batch([img.to(triton_device) for img in images], boxes, flips, size, IMAGENET_MEAN, IMAGENET_STD, out)
     expected = resized_crop_reference(images, boxes, flips, size, IMAGENET_MEAN, IMAGENET_STD, dtype)
     assert torch.isfinite(out).all()
     assert_within_a_rounding_step(out.cpu(), expected)

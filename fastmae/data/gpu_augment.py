@@ -84,8 +84,9 @@ def resized_crop(images: list[torch.Tensor], boxes: torch.Tensor, flips: torch.T
     own size, all on one device), cropped to ``boxes`` ([B, 4]: top, left, height, width),
     resized, flipped where ``flips`` and normalized by ``mean`` and ``std`` (per channel, of
     pixels in [0, 1]). ``backend``: ``triton`` (the fused kernel; the Triton interpreter runs it on
-    a CPU) or ``torch`` (the reference). The boxes are checked against the images' sizes: given on
-    the host, that costs no synchronization with the device."""
+    a CPU) or ``torch`` (the reference). The boxes and flips are read on the host (checked against
+    the images' sizes, and sent with the images' addresses in one copy from pinned memory): given
+    there, they cost no synchronization with the device."""
     if backend not in CROP_BACKENDS:
         raise UsageError(f"unknown crop backend {backend!r}; choose one of {CROP_BACKENDS}")
     check_crop_inputs(images, boxes, flips, size)

@@ -125,7 +125,7 @@ class NvjpegLoader(TorchvisionLoader):
         for samples, labels, skipped in self._loader:
             self.files_skipped += int(skipped)
             images = self._decode(samples)
-            boxes = torch.stack([s.box for s in samples])  # checked on the host, moved by resized_crop
+            boxes = torch.stack([s.box for s in samples])  # read on the host by resized_crop
             flips = torch.tensor([s.flip for s in samples], dtype=torch.int32)
             yield (resized_crop(images, boxes, flips, self.image_size, self.mean, self.std, backend=self.crop_backend),
                    labels.to(self.device, non_blocking=True))
