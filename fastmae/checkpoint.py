@@ -276,15 +276,18 @@ def is_complete(path: str | os.PathLike) -> bool:
     return os.path.isfile(os.path.join(path, METADATA))
 
 
-def _position_name(name: str) -> str:
-    """``checkpoint-E[-B].dcp`` of ``checkpoint-E[-B][.N].dcp``."""
-    return re.sub(r"\.\d+(?=" + re.escape(SHARDED_SUFFIX) + "$)", "", name)
-
-
 def sharded_name(epoch: int, next_batch: int) -> str:
     """``checkpoint-EPOCH.dcp`` at the end of an epoch (as ``checkpoint-EPOCH.pth``), else
-    ``checkpoint-EPOCH-BATCH.dcp`` (continuing at ``BATCH`` of ``EPOCH``)."""
+    ``checkpoint-EPOCH-BATCH.dcp`` (continuing at ``BATCH`` of ``EPOCH``); a save at a position
+    whose folder exists writes ``...N.dcp`` (:meth:`ShardedCheckpointer.save`)."""
     return f"checkpoint-{epoch}{f'-{next_batch}' if next_batch else ''}{SHARDED_SUFFIX}"
+
+
+def sharded_position(name: str) -> tuple[int, int] | None:
+    """``(epoch, next batch)`` of a sharded checkpoint's folder name (:func:`sharded_name`'s, with
+    or without its ``.N``); None for another name."""
+    found = re.fullmatch(r"checkpoint-(\d+)(?:-(\d+))?(?:\.\d+)?" + re.escape(SHARDED_SUFFIX), name)
+    return (int(found[1]), int(found[2] or 0)) if found else None
 
 
 def pack_trainer(entries: Mapping[str, Any]) -> bytes:
@@ -382,12 +385,13 @@ class ShardedCheckpointer:
     flight. ``asynchronous``: :meth:`save` returns once the state is copied to host memory, and
     the files are written while training goes on (on a process group of its own: gloo, which
     the writing thread may use beside the training's collectives). When a checkpoint is complete,
-    the older ones that ``transient(name)`` says need not be kept are removed (rank 0)."""
+    rank 0 removes the ones it supersedes: mid-epoch ones, those of its own position, and the
+    epoch ends that ``kept(epoch)`` does not keep."""
 
-    def __init__(self, output_dir: str, *, asynchronous: bool, is_main: bool, transient: Callable[[str], bool]):
+    def __init__(self, output_dir: str, *, asynchronous: bool, is_main: bool, kept: Callable[[int], bool]):
         import torch.distributed as dist
 
-        self.output_dir, self.asynchronous, self.is_main, self.transient = output_dir, asynchronous, is_main, transient
+        self.output_dir, self.asynchronous, self.is_main, self.kept = output_dir, asynchronous, is_main, kept
         self.group = dist.new_group(backend="gloo") if asynchronous and dist.is_initialized() else None
         if not dist.is_initialized():
             # said on every save (from the writing thread too), although one process is what we ask for
@@ -437,11 +441,14 @@ class ShardedCheckpointer:
         self.last = path
         if not self.is_main:
             return
-        position = _position_name(os.path.basename(path))
+        position = sharded_position(os.path.basename(path))
         for other in glob.glob(os.path.join(self.output_dir, "checkpoint-*" + SHARDED_SUFFIX)):
-            name = os.path.basename(other)
-            if name != os.path.basename(path) and (self.transient(name) or _position_name(name) == position):
-                shutil.rmtree(other, ignore_errors=True)  # older, or of the same position: superseded
+            theirs = sharded_position(os.path.basename(other))
+            if other == path or theirs is None:
+                continue
+            epoch, next_batch = theirs
+            if theirs == position or next_batch or not self.kept(epoch):
+                shutil.rmtree(other, ignore_errors=True)
 
 
 def sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:

@@ -162,10 +162,9 @@ class TrainStep:
     # -- the step itself ---------------------------------------------------------------------------
 
     def _step(self, model: nn.Module, imgs: torch.Tensor, labels: torch.Tensor, update: bool,
-              reduce: bool | None = None) -> torch.Tensor:
+              reduce: bool) -> torch.Tensor:
         # DDP all-reduces (FSDP reduce-scatters) gradients in backward: only on the micro-batch that
         # ends an accumulation (or one about to be discarded)
-        reduce = update if reduce is None else reduce
         sync = self.model.no_sync() if self.ddp and not reduce else nullcontext()
         if self.fsdp:
             self.model.set_requires_gradient_sync(reduce)
@@ -229,13 +228,13 @@ class TrainStep:
                             tuple(static_imgs.shape))
                 self.warned_shape = True
             with _uncaptured_optimizer():
-                return self._step(self.model, imgs, labels, update)
+                return self._step(self.model, imgs, labels, update, update)
         if self.warmup_left > 0:
             # real steps, on a side stream as CUDA graph capture wants its warmup
             side = self.side_stream = self.side_stream or torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side), _uncaptured_optimizer():
-                loss = self._step(self.step_model, imgs, labels, update)
+                loss = self._step(self.step_model, imgs, labels, update, update)
             torch.cuda.current_stream(self.device).wait_stream(side)
             self.warmup_left -= update
             return loss
@@ -253,7 +252,7 @@ class TrainStep:
         # thread_local: the loader's threads (pinning memory, DALI's prefetch) keep using CUDA
         # during the capture, which the default "global" mode would turn into a capture error
         with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-            self.static_loss[update] = self._step(self.step_model, *self.static_batch, update)
+            self.static_loss[update] = self._step(self.step_model, *self.static_batch, update, update)
         # both graphs draw on one memory pool: they never run at the same time
         self.pool = graph.pool()
         self.graphs[update] = graph

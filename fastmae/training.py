@@ -9,7 +9,6 @@ import json
 import logging
 import os
 import random
-import re
 import signal
 import socket
 import tempfile
@@ -24,7 +23,7 @@ from torch import nn
 
 from fastmae import ops
 from fastmae.checkpoint import (
-    SHARDED_SUFFIX, ShardedCheckpointer, UnreadableCheckpointError, checkpoint_kind, checkpoints_newest_first,
+    ShardedCheckpointer, UnreadableCheckpointError, checkpoint_kind, checkpoints_newest_first,
     consolidate, is_sharded_checkpoint, link_or_copy, model_state_dict, newest_readable_checkpoint,
     optimizer_state_by_name, parameter_names, peek_checkpoint, read_checkpoint, remove_stale_temporaries, rng_state,
     save_checkpoint, set_rng_state, sharded_name, sharded_state,
@@ -438,12 +437,8 @@ def fit(
     def kept(epoch: int) -> bool:  # the epochs whose end's checkpoint is kept
         return epoch % args.save_freq == 0 or epoch + 1 == args.epochs
 
-    def transient(name: str) -> bool:  # a sharded checkpoint that the next one replaces
-        found = re.fullmatch(r"checkpoint-(\d+)(-\d+)?(\.\d+)?" + re.escape(SHARDED_SUFFIX), name)
-        return bool(found) and (found[2] is not None or not kept(int(found[1])))
-
     checkpointer = ShardedCheckpointer(args.output_dir, asynchronous=args.async_checkpoint, is_main=dist.is_main,
-                                       transient=transient) if args.checkpoint_format == "sharded" else None
+                                       kept=kept) if args.checkpoint_format == "sharded" else None
 
     def checkpoint(epoch: int, next_batch: int, totals: dict | None = None, numbered: bool = False) -> None:
         set_phase(f"writing a checkpoint at epoch {epoch}, batch {next_batch}")
@@ -491,7 +486,7 @@ def fit(
         record = {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch,
                   "files_skipped": round(skipped.item()), **after_epoch(epoch, step.model, stats)}
         # after the evaluation: its best accuracy so far is part of the state a resumed run continues
-        checkpoint(epoch, 0, numbered=epoch % args.save_freq == 0 or epoch + 1 == args.epochs)
+        checkpoint(epoch, 0, numbered=kept(epoch))
         run.files.append("log.txt", record)
         run.files.scalars(record, epoch)
         logger.info("epoch %d: %s", epoch, ", ".join(f"{k} {v:.4g}" for k, v in record.items()

@@ -145,7 +145,7 @@ def test_a_sharded_checkpoint_is_never_written_over(tmp_path):
     optimizer = torch.optim.AdamW(model.parameters())
     model(torch.randn(4, 3)).sum().backward()
     optimizer.step()
-    saver = ShardedCheckpointer(str(tmp_path), asynchronous=False, is_main=True, transient=lambda name: False)
+    saver = ShardedCheckpointer(str(tmp_path), asynchronous=False, is_main=True, kept=lambda epoch: True)
     saver.save(model, optimizer, {"epoch": 0}, "checkpoint-1-2.dcp")
     saver.save(model, optimizer, {"epoch": 1}, "checkpoint-1-2.dcp")
     assert saver.last == str(tmp_path / "checkpoint-1-2.1.dcp")
