@@ -9,7 +9,7 @@ AUTO = "auto"
 # backends from this table.
 BACKEND_TABLE: dict[str, tuple[tuple[str, str, tuple[str, ...], dict], ...]] = {
     "kernels": (
-        ("triton", "fastmae.kernels.backend", ("cuda",), {}),
+        ("triton", "fastmae.ops.triton_backend", ("cuda",), {}),
         ("native", "fastmae.ops.native", ("cuda",), {}),
         ("torch", "fastmae.ops.reference", ("*",), {}),
     ),

@@ -67,3 +67,32 @@ def expected_backends(family: str, device_type: str) -> set[str]:
     if family != "kernels":
         raise UsageError(f"no expectation for the {family} family: its backends depend on optional libraries")
     return {REFERENCE_BACKEND, "triton", "native"}
+
+
+# The fused backends' ops checked by torch.library.opcheck (schema, fake kernel against the real
+# outputs, autograd registration), from their specs: each op with its optional inputs given and in
+# fp32, then without them and in bf16 (float64 for random_masking, whose noise Triton takes in 32 bits
+# at most: the native kernels take it).
+OPCHECK_DIMS = {"N": 2, "L": 16, "D": 24, "C": 3, "H": 16, "W": 16, "p": 4}
+OPCHECK_VARIANTS = (
+    dict(dtype=torch.float32, optional=True,
+         values={"dtype": torch.bfloat16, "x_dtype": torch.bfloat16, "norm_pix": True, "with_grad": True}),
+    dict(dtype=torch.bfloat16, optional=False,
+         values={"dtype": torch.bfloat16, "x_dtype": torch.bfloat16, "norm_pix": False, "with_grad": False}),
+)
+
+
+def fused_opcheck_cases() -> list[tuple[str, int]]:
+    """``(op name, variant)`` for every fused op: pytest parameters collected without the ops."""
+    from fastmae.ops.spec import FUSED_SPECS
+
+    return [(name, v) for name in FUSED_SPECS for v in range(len(OPCHECK_VARIANTS))]
+
+
+def fused_opcheck_args(name: str, variant: int, *, noise_dtype: torch.dtype | None = None) -> list:
+    from fastmae.ops.spec import FUSED_SPECS, example_inputs
+
+    v = OPCHECK_VARIANTS[variant]
+    dtype = noise_dtype if name == "random_masking" and noise_dtype is not None else v["dtype"]
+    return example_inputs(FUSED_SPECS[name], OPCHECK_DIMS, dtype=dtype, optional=v["optional"], values=v["values"],
+                          requires_grad=True)

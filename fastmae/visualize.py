@@ -21,7 +21,7 @@ from fastmae.data import IMAGENET_MEAN, IMAGENET_STD
 from fastmae.data.sources import UnreadableImageError, load_rgb
 from fastmae.errors import MissingPathError, UsageError
 from fastmae.models import PRESETS, MaskedAutoencoderViT, create_model
-from fastmae.ops.reference import NORM_PIX_EPS
+from fastmae.numerics import NORM_PIX_EPS
 
 
 @torch.no_grad()

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from fastmae.kernels._launch import accumulator_is_fp64, on_device, row_tiles
-from fastmae.ops.reference import NORM_PIX_EPS
+from fastmae.numerics import NORM_PIX_EPS
 
 
 @triton.jit

@@ -9,7 +9,7 @@ Backward walks the same rows: a kept position sends its gradient row to ``dx[n, 
 ``dx`` row is written exactly once, since ``ids_restore`` is a permutation), a removed one adds it to
 the mask token's gradient. That sum is deterministic: each program adds its rows in a fixed order
 into its own fp32 partial row, and the partial rows are summed by one ``torch.sum``.
-Fake kernels and autograd: :mod:`fastmae.ops.fused`.
+Fake kernels (from the op's spec) and autograd: :mod:`fastmae.ops.fused`.
 """
 from __future__ import annotations
 
@@ -20,7 +20,6 @@ import triton
 import triton.language as tl
 
 from fastmae.kernels._launch import accumulator_is_fp64, on_device, row_tiles
-from fastmae.ops.fused import unshuffle_dtype
 
 
 @triton.jit
@@ -80,6 +79,11 @@ def _unshuffle_bwd(
     tl.store(dtok_partial_ptr + i_p * D + o_d, b_dtok, mask=m_d)
 
 
+def _out_dtype(x, mask_token, pos_embed) -> torch.dtype:
+    dtype = torch.promote_types(x.dtype, mask_token.dtype)  # as the spec's fake (tests compare them)
+    return dtype if pos_embed is None else torch.promote_types(dtype, pos_embed.dtype)
+
+
 @torch.library.custom_op("fastmae::unshuffle_with_mask_token", mutates_args=())
 def unshuffle_op(
     x: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor, pos_embed: Optional[torch.Tensor]
@@ -88,7 +92,7 @@ def unshuffle_op(
     ids_restore = ids_restore.contiguous()
     n, k1, d = x.shape
     L = ids_restore.shape[1]
-    out = torch.empty(n, L + 1, d, dtype=unshuffle_dtype(x, mask_token, pos_embed), device=x.device)
+    out = torch.empty(n, L + 1, d, dtype=_out_dtype(x, mask_token, pos_embed), device=x.device)
     t = row_tiles(n * (L + 1), d, x.device)
     with on_device(x):
         _unshuffle_fwd[t.grid](

@@ -1,4 +1,6 @@
 """Every attention backend against the explicit-softmax reference (``math``)."""
+import functools
+
 import pytest
 import torch
 
@@ -41,7 +43,7 @@ def test_mask_and_dropout_are_refused():
 
 
 def test_shapes_are_checked():
-    with pytest.raises(ValueError, match="q, k, v"):
+    with pytest.raises(ValueError, match=r"attention: v must be \[B=1, heads=2, S=3, head_dim=4\], got \(1, 2, 4, 4\)"):
         ops.attention(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4), torch.randn(1, 2, 4, 4))
 
 
@@ -84,3 +86,22 @@ def test_a_layer_resolves_its_backend_once(monkeypatch):
     layer.attention_backend = "sdpa"  # a new backend is resolved anew
     layer(x)
     assert calls[-1] == ("sdpa", "cpu")
+
+
+def test_pinned_kernels_declare_what_they_take():
+    """PyTorch's flash and cuDNN kernels take fp16/bf16 on CUDA: pinned, an fp32 input is refused
+    with that reason before PyTorch sees it; a layer with a pinned kernel checks each call."""
+    from fastmae.models.layers import Attention
+    from fastmae.ops import registry
+
+    flash = registry._find("attention", "sdpa_flash")
+    fp32 = registry.InputClass("attention", "cuda", {"q": torch.float32, "k": torch.float32, "v": torch.float32},
+                               {"B": 1, "heads": 2, "S": 4, "head_dim": 64})
+    assert "float16 or bfloat16" in flash.not_supported_reasons("attention", fp32)[0]
+    bf16 = registry.InputClass("attention", "cuda", {n: torch.bfloat16 for n in "qkv"}, fp32.dims)
+    assert not flash.not_supported_reasons("attention", bf16)
+    assert not flash.not_supported_reasons("attention", registry.InputClass("attention", "cpu", fp32.dtypes, fp32.dims))
+    layer = Attention(16, 2, attention_backend="sdpa_flash")
+    assert layer.attention_function("cpu").func is ops.attention  # checked per call
+    for name in ("math", "sdpa"):  # nothing to check: called directly
+        assert not isinstance(Attention(16, 2, attention_backend=name).attention_function("cpu"), functools.partial)

@@ -10,32 +10,19 @@ import torch
 
 from fastmae import ops
 from fastmae.ops import reference
-from fastmae.testing import assert_close
+from fastmae.testing import assert_close, fused_opcheck_args, fused_opcheck_cases
 
 
 def masking(n, L, k):
     return reference.random_masking(torch.rand(n, L), k)
 
 
-def opcheck_cases():
-    n, L, d, k = 2, 16, 24, 5
-    ids_keep, ids_restore, mask = masking(n, L, k)
+def layer_opcheck_cases():
+    """The Triton backend's own ops (the transformer block's fused elementwise work)."""
+    n, L, d = 2, 16, 24
     f = torch.ops.fastmae
     x = torch.randn(n, L, d, requires_grad=True)
-    xv = torch.randn(n, 1 + k, d, requires_grad=True)
-    token = torch.randn(d, requires_grad=True)
-    pred = torch.randn(n, L, 48, requires_grad=True)
-    imgs = torch.randn(n, 3, 16, 16)
     return [
-        (f.random_masking.default, (torch.rand(n, L), k)),
-        (f.gather_visible.default, (x, ids_keep, torch.randn(L, d))),
-        (f.gather_visible.default, (x, ids_keep, None)),
-        (f.gather_visible_backward.default, (torch.randn(n, k, d), ids_keep, L, torch.bfloat16)),
-        (f.gather_patches.default, (torch.randn(n, 3, 16, 16, requires_grad=True), ids_keep, 4)),
-        (f.unshuffle_with_mask_token.default, (xv, ids_restore, token, torch.randn(L + 1, d))),
-        (f.unshuffle_with_mask_token_backward.default, (torch.randn(n, L + 1, d), ids_restore, 1 + k, torch.float32)),
-        (f.masked_pixel_loss.default, (pred, imgs, mask, 4, True, True)),
-        (f.masked_pixel_loss.default, (pred.detach(), imgs, mask, 4, False, False)),
         (f.add_layer_norm.default, (x, torch.randn(n, L, d, dtype=torch.bfloat16, requires_grad=True),
                                     torch.randn(d, requires_grad=True), torch.randn(d, requires_grad=True), 1e-6, None)),
         (f.add_layer_norm.default, (x, None, torch.randn(d, requires_grad=True), None, 1e-6, torch.bfloat16)),
@@ -47,13 +34,20 @@ def opcheck_cases():
     ]
 
 
-OPCHECK_CASES = 14  # len(opcheck_cases()), written out: collecting must not need the Triton ops
+@pytest.mark.parametrize("name,variant", fused_opcheck_cases())
+def test_opcheck_mae_ops(triton_device, name, variant):
+    from fastmae.ops.triton_backend import OPS
+
+    torch.library.opcheck(getattr(OPS, name), fused_opcheck_args(name, variant, noise_dtype=torch.float32))
 
 
-@pytest.mark.parametrize("case", range(OPCHECK_CASES))
-def test_opcheck(triton_device, case):
-    cases = opcheck_cases()
-    assert len(cases) == OPCHECK_CASES
+LAYER_OPCHECK_CASES = 5  # len(layer_opcheck_cases()), written out: collecting must not need the Triton ops
+
+
+@pytest.mark.parametrize("case", range(LAYER_OPCHECK_CASES))
+def test_opcheck_layer_ops(triton_device, case):
+    cases = layer_opcheck_cases()
+    assert len(cases) == LAYER_OPCHECK_CASES
     op, args = cases[case]
     torch.library.opcheck(op, args)
 
@@ -81,7 +75,7 @@ def test_loss_refuses_gradients_it_does_not_compute(triton_device):
 
 
 def test_masking_refuses_float64_noise(triton_device):
-    with pytest.raises(ValueError, match="float64"):
+    with pytest.raises(ops.BackendUnavailableError, match="'triton' was requested but cannot take.*float64 noise"):
         ops.random_masking(torch.rand(2, 8, dtype=torch.float64), 2, backend="triton")
 
 

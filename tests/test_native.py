@@ -16,7 +16,7 @@ import torch
 from fastmae import ops
 from fastmae.ops import native, reference, registry
 from fastmae.ops.native import build
-from fastmae.testing import assert_close, backend_cases
+from fastmae.testing import assert_close, backend_cases, fused_opcheck_args, fused_opcheck_cases
 
 f = torch.ops.fastmae_native
 
@@ -109,39 +109,9 @@ def test_cuda_library_compiles_for_a100_and_h100_and_loads():
 
 # -- registration ------------------------------------------------------------------------------------
 
-def opcheck_cases():
-    n, L, d, k = 2, 16, 24, 5
-    ids_keep, ids_restore, mask = masking(n, L, k)
-    x = torch.randn(n, L, d, requires_grad=True)
-    xv = torch.randn(n, 1 + k, d, dtype=torch.bfloat16, requires_grad=True)
-    token = torch.randn(d, requires_grad=True)
-    pred = torch.randn(n, L, 48, requires_grad=True)
-    imgs = torch.randn(n, 3, 16, 16)
-    return [
-        (f.random_masking.default, (torch.rand(n, L), k)),
-        (f.random_masking.default, (torch.randn(n, L, dtype=torch.float64), 0)),
-        (f.gather_visible.default, (x, ids_keep, torch.randn(L, d))),
-        (f.gather_visible.default, (x.detach().bfloat16().requires_grad_(), ids_keep, None)),
-        (f.gather_visible_backward.default, (torch.randn(n, k, d), ids_keep, L, torch.bfloat16)),
-        (f.gather_patches.default, (torch.randn(n, 3, 16, 16, requires_grad=True), ids_keep, 4)),
-        (f.unshuffle_with_mask_token.default, (xv, ids_restore, token, torch.randn(L + 1, d))),
-        (f.unshuffle_with_mask_token.default, (xv, ids_restore, token, None)),
-        (f.unshuffle_with_mask_token_backward.default, (torch.randn(n, L + 1, d), ids_restore, 1 + k, torch.bfloat16)),
-        (f.masked_pixel_loss.default, (pred, imgs, mask, 4, True, True)),
-        (f.masked_pixel_loss.default, (pred.detach().bfloat16().requires_grad_(), imgs, mask, 4, False, True)),
-        (f.masked_pixel_loss.default, (pred.detach(), imgs, mask, 4, False, False)),
-    ]
-
-
-OPCHECK_CASES = 12  # len(opcheck_cases()), written out: collecting must not need the built library
-
-
-@pytest.mark.parametrize("case", range(OPCHECK_CASES))
-def test_opcheck(device, case):
-    cases = opcheck_cases()
-    assert len(cases) == OPCHECK_CASES
-    op, args = cases[case]
-    torch.library.opcheck(op, args)
+@pytest.mark.parametrize("name,variant", fused_opcheck_cases())
+def test_opcheck(device, name, variant):
+    torch.library.opcheck(getattr(native.OPS, name), fused_opcheck_args(name, variant, noise_dtype=torch.float64))
 
 
 # -- the native kernels' own behaviour ---------------------------------------------------------------

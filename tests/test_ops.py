@@ -6,6 +6,7 @@ import torch
 from fastmae import ops
 from fastmae.ops import reference
 from fastmae.ops.registry import BACKENDS
+from fastmae.ops.spec import FUSED_SPECS, SPECS, bad_inputs, example_inputs
 from fastmae.testing import assert_close, expected_backends
 
 
@@ -24,8 +25,11 @@ def test_the_expected_backends_run_here(device):
 def _poisoned(poison_empty):
     """Every test here runs with freshly allocated outputs poisoned."""
 DTYPES = [torch.float32, torch.bfloat16]
-# (N, L, D): batch 1 and 3, L and D awkward
-SHAPES = [(1, 16, 40), (3, 49, 40), (2, 50, 588), (3, 63, 768), (1, 196, 40)]
+
+
+def cases(op: str, *names: str) -> list[tuple]:
+    """The op's test cases (its spec's: batch 1 and 3, awkward sizes) as tuples of ``names``."""
+    return [tuple(case[n] for n in names) for case in SPECS[op].cases]
 
 
 def keep_counts(L):
@@ -131,7 +135,7 @@ def test_patchify_layout_and_inverse():
 
 # -- every backend against the reference ---------------------------------------------------------
 
-@pytest.mark.parametrize("n,L", [(1, 16), (3, 49), (2, 50), (1, 63), (3, 196)])
+@pytest.mark.parametrize("n,L", cases("random_masking", "N", "L"))
 def test_random_masking(backend, n, L):
     for len_keep in keep_counts(L):
         for noise in (torch.rand(n, L), torch.randint(0, 4, (n, L)) / 4.0, torch.randn(n, L)):  # ties, negatives
@@ -141,7 +145,7 @@ def test_random_masking(backend, n, L):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n,L,d", SHAPES)
+@pytest.mark.parametrize("n,L,d", cases("gather_visible", "N", "L", "D"))
 @pytest.mark.parametrize("with_pos", [False, True])
 def test_gather_visible(backend, dtype, n, L, d, with_pos):
     for len_keep in keep_counts(L):
@@ -159,7 +163,7 @@ def test_gather_visible(backend, dtype, n, L, d, with_pos):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n,L,d", SHAPES)
+@pytest.mark.parametrize("n,L,d", cases("unshuffle_with_mask_token", "N", "L", "D"))
 @pytest.mark.parametrize("with_pos", [False, True])
 def test_unshuffle_with_mask_token(backend, dtype, n, L, d, with_pos):
     for len_keep in keep_counts(L):
@@ -178,7 +182,7 @@ def test_unshuffle_with_mask_token(backend, dtype, n, L, d, with_pos):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n,c,p,h,w,d", [(1, 3, 4, 16, 16, 40), (3, 3, 4, 28, 28, 64), (2, 1, 7, 14, 21, 40)])
+@pytest.mark.parametrize("n,c,p,h,w,d", cases("embed_visible_patches", "N", "C", "p", "H", "W", "D"))
 def test_embed_visible_patches(backend, dtype, n, c, p, h, w, d):
     L = (h // p) * (w // p)
     for len_keep in keep_counts(L):
@@ -201,7 +205,7 @@ def test_embed_visible_patches(backend, dtype, n, c, p, h, w, d):
 
 @pytest.mark.parametrize("dtype,img_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
                                              (torch.float16, torch.float32), (torch.bfloat16, torch.bfloat16)])
-@pytest.mark.parametrize("n,c,p,h,w", [(1, 3, 4, 16, 16), (3, 3, 4, 28, 28), (2, 1, 7, 14, 21), (1, 3, 14, 28, 14)])
+@pytest.mark.parametrize("n,c,p,h,w", cases("masked_pixel_loss", "N", "C", "p", "H", "W"))
 @pytest.mark.parametrize("norm_pix", [False, True])
 def test_masked_pixel_loss(backend, dtype, img_dtype, n, c, p, h, w, norm_pix):
     L = (h // p) * (w // p)
@@ -221,7 +225,7 @@ def test_masked_pixel_loss(backend, dtype, img_dtype, n, c, p, h, w, norm_pix):
 
 @pytest.mark.parametrize("dtype,branch_dtype", [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),
                                                 (torch.bfloat16, torch.bfloat16), (torch.float32, None)])
-@pytest.mark.parametrize("shape", [(3, 17, 40), (2, 5, 768), (1, 3, 1000)])
+@pytest.mark.parametrize("shape", [(*b, d) for b, d in cases("add_layer_norm", "B", "D")])
 @pytest.mark.parametrize("autocast", [False, True])
 def test_add_layer_norm(backend, dtype, branch_dtype, shape, autocast):
     d = shape[-1]
@@ -251,7 +255,7 @@ def test_add_layer_norm(backend, dtype, branch_dtype, shape, autocast):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("shape", [(3, 17, 40), (2, 5, 3072), (1, 130)])
+@pytest.mark.parametrize("shape", [(*b, d) for b, d in cases("bias_gelu", "B", "D")])
 def test_bias_gelu(backend, dtype, shape):
     x = (3 * torch.randn(shape)).to(dtype).requires_grad_()
     bias = torch.randn(shape[-1], requires_grad=True)
@@ -347,6 +351,49 @@ def test_deterministic(every_backend):
 def test_bad_input_is_named(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+BAD_INPUT_VALUES = {"norm_pix": True, "eps": 1e-6}
+
+
+@pytest.mark.parametrize("op", list(SPECS))
+def test_every_rule_of_the_spec_is_checked(op):
+    """Each input of each op broken in turn (rank, dtype, every dimension a rule ties to another),
+    from the op's spec: each call fails with an error that names the op and the input, and valid
+    arguments pass."""
+    spec = SPECS[op]
+    call = getattr(ops, op)
+    dims = spec.cases[0]
+    call(*example_inputs(spec, dims, values=BAD_INPUT_VALUES))
+    broken = list(bad_inputs(spec, dims))
+    assert broken
+    for what, args in broken:
+        args = [BAD_INPUT_VALUES.get(p.name, a) for p, a in zip(spec.params, args)]
+        with pytest.raises(ValueError, match=f"^{op}: ") as info:
+            call(*args)
+        assert any(p.name in str(info.value) for p in spec.params), (what, info.value)
+
+
+@pytest.mark.parametrize("op", list(SPECS))
+def test_outputs_are_as_the_spec_says(every_backend, op):
+    """Every backend's outputs have the shapes and dtypes the op's spec gives (the fused backends'
+    fake kernels come from the same specs: tests/test_kernels.py and test_native.py opcheck them)."""
+    spec = SPECS[op]
+    if op == "attention":
+        pytest.skip("an attention family op (tests/test_attention.py)")
+    for case in spec.cases:
+        for dtype in DTYPES:
+            args = example_inputs(spec, case, dtype=dtype, values=BAD_INPUT_VALUES)
+            out = getattr(ops, op)(*args, backend=every_backend)
+            out = out if isinstance(out, tuple) else (out,)
+            inputs = spec.bind(*args)
+            assert [tuple(o.shape) for o in out] == spec.output_shapes(inputs)
+            assert [o.dtype for o in out] == spec.output_dtypes(inputs)
+
+
+def test_the_fused_specs_are_the_public_ones_where_shared():
+    for name in ("random_masking", "gather_visible"):
+        assert FUSED_SPECS[name] is SPECS[name]
 
 
 def test_masked_pixel_loss_fp16_gradient_under_a_loss_scale(backend):

@@ -16,6 +16,7 @@ def _clean(monkeypatch):
     monkeypatch.delenv("FASTMAE_KERNELS", raising=False)
     monkeypatch.delenv("FASTMAE_ATTENTION", raising=False)
     monkeypatch.setattr(registry, "_resolved", {})
+    monkeypatch.setattr(registry, "_chosen", {})
 
 
 def test_automatic_choice_is_logged(caplog):
@@ -62,7 +63,7 @@ def test_unmapped_kernels_package_says_how_to_install(monkeypatch):
         raise ModuleNotFoundError(f"No module named {name.rsplit('.', 1)[0]!r}", name="fastmae.kernels")
 
     monkeypatch.setattr(registry.importlib, "import_module", no_kernels)
-    backend = registry._backend("triton", "fastmae.kernels.backend", auto_devices=("cuda",))
+    backend = registry._backend("triton", "fastmae.ops.triton_backend", auto_devices=("cuda",))
     assert "pip install -e ." in backend.unavailable_reasons("cuda")[0]
 
 
@@ -125,3 +126,66 @@ def test_importing_the_models_loads_no_backend_and_builds_nothing():
             "print(loaded)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def _triton_first_on_cpu(monkeypatch):
+    """Automatic selection as on a GPU, on this CPU (Triton under the interpreter; see conftest.py)."""
+    triton = registry._find("kernels", "triton")
+    if triton.unavailable_reasons("cpu"):
+        pytest.fail(f"the Triton backend must run here: {triton.unavailable_reasons('cpu')}")
+    rows = tuple(registry.Backend(b.name, b.module_name, ("*",), b.options) if b.name == "triton" else b
+                 for b in registry.BACKENDS["kernels"])
+    monkeypatch.setitem(registry.BACKENDS, "kernels", rows)
+
+
+def test_automatic_dispatch_looks_at_the_inputs(monkeypatch, caplog):
+    """The backend the family chose runs the inputs it takes; inputs it refuses go to the next that
+    takes them (logged), and each input class is decided once."""
+    _triton_first_on_cpu(monkeypatch)
+    noise = torch.rand(2, 8)
+    assert registry.choose("kernels", None, ops.spec.SPECS["random_masking"].bind(noise, 2).key) == "triton"
+    with caplog.at_level(logging.INFO, logger="fastmae"):
+        got = ops.random_masking(noise.double(), 2)
+    # (the native backend is automatic on CUDA only)
+    assert "random_masking on cpu: torch for these inputs (triton: the Triton random_masking sorts 32-bit keys" in caplog.text
+    for g, w in zip(got, ops.reference.random_masking(noise.double(), 2)):
+        assert torch.equal(g, w)
+    assert len(registry._chosen) == 2
+    ops.random_masking(noise.double(), 2)
+    assert len(registry._chosen) == 2
+
+
+def test_an_explicit_backend_that_refuses_the_inputs_names_why(monkeypatch):
+    monkeypatch.setenv("FASTMAE_KERNELS", "triton")
+    with pytest.raises(ops.BackendUnavailableError, match=r"'triton' was requested but cannot take these "
+                       r"random_masking inputs: .*float64 noise.*dtypes noise=float64, N=2, L=8, K=2"):
+        ops.random_masking(torch.rand(2, 8, dtype=torch.float64), 2)
+
+
+def test_native_cuda_limits_are_declared():
+    """What the native CUDA kernels cannot take is known before a launch (and automatic selection
+    passes over them), from the inputs' dims alone."""
+    native = registry._find("kernels", "native")
+    long_rows = registry.InputClass("random_masking", "cuda", {"noise": torch.float32}, {"N": 2, "L": 20000, "K": 5})
+    assert "shared memory" in native.not_supported_reasons("random_masking", long_rows)[0]
+    assert not native.not_supported_reasons("random_masking", registry.InputClass(
+        "random_masking", "cuda", {"noise": torch.float32}, {"N": 2, "L": 196, "K": 49}))
+    big_patches = registry.InputClass("masked_pixel_loss", "cuda", {}, {"N": 1, "C": 3, "H": 96, "W": 96, "p": 48})
+    assert "C*p*p=6912" in native.not_supported_reasons("masked_pixel_loss", big_patches)[0]
+    assert not native.not_supported_reasons("random_masking", registry.InputClass(
+        "random_masking", "cpu", {"noise": torch.float32}, {"N": 2, "L": 20000, "K": 5}))
+
+
+def test_the_kernels_import_nothing_above_them():
+    """kernels/ is the bottom layer (the triton backend in fastmae.ops puts it behind the op
+    interface): it imports only itself and fastmae's leaf modules."""
+    import ast
+    import pathlib
+
+    allowed = ("fastmae.kernels", "fastmae.errors", "fastmae.numerics")
+    for path in (pathlib.Path(__file__).parents[1] / "kernels").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+            for name in names:
+                assert not name.startswith("fastmae") or name.startswith(allowed), f"{path.name} imports {name}"

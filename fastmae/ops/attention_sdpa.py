@@ -23,6 +23,23 @@ def unavailable_reasons(device_type: str, kernel: str | None = None) -> list[str
     return []
 
 
+# what a pinned kernel takes on CUDA (on the CPU, PyTorch's flash kernel takes every floating dtype)
+HALF_ONLY = ("flash", "cudnn")
+
+
+def limited_ops(kernel: str | None = None) -> set[str]:
+    return {"attention"} if kernel in HALF_ONLY else set()
+
+
+def not_supported_reasons(op: str, inputs, kernel: str | None = None) -> list[str]:
+    if kernel in HALF_ONLY and inputs.device_type == "cuda":
+        wrong = {str(d).removeprefix("torch.") for d in inputs.dtypes.values()} - {"float16", "bfloat16"}
+        if wrong:
+            return [f"PyTorch's {kernel} attention kernel takes float16 or bfloat16 on CUDA, got {', '.join(sorted(wrong))} "
+                    "(train under bf16 autocast, or use sdpa)"]
+    return []
+
+
 # PyTorch's flag of each SDPA kernel, (getter, setter), and the flag of each kernel that can be pinned
 _FLAGS = {name: (getattr(torch._C, f"_get_{name}_sdp_enabled"), getattr(torch._C, f"_set_sdp_use_{name}"))
           for name in ("cudnn", "flash", "mem_efficient", "math", "overrideable")

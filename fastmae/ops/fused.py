@@ -1,7 +1,8 @@
 """What the fused kernel backends (``triton``: ``kernels/``; ``native``: ``csrc/``) share around their
-``torch.library`` ops: the output shapes and dtypes (fake kernels, for ``torch.compile``), the
-autograd formulas that call each backend's backward kernels, and the Python side of the op
-interface (the visible-patch embedding, the loss's gradient switch).
+``torch.library`` ops: their fake kernels (for ``torch.compile``: the ops' specs,
+:data:`fastmae.ops.spec.FUSED_SPECS`), the autograd formulas that call each backend's backward
+kernels, and the Python side of the op interface (the visible-patch embedding, the loss's gradient
+switch).
 
 A backend describes its ops with :class:`FusedOps`, calls :func:`register` once, and answers the
 op interface through :class:`FusedBackend`.
@@ -13,6 +14,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from fastmae.ops.spec import FUSED_SPECS
 
 
 @dataclass(frozen=True)
@@ -29,49 +32,6 @@ class FusedOps:
     unshuffle: Any  # (x, ids_restore, mask_token, pos_embed?) -> out
     unshuffle_backward: Any  # (dout, ids_restore, 1 + K, x_dtype) -> (dx, d mask_token)
     masked_pixel_loss: Any  # (pred, imgs, mask, patch_size, norm_pix, with_grad) -> (loss, mask * (pred - target))
-
-
-def _acc(*dtypes: torch.dtype) -> torch.dtype:
-    """The accumulator: fp32, or fp64 when any input is fp64."""
-    return torch.float64 if torch.float64 in dtypes else torch.float32
-
-
-def unshuffle_dtype(x, mask_token, pos_embed) -> torch.dtype:
-    dtype = torch.promote_types(x.dtype, mask_token.dtype)
-    return dtype if pos_embed is None else torch.promote_types(dtype, pos_embed.dtype)
-
-
-# -- fake kernels: shapes and dtypes only --------------------------------------------------------
-
-def _random_masking_fake(noise, len_keep):
-    n, L = noise.shape
-    i64 = torch.int64
-    return noise.new_empty(n, len_keep, dtype=i64), noise.new_empty(n, L, dtype=i64), noise.new_empty(n, L, dtype=torch.float32)
-
-
-def _gather_visible_fake(x, ids_keep, pos_embed):
-    dtype = x.dtype if pos_embed is None else torch.promote_types(x.dtype, pos_embed.dtype)
-    return x.new_empty(x.shape[0], ids_keep.shape[1], x.shape[2], dtype=dtype)
-
-
-def _gather_visible_backward_fake(dout, ids_keep, L, dtype):
-    return dout.new_empty(dout.shape[0], L, dout.shape[2], dtype=dtype)
-
-
-def _gather_patches_fake(imgs, ids_keep, patch_size):
-    return imgs.new_empty(imgs.shape[0], ids_keep.shape[1], imgs.shape[1] * patch_size**2)
-
-
-def _unshuffle_fake(x, ids_restore, mask_token, pos_embed):
-    return x.new_empty(x.shape[0], ids_restore.shape[1] + 1, x.shape[2], dtype=unshuffle_dtype(x, mask_token, pos_embed))
-
-
-def _unshuffle_backward_fake(dout, ids_restore, k1, x_dtype):
-    return dout.new_empty(dout.shape[0], k1, dout.shape[2], dtype=x_dtype), dout.new_empty(dout.shape[2], dtype=_acc(dout.dtype))
-
-
-def _masked_pixel_loss_fake(pred, imgs, mask, patch_size, norm_pix, with_grad):
-    return pred.new_empty((), dtype=_acc(pred.dtype, imgs.dtype)), (torch.empty_like(pred) if with_grad else pred.new_empty(0))
 
 
 # -- autograd ------------------------------------------------------------------------------------
@@ -124,13 +84,8 @@ def _masked_pixel_loss_backward(ctx, dloss, _dg):
 
 def register(ops: FusedOps) -> None:
     """Fake kernels and autograd for a backend's ops (once per process)."""
-    for op, fake in [
-        (ops.random_masking, _random_masking_fake), (ops.gather_visible, _gather_visible_fake),
-        (ops.gather_visible_backward, _gather_visible_backward_fake), (ops.gather_patches, _gather_patches_fake),
-        (ops.unshuffle, _unshuffle_fake), (ops.unshuffle_backward, _unshuffle_backward_fake),
-        (ops.masked_pixel_loss, _masked_pixel_loss_fake),
-    ]:
-        torch.library.register_fake(op, fake)
+    for name, spec in FUSED_SPECS.items():
+        torch.library.register_fake(getattr(ops, name), spec.fake)
 
     def gather_visible_backward(ctx, dout):
         (ids_keep,) = ctx.saved_tensors

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-NORM_PIX_EPS = 1e-6
+from fastmae.numerics import NORM_PIX_EPS
 
 
 def unavailable_reasons(device_type: str) -> list[str]:

@@ -22,6 +22,14 @@ Selection, as DESIGN.md fixes it: an explicit ``backend=`` argument, else the fa
 variable (``FASTMAE_KERNELS`` / ``FASTMAE_ATTENTION``), else automatic. A backend named explicitly
 (argument or environment) that cannot run raises :class:`BackendUnavailableError` with the reasons;
 automatic selection walks the priority list, takes the first that can run, and logs what it chose.
+
+Dispatch then looks at each call's inputs (:class:`fastmae.ops.spec.Inputs`: dims and dtypes, checked
+against the op's spec). A backend declares what it cannot take with ``not_supported_reasons(op,
+inputs) -> list[str]`` (say, Triton's masking and float64 noise; the native CUDA masking and a row
+longer than its shared memory). Automatic selection runs the first backend, in priority order, that
+can run and takes the inputs, logging a fallback; an explicitly requested one that cannot take them
+raises :class:`BackendUnavailableError` with its reasons. The choice is cached per input class (op,
+device type, dtypes, dims), so a training step decides once.
 """
 from __future__ import annotations
 
@@ -37,6 +45,7 @@ import torch
 
 from fastmae.config import AUTO, BACKEND_TABLE, backend_names, renamed_backend_message
 from fastmae.errors import BackendUnavailableError, UsageError
+from fastmae.ops.spec import Inputs
 
 logger = logging.getLogger("fastmae")
 
@@ -52,6 +61,7 @@ class Backend:
     _module: ModuleType | None = field(default=None, repr=False)
     _import_error: str | None = field(default=None, repr=False)
     _imported: bool = field(default=False, repr=False)
+    _limited: frozenset | None = field(default=None, repr=False)
 
     @property
     def module(self) -> ModuleType | None:
@@ -81,6 +91,21 @@ class Backend:
         if device_type == "cuda" and not torch.cuda.is_available():
             return ["no CUDA device is available"]
         return list(self.module.unavailable_reasons(device_type, **dict(self.options)))
+
+    def not_supported_reasons(self, op: str, inputs: InputClass) -> list[str]:
+        """Why this backend cannot take ``inputs`` for ``op`` (empty: it can); asked after
+        :meth:`unavailable_reasons` found it runs on the device."""
+        reasons = getattr(self.module, "not_supported_reasons", None)
+        return list(reasons(op, inputs, **dict(self.options))) if reasons else []
+
+    def limits(self, op: str) -> bool:
+        """Whether this backend may refuse some inputs of ``op`` (its module's ``LIMITED_OPS``, or
+        ``limited_ops(**options)``: the unpinned SDPA takes everything). Only those calls build an
+        input class and consult :func:`choose`."""
+        if self._limited is None:
+            limited = getattr(self.module, "limited_ops", None)
+            self._limited = frozenset(limited(**dict(self.options)) if limited else getattr(self.module, "LIMITED_OPS", ()))
+        return op in self._limited
 
     def prepare(self, device_type: str) -> list[str]:
         """Make ready what the first use needs (the native backend builds its library here, not when
@@ -174,14 +199,81 @@ def resolve(family: str, requested: str | None, device_type: str) -> str:
     return requested
 
 
-def implementation(family: str, op: str, requested: str | None, device_type: str) -> Callable:
-    return _find(family, resolve(family, requested, device_type)).op(op)
+@dataclass(frozen=True)
+class InputClass:
+    """What a backend's limits look at: the op's dims and the dtypes of the tensors given, by name
+    (from :attr:`fastmae.ops.spec.Inputs.key`)."""
+
+    op: str
+    device_type: str
+    dtypes: dict
+    dims: dict
+
+    @classmethod
+    def from_key(cls, key: tuple) -> "InputClass":
+        op, device_type, dtypes, dims = key
+        return cls(op, device_type, dict(dtypes), dict(dims))
+
+
+_chosen: dict[tuple, str] = {}
+
+
+@_constant_result
+def choose(family: str, requested: str | None, key: tuple) -> str:
+    """The name of the backend that runs the op of ``key`` (:attr:`fastmae.ops.spec.Inputs.key`) on
+    those inputs: the family's backend (:func:`resolve`) when it takes them; automatic selection
+    falls back to the next that runs and takes them, an explicit request raises."""
+    op, device_type = key[0], key[1]
+    cache_key = (family, requested or os.environ.get(ENV_VARS[family]) or AUTO, key)
+    if cache_key in _chosen:
+        return _chosen[cache_key]
+    name = resolve(family, requested, device_type)
+    inputs = InputClass.from_key(key)
+    reasons = _find(family, name).not_supported_reasons(op, inputs)
+    if reasons and cache_key[1] != AUTO:
+        raise BackendUnavailableError(
+            f"{family} backend {name!r} was requested but cannot take these {op} inputs: {'; '.join(reasons)} "
+            f"(dtypes {_describe(inputs.dtypes)}, {_describe(inputs.dims)})"
+        )
+    if reasons:
+        skipped = [f"{name}: {', '.join(reasons)}"]
+        for b in BACKENDS[family]:
+            if b.name == name or not b.auto_eligible(device_type):
+                continue
+            why = b.unavailable_reasons(device_type) or b.not_supported_reasons(op, inputs) or b.prepare(device_type)
+            if not why:
+                logger.info("%s on %s: %s for these inputs (%s)", op, device_type, b.name, "; ".join(skipped))
+                name = b.name
+                break
+            skipped.append(f"{b.name}: {', '.join(why)}")
+        else:
+            raise BackendUnavailableError(f"no {family} backend can take these {op} inputs on {device_type}: "
+                                          + "; ".join(skipped))
+    _chosen[cache_key] = name
+    return name
+
+
+def _describe(values: dict) -> str:
+    return ", ".join(f"{k}={str(v).removeprefix('torch.')}" for k, v in values.items())
+
+
+def implementation(family: str, op: str, requested: str | None, inputs: Inputs) -> Callable:
+    """The function of the backend that runs ``op`` on these (checked) inputs."""
+    backend = chosen_backend(family, requested, inputs.device_type)
+    if backend.limits(op):
+        backend = _find(family, choose(family, requested, inputs.key))
+    return backend.op(op)
+
+
+def chosen_backend(family: str, requested: str | None, device_type: str) -> Backend:
+    """The family's backend on ``device_type`` (:func:`resolve`), whatever the inputs."""
+    return _find(family, resolve(family, requested, device_type))
 
 
 def fuses_layers(requested: str | None, device_type: str) -> bool:
     """Whether the kernel backend that runs on ``device_type`` fuses the transformer block's
     elementwise work (see ``OPS``)."""
-    return getattr(_find("kernels", resolve("kernels", requested, device_type)).module, "FUSES_LAYERS", False)
+    return getattr(chosen_backend("kernels", requested, device_type).module, "FUSES_LAYERS", False)
 
 
 def availability(device_types: tuple[str, ...]) -> dict[str, dict[str, dict[str, list[str]]]]:

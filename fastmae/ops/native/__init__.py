@@ -43,6 +43,28 @@ def unavailable_reasons(device_type: str) -> list[str]:
     return [problem for t in targets if t not in _load_errors for problem in missing_build_tools(t)]
 
 
+# The native CUDA kernels' limits (csrc/fastmae_ops_cuda.cu checks them again before a launch).
+_SHARED_MEMORY = 48 * 1024
+LIMITED_OPS = {"random_masking", "masked_pixel_loss"}
+
+
+def not_supported_reasons(op: str, inputs) -> list[str]:
+    if inputs.device_type != "cuda":
+        return []
+    d = inputs.dims
+    if op == "random_masking":
+        row_bytes = d["L"] * (8 if inputs.dtypes["noise"] == torch.float64 else 4)
+        if row_bytes > _SHARED_MEMORY:
+            return [f"the native CUDA random_masking holds a row of noise in 48 KiB of shared memory: L={d['L']} "
+                    f"is too long for {str(inputs.dtypes['noise']).removeprefix('torch.')}"]
+    if op == "masked_pixel_loss":
+        values = d["C"] * d["p"] * d["p"]
+        if d["C"] * d["H"] * d["W"] > 2**31 - 1 or 2 * values * 4 > _SHARED_MEMORY:
+            return [f"the native CUDA masked_pixel_loss takes images under 2^31 values and patches of at most "
+                    f"6144 values (C*p*p={values})"]
+    return []
+
+
 def prepare(device_type: str) -> list[str]:
     """Build (once, or find cached) and load the libraries ``device_type`` needs; why not, else []."""
     error = load("cpu") or (load("cuda") if device_type == "cuda" else None)
@@ -72,13 +94,14 @@ def load(target: str, verbose: bool = False) -> str | None:
 
 
 _backend: FusedBackend | None = None
+OPS: FusedOps | None = None  # once the library is loaded
 
 
 def _attach_ops() -> None:
     """The ops the native library has just defined: registered, and behind the op interface."""
-    global _backend
+    global _backend, OPS
     native = torch.ops.fastmae_native
-    ops = FusedOps(
+    OPS = ops = FusedOps(
         name="native", random_masking=native.random_masking.default, gather_visible=native.gather_visible.default,
         gather_visible_backward=native.gather_visible_backward.default, gather_patches=native.gather_patches.default,
         unshuffle=native.unshuffle_with_mask_token.default,

@@ -1,5 +1,6 @@
-"""The ``triton`` kernel backend of :mod:`fastmae.ops`: fused Triton kernels for MAE's hot paths and
-for the transformer block's elementwise work.
+"""The ``triton`` kernel backend of :mod:`fastmae.ops`: the fused Triton kernels of ``kernels/``
+(installed as ``fastmae.kernels``) for MAE's hot paths and for the transformer block's elementwise
+work, behind the op interface.
 
 Each op is registered with ``torch.library`` (``custom_op`` + ``register_fake`` +
 ``register_autograd``) so that ``torch.compile`` traces the model through them without graph breaks.
@@ -7,6 +8,8 @@ The kernels run on CUDA GPUs, and on the CPU under the Triton interpreter (``TRI
 set before fastmae is imported), which is how they are tested without a GPU.
 """
 from __future__ import annotations
+
+import torch
 
 from fastmae.kernels._launch import INTERPRET
 from fastmae.kernels.add_layer_norm import add_layer_norm
@@ -32,6 +35,16 @@ masked_pixel_loss = _backend.masked_pixel_loss
 # the transformer block's residual add + LayerNorm and bias + GELU, fused (the model uses them in eager
 # steps: a compiled step lets Inductor fuse the reference's ops itself)
 FUSES_LAYERS = True
+
+
+LIMITED_OPS = {"random_masking"}
+
+
+def not_supported_reasons(op: str, inputs) -> list[str]:
+    if op == "random_masking" and inputs.dtypes["noise"] == torch.float64:
+        # the sort keys hold 32-bit floats: float64 ties would break differently from argsort
+        return ["the Triton random_masking sorts 32-bit keys: float64 noise is not supported"]
+    return []
 
 
 def unavailable_reasons(device_type: str) -> list[str]:
