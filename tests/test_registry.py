@@ -56,15 +56,15 @@ def test_unimportable_backend_reports_the_import_error(monkeypatch):
     assert ops.resolve("kernels", None, "cpu") == "torch"  # automatic skips it quietly
 
 
-def test_unmapped_kernels_package_says_how_to_install(monkeypatch):
-    """An install without the package-dir mapping (or a checkout's fastmae/ in front of the installed
-    one) leaves fastmae.kernels unimportable: the reason says what to do."""
+def test_a_missing_kernels_package_says_how_to_restore_it(monkeypatch):
+    """A copy of the checkout that lost the link fastmae/kernels -> kernels/ cannot import
+    fastmae.kernels: the reason says what to do."""
     def no_kernels(name):
         raise ModuleNotFoundError(f"No module named {name.rsplit('.', 1)[0]!r}", name="fastmae.kernels")
 
     monkeypatch.setattr(registry.importlib, "import_module", no_kernels)
     backend = registry._backend("triton", "fastmae.ops.triton_backend", auto_devices=("cuda",))
-    assert "pip install -e ." in backend.unavailable_reasons("cuda")[0]
+    assert "ln -s ../kernels fastmae/kernels" in backend.unavailable_reasons("cuda")[0]
 
 
 def test_switching_the_backend_switches_the_model(monkeypatch):

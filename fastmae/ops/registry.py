@@ -74,10 +74,9 @@ class Backend:
                 self._module = importlib.import_module(self.module_name)
             except ImportError as e:
                 reason = str(e)
-                if e.name == "fastmae.kernels":  # the package-dir mapping of kernels/ is missing
-                    reason += (" (the checkout's kernels/ is installed as fastmae.kernels: install with pip install -e . "
-                               "and setuptools >= 77, and do not run from a checkout whose fastmae/ shadows an "
-                               "installed copy)")
+                if e.name == "fastmae.kernels":  # the link fastmae/kernels -> kernels/ is missing
+                    reason += (" (fastmae/kernels is a link to the checkout's kernels/: a copy that lost it "
+                               "needs it back, ln -s ../kernels fastmae/kernels, or a reinstall with pip install .)")
                 self._import_error = reason
         return self._module
 

@@ -39,8 +39,8 @@ class BuildError(FastMAEError, RuntimeError):
 
 
 def sources_dir() -> Path:
-    """``csrc/``: installed as ``fastmae/csrc`` (pyproject.toml's package-dir), or beside ``fastmae/``
-    in a source checkout."""
+    """``csrc/``: ``fastmae/csrc`` (installed, or the checkout's link to its ``csrc/``), or beside
+    ``fastmae/`` in a checkout that lost the link."""
     package = Path(__file__).resolve().parents[2]
     for candidate in (package / "csrc", package.parent / "csrc"):
         if (candidate / "fastmae_ops.cpp").is_file():
