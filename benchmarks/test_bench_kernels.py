@@ -178,3 +178,63 @@ def test_bias_gelu(benchmark, preset, provider, mode, copy_bandwidth):
     fwd = 2 * n * T * D * BF16
     nbytes = fwd if mode == "fwd" else fwd + 3 * n * T * D * BF16  # dy, x read; dx written
     record(benchmark, fn, preset, provider, mode, nbytes, copy_bandwidth, op="bias_gelu", shape=[n, T, D])
+
+
+# -- the host's cost of an op call ----------------------------------------------------------------
+
+HOST_DIMS = {"N": 2, "L": 16, "D": 32, "C": 3, "H": 16, "W": 16, "p": 4}  # tiny: the device's work is negligible
+HOST_OPS = ("random_masking", "gather_visible", "embed_visible_patches", "unshuffle_with_mask_token",
+            "masked_pixel_loss")
+_host_us: dict = {}
+
+
+@pytest.mark.parametrize("op", HOST_OPS)
+@pytest.mark.parametrize("provider", ["torch", *PROVIDERS[:2]])
+def test_host_us_per_op(benchmark, op, provider):
+    """Microseconds of host time per call, forward and backward, on inputs so small that the device
+    keeps up with the launches (on a GPU, calls are queued back to back with one synchronization per
+    round): the checks, the dispatch, the autograd glue and the launches themselves. Compared with the
+    reference's own cost per call."""
+    from fastmae.ops.spec import SPECS, example_inputs
+
+    spec = SPECS[op]
+    with torch.device(DEVICE):
+        args = example_inputs(spec, HOST_DIMS, values={"norm_pix": True}, requires_grad=True)
+    call = getattr(ops, op)
+
+    def fn():
+        out = call(*args, backend=provider)
+        outs = [o for o in (out if isinstance(out, tuple) else (out,)) if o.requires_grad]
+        if outs:
+            torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+
+    seconds = measure(benchmark, fn, calls_per_round=100 if ON_GPU else 20, op=op, provider=provider,
+                      mode="host fwd+bwd", shape=HOST_DIMS)
+    _host_us[op, provider] = seconds * 1e6
+    reference_us = _host_us.get((op, "torch"))
+    benchmark.extra_info.update(host_us_per_call=seconds * 1e6,
+                                host_cost_vs_reference=seconds * 1e6 / reference_us if reference_us else None)
+
+
+def test_ptx_access_widths(benchmark, capsys):
+    """CPU-side evidence, GPU or not: every Triton kernel compiled for sm_80 and sm_90 as Triton
+    specializes it at ViT-L/16 batch 256, and the widths of its global loads and stores read from the
+    PTX (16 bytes on the contiguous rows of a bandwidth-bound kernel). The table is printed and kept
+    in the benchmark's extra_info; tests/test_kernels.py asserts the 16-byte accesses."""
+    import json
+    import os
+    import pathlib
+    import subprocess
+    import sys
+    import tempfile
+
+    script = pathlib.Path(__file__).parents[1] / "tests" / "compile_kernels_for_gpus.py"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = pathlib.Path(tmp) / "ptx.json"
+        result = benchmark.pedantic(subprocess.run, args=([sys.executable, str(script), "--json", str(out)],),
+                                    kwargs=dict(env=env, capture_output=True, text=True), rounds=1, iterations=1)
+        assert result.returncode == 0, result.stderr[-4000:]
+        benchmark.extra_info["ptx_access_widths"] = json.loads(out.read_text())
+    with capsys.disabled():
+        print("\n" + result.stdout)

@@ -2,9 +2,17 @@
 PTX and ptxas run on the CPU, so errors that the interpreter cannot see (types, layouts, register
 allocation) show up here. Run by tests/test_kernels.py in a process without TRITON_INTERPRET.
 
-    python tests/compile_kernels_for_gpus.py
+Each kernel is compiled as Triton specializes it at ViT-L/16 batch 256 (pointers 16-byte aligned,
+and the arguments that are multiples of 16 there: D, H, W, n_rows), and its PTX is read for the width
+of its global loads and stores: 16 bytes (``ld.global.v4.b32``) is what a bandwidth-bound kernel
+needs on its contiguous rows.
+
+    python tests/compile_kernels_for_gpus.py [--json PATH]   # prints the table of access widths
 """
+import collections
+import json
 import os
+import re
 import sys
 
 assert os.environ.get("TRITON_INTERPRET", "0") != "1", "the interpreter replaces the compiler: unset TRITON_INTERPRET"
@@ -72,14 +80,49 @@ CASES = [
 ]
 
 
+# integer arguments that are multiples of 16 at ViT-L/16 batch 256 (D=1024, H=W=224, N*L=50176),
+# which Triton's launcher marks divisible by 16 (L=196, K=49 and the grid width 14 are not)
+DIVISIBLE_INTS = ("D", "H", "W", "n_rows")
+ACCESS = re.compile(r"\b(ld|st)\.global(?:\.[a-z]+)*?(?:\.v(\d))?\.b(\d+)\b")
+
+
+def specialization(fn, types: dict) -> dict:
+    return {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+            if name in types and (types[name].startswith("*") or name in DIVISIBLE_INTS)}
+
+
+def access_widths(ptx: str) -> dict:
+    """``{"ld": {bytes: count}, "st": {bytes: count}}`` of the global memory instructions."""
+    widths = {"ld": collections.Counter(), "st": collections.Counter()}
+    for kind, vec, bits in ACCESS.findall(ptx):
+        widths[kind][int(vec or 1) * int(bits) // 8] += 1
+    return {kind: dict(sorted(c.items())) for kind, c in widths.items()}
+
+
 def main() -> int:
+    rows = []
     for arch in (80, 90):
         for fn, types, constexprs, num_warps in CASES:
             signature = {name: "constexpr" if name in constexprs else types[name] for name in fn.arg_names}
-            triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=GPUTarget("cuda", arch, 32),
-                           options={"num_warps": num_warps})
-            print(f"sm_{arch} {fn.__name__} {constexprs}: ok")
+            kernel = triton.compile(ASTSource(fn, signature, constexprs=constexprs, attrs=specialization(fn, types)),
+                                    target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+            dtypes = ",".join(sorted({t for n, t in types.items() if t.startswith("*") and t != "*i64"}))
+            rows.append(dict(arch=f"sm_{arch}", kernel=fn.__name__, dtypes=dtypes,
+                             constexprs={k: v for k, v in constexprs.items() if k.isupper() and "BLOCK" not in k},
+                             **access_widths(kernel.asm["ptx"])))
+    print("| arch | kernel | pointers | specialization | global loads (bytes: count) | global stores (bytes: count) |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        spec = " ".join(f"{k}={v}" for k, v in r["constexprs"].items())
+        print(f"| {r['arch']} | {r['kernel']} | {r['dtypes']} | {spec} | {_fmt(r['ld'])} | {_fmt(r['st'])} |")
+    if "--json" in sys.argv:
+        with open(sys.argv[sys.argv.index("--json") + 1], "w") as f:
+            json.dump(rows, f, indent=1)
     return 0
+
+
+def _fmt(widths: dict) -> str:
+    return ", ".join(f"{b}: {n}" for b, n in widths.items()) or "-"
 
 
 if __name__ == "__main__":
