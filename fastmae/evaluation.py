@@ -7,7 +7,9 @@ import argparse
 from torch import nn
 
 from fastmae.checkpoint import model_state_dict
+from fastmae import ops
 from fastmae.data import build_classification_loaders
+from fastmae.data.nvjpeg_loader import crop_backend_for
 from fastmae.engine import evaluate
 from fastmae.errors import UsageError
 from fastmae.models import ENCODERS, VisionTransformer, create_vit, load_encoder
@@ -17,12 +19,15 @@ from fastmae.training import Run, logger, resume_path
 def build_data(args: argparse.Namespace, run: Run, train_mode: str):
     """``(train loader, validation loader, number of classes)`` at the model's input size."""
     input_size = args.input_size or ENCODERS[args.model].get("img_size", 224)
+    # the nvjpeg loader's crop kernel: Triton's where the kernel backend (FASTMAE_KERNELS, else automatic) is
+    crop_backend = crop_backend_for(ops.resolve("kernels", None, run.device.type))
     train, val, classes = build_classification_loaders(
         data_path=args.data_path, train_mode=train_mode, backend=args.data_backend, input_size=input_size,
         batch_size=args.batch_size, device=run.device, rank=run.dist.rank, world_size=run.dist.world_size,
         seed=args.seed, num_workers=args.num_workers, pin_memory=args.pin_mem, skip_unreadable=args.skip_unreadable,
         pad_last_batch=args.pad_last_batch, **({"aa": args.aa, "color_jitter": args.color_jitter} if hasattr(args, "aa") else {}),
-        builtin_size=args.builtin_size, **({"num_classes": args.nb_classes} if args.nb_classes else {}),
+        builtin_size=args.builtin_size, crop_backend=crop_backend,
+        **({"num_classes": args.nb_classes} if args.nb_classes else {}),
     )
     if args.nb_classes and args.nb_classes < len(classes) and args.data_backend != "synthetic":  # synthetic: labels < nb_classes
         raise UsageError(f"--nb_classes {args.nb_classes} is fewer than the {len(classes)} classes of "

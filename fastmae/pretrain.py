@@ -68,6 +68,7 @@ class Pretraining:
 def build(args: argparse.Namespace) -> Pretraining:
     from fastmae import ops
     from fastmae.data import build_pretrain_loader
+    from fastmae.data.nvjpeg_loader import crop_backend_for
     from fastmae.models import create_model
     from fastmae.optim import build_optimizer, param_groups_weight_decay
     from fastmae.training import Run, choose_step_mode
@@ -92,7 +93,7 @@ def build(args: argparse.Namespace) -> Pretraining:
         backend=args.data_backend, data_path=args.data_path, input_size=args.input_size,
         batch_size=args.batch_size, device=device, rank=dist.rank, world_size=dist.world_size, seed=args.seed,
         num_workers=args.num_workers, pin_memory=args.pin_mem, skip_unreadable=args.skip_unreadable,
-        builtin_size=args.builtin_size, pad_last_batch=args.pad_last_batch,
+        builtin_size=args.builtin_size, pad_last_batch=args.pad_last_batch, crop_backend=crop_backend_for(kernels),
     )
     logger.info("data: %s via %s, %d steps per epoch per rank, %d ranks",
                 args.data_path or "built-in shapes", type(loader).__name__, loader.steps_per_epoch, dist.world_size)

@@ -192,3 +192,16 @@ def test_evaluation_takes_the_torchvision_loader_and_randaugment_is_refused(jpeg
     assert type(build_loader(mode="train", **common)) is NvjpegLoader
     with pytest.raises(ValueError, match="not 'train_randaug'.*use --data_backend torchvision or dali"):
         build_loader(mode="train_randaug", **common)
+
+
+def test_the_crop_kernel_follows_the_kernel_backend(jpeg_folder, monkeypatch):
+    """The crop kernel comes from the entry point's kernel backend (--kernels, FASTMAE_KERNELS or
+    automatic, through the registry), not from the data layer reading the environment itself."""
+    from fastmae.data.nvjpeg_loader import crop_backend_for
+
+    assert [crop_backend_for(k) for k in ("triton", "native", "torch")] == ["triton", "torch", "torch"]
+    monkeypatch.setenv("FASTMAE_KERNELS", "torch")  # ignored here: the caller decides
+    kwargs = dict(backend="nvjpeg", root=str(jpeg_folder), mode="pretrain", input_size=16, batch_size=4,
+                  device=CPU, num_workers=0)
+    assert build_loader(**kwargs, crop_backend="triton").crop_backend == "triton"
+    assert build_loader(**kwargs).crop_backend == "torch"  # the default on a CPU

@@ -111,13 +111,15 @@ def build_loader(
     rank: int = 0, world_size: int = 1, seed: int = 0, num_workers: int = 2, pin_memory: bool = True,
     skip_unreadable: bool = False, builtin: tuple[int, int] = (5000, 0), synthetic_batches: int = 100,
     num_classes: int = 1000, pad_last_batch: bool = False, aa: str = FINETUNE_AA, color_jitter: float | None = None,
+    crop_backend: str | None = None,
 ):
     """A loader of ``backend`` over the ImageFolder tree (or DALI tar shards) at ``root``, or over
     the built-in shapes dataset ``builtin = (num_images, seed)`` when ``root`` is None, with the
     ``mode`` augmentation (see :func:`transform`); ``eval`` reads in order and pads its last batch
     (``evaluate`` leaves the padding out). Training modes drop each rank's incomplete last batch, as
     the original, unless ``pad_last_batch``. ``aa``, ``color_jitter``: fine-tuning's augmentation
-    (``train_randaug``). ``num_classes``: the synthetic source's labels."""
+    (``train_randaug``). ``num_classes``: the synthetic source's labels. ``crop_backend``: the nvjpeg
+    loader's crop kernel (``triton`` or ``torch``; default: triton on CUDA)."""
     backend = resolve_data_backend(backend, device)
     if backend == "nvjpeg" and mode == "eval":
         # evaluation's resize + center crop is not its kernel's: the torchvision loader's, as the original
@@ -128,7 +130,7 @@ def build_loader(
                          "magnitude noise): --aa and --color_jitter take the torchvision loader")
     loader = _build_loader(backend, root, mode, input_size, batch_size, device, rank, world_size, seed, num_workers,
                            pin_memory, skip_unreadable, builtin, synthetic_batches, num_classes,
-                           drop_last=mode != "eval" and not pad_last_batch,
+                           drop_last=mode != "eval" and not pad_last_batch, crop_backend=crop_backend,
                            transform_of=lambda m: transform(m, input_size, aa=aa, color_jitter=color_jitter))
     if loader.steps_per_epoch == 0:
         raise UsageError(f"{loader.num_samples} images make no whole batch of {batch_size} on each of {world_size} "
@@ -137,7 +139,8 @@ def build_loader(
 
 
 def _build_loader(backend, root, mode, input_size, batch_size, device, rank, world_size, seed, num_workers,
-                  pin_memory, skip_unreadable, builtin, synthetic_batches, num_classes, drop_last, transform_of):
+                  pin_memory, skip_unreadable, builtin, synthetic_batches, num_classes, drop_last, transform_of,
+                  crop_backend):
     common = dict(batch_size=batch_size, device=device, rank=rank, world_size=world_size, seed=seed)
     if backend == "synthetic":
         return SyntheticLoader(batch_size=batch_size, image_size=input_size, device=device, seed=seed + rank,
@@ -167,7 +170,7 @@ def _build_loader(backend, root, mode, input_size, batch_size, device, rank, wor
         files, labels, _ = list_image_folder(root)
         return NvjpegLoader(files, labels, image_size=input_size, scale=CROP_SCALES[mode], mean=IMAGENET_MEAN,
                             std=IMAGENET_STD, num_workers=num_workers, pin_memory=pin_memory, drop_last=drop_last,
-                            skip_unreadable=skip_unreadable, **common)
+                            skip_unreadable=skip_unreadable, crop_backend=crop_backend, **common)
     # dali
     if root is None:
         root = builtin_shapes_folder(builtin[0], builtin_image_size, builtin[1])

@@ -107,7 +107,7 @@ class NvjpegLoader(TorchvisionLoader):
         scale: RandomResizedCrop's area range ((0.2, 1) pretraining, (0.08, 1) linear probing).
         mean, std: the normalization.
         crop_backend: ``triton`` (the fused kernel) or ``torch`` (the reference); default: triton
-            on CUDA unless ``FASTMAE_KERNELS=torch``, the reference on a CPU.
+            on CUDA, the reference on a CPU (the entry points pass their kernel backend's choice).
         other arguments: :class:`~fastmae.data.torchvision_loader.TorchvisionLoader`'s.
     """
 
@@ -175,8 +175,10 @@ class NvjpegLoader(TorchvisionLoader):
 
 
 def default_crop_backend(device: torch.device) -> str:
-    import os
+    return "triton" if device.type == "cuda" else "torch"
 
-    if device.type != "cuda" or os.environ.get("FASTMAE_KERNELS") == "torch":
-        return "torch"
-    return "triton"
+
+def crop_backend_for(kernels: str) -> str:
+    """The crop kernel that goes with a resolved kernel backend: Triton's with ``triton``, else the
+    reference (the native backend has no crop kernel)."""
+    return "triton" if kernels == "triton" else "torch"
