@@ -9,7 +9,7 @@ import os
 import traceback
 from typing import Callable
 
-from fastmae.config import AUTO, DATA_BACKENDS, PRECISIONS, backend_names
+from fastmae.config import AUTO, DATA_BACKENDS, PRECISIONS, backend_names, fsdp_precision_problem
 from fastmae.presets import ENCODERS
 
 logger = logging.getLogger("fastmae")
@@ -117,9 +117,8 @@ def check_common_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> N
         p.error("--fsdp writes sharded checkpoints (no rank holds the whole state): drop --checkpoint_format full")
     if args.async_checkpoint and args.checkpoint_format != "sharded":
         p.error("--async_checkpoint writes sharded checkpoints: add --checkpoint_format sharded (or --fsdp)")
-    if fsdp and args.precision == "fp16":
-        p.error("--fsdp with fp16 is not supported (each rank's gradient scaler would see only its own shard's "
-                "infs): use --precision bf16")
+    if fsdp and fsdp_precision_problem(args.precision):
+        p.error(f"--fsdp: {fsdp_precision_problem(args.precision)}")
     if args.dist_url != "env://":
         p.error(f"--dist_url {args.dist_url}: fastmae meets its ranks through the environment (env://); "
                 "launch with torchrun, or srun with MASTER_ADDR and MASTER_PORT exported")

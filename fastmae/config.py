@@ -59,6 +59,16 @@ def backend_names(family: str) -> list[str]:
     return [row[0] for row in BACKEND_TABLE[family]]
 
 
+def fsdp_precision_problem(precision: str) -> str | None:
+    """Why ``--fsdp`` cannot train at ``precision`` (None: it can): checked by the command line before
+    torch is imported, and by :func:`fastmae.sharding.fsdp_unavailable_reasons` for programmatic use."""
+    if precision == "fp16":
+        # GradScaler's inf check would stay per rank (each sees its own shard): ranks could disagree on a skip
+        return ("fp16 with a gradient scaler is not supported sharded (each rank's scaler would see only its own "
+                "shard's infs): use --precision bf16")
+    return None
+
+
 DATA_BACKENDS = ("auto", "dali", "nvjpeg", "torchvision", "synthetic")
 PRECISIONS = ("bf16", "fp16", "fp32")  # autocast dtypes (fp32: none)
 # optimizer name -> apex class (None: torch's fused AdamW)

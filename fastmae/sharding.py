@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fastmae.config import fsdp_precision_problem
 from fastmae.distributed import DistInfo
 
 
@@ -31,10 +32,8 @@ def fsdp_unavailable_reasons(dist: DistInfo, precision: str) -> list[str]:
     reasons = []
     if not dist.enabled:
         reasons.append("it shards across processes: launch several with torchrun or srun")
-    if precision == "fp16":
-        # GradScaler's inf check would stay per rank (each sees its own shard): ranks could disagree on a skip
-        reasons.append("fp16 with a gradient scaler is not supported sharded: use --precision bf16")
-    return reasons
+    problem = fsdp_precision_problem(precision)
+    return reasons + ([problem] if problem else [])
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:

@@ -78,7 +78,7 @@ def test_fsdp_run_restarted_after_a_rank_died_resumes_exactly_from_its_async_sha
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--fsdp", "--precision", "fp16"], "--fsdp with fp16 is not supported"),
+    (["--fsdp", "--precision", "fp16"], "--fsdp: fp16 with a gradient scaler is not supported sharded"),
     (["--fsdp", "--checkpoint_format", "full"], "--fsdp writes sharded checkpoints"),
     (["--async_checkpoint"], "--async_checkpoint writes sharded checkpoints"),
 ])
@@ -104,3 +104,14 @@ def test_the_memory_table_counts_what_each_rank_holds():
     assert whole == 16 * trained
     # a quarter of each parameter's rows (padded), the (1, ...)-shaped tokens whole on rank 0
     assert 16 * trained / 4 < quarter < 16 * trained / 4 * 1.1
+
+
+def test_the_fp16_rule_is_the_same_for_the_command_line_and_a_run():
+    from fastmae.config import fsdp_precision_problem
+    from fastmae.distributed import DistInfo
+    from fastmae.sharding import fsdp_unavailable_reasons
+
+    assert fsdp_precision_problem("bf16") is None
+    dist = DistInfo(rank=0, world_size=2, local_rank=0)
+    assert fsdp_unavailable_reasons(dist, "fp16") == [fsdp_precision_problem("fp16")]
+    assert fsdp_unavailable_reasons(dist, "bf16") == []
