@@ -10,7 +10,7 @@ op interface through :class:`FusedBackend`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Union
 
 import torch
 import torch.nn.functional as F
@@ -18,20 +18,24 @@ import torch.nn.functional as F
 from fastmae.ops.spec import FUSED_SPECS
 
 
+# a torch.library custom op (Triton) or an OpOverload (native): callable, and accepted by
+# torch.library.register_fake and register_autograd
+LibraryOp = Union[torch.library.CustomOpDef, torch._ops.OpOverload]
+
+
 @dataclass(frozen=True)
 class FusedOps:
-    """One backend's ops: ``torch.library`` custom ops or ``OpOverload`` s (callable, and accepted by
-    ``torch.library.register_fake`` / ``register_autograd``), with the schemas of the Triton ones in
-    ``kernels/``."""
+    """One backend's ops, one per entry of :data:`fastmae.ops.spec.FUSED_SPECS` (their arguments
+    and outputs are given there)."""
 
     name: str
-    random_masking: Any  # (noise, len_keep) -> (ids_keep, ids_restore, mask)
-    gather_visible: Any  # (x, ids_keep, pos_embed?) -> out
-    gather_visible_backward: Any  # (dout, ids_keep, L, dtype) -> dx
-    gather_patches: Any  # (imgs, ids_keep, patch_size) -> patches in (c, i, j) order
-    unshuffle: Any  # (x, ids_restore, mask_token, pos_embed?) -> out
-    unshuffle_backward: Any  # (dout, ids_restore, 1 + K, x_dtype) -> (dx, d mask_token)
-    masked_pixel_loss: Any  # (pred, imgs, mask, patch_size, norm_pix, with_grad) -> (loss, mask * (pred - target))
+    random_masking: LibraryOp
+    gather_visible: LibraryOp
+    gather_visible_backward: LibraryOp
+    gather_patches: LibraryOp  # the visible patches in the patch-embedding weight's (c, i, j) order
+    unshuffle: LibraryOp
+    unshuffle_backward: LibraryOp
+    masked_pixel_loss: LibraryOp  # -> (loss, mask * (pred - target) for the backward)
 
 
 # -- autograd ------------------------------------------------------------------------------------
