@@ -19,8 +19,14 @@ from fastmae.training import Run, logger, resume_path
 def build_data(args: argparse.Namespace, run: Run, train_mode: str):
     """``(train loader, validation loader, number of classes)`` at the model's input size."""
     input_size = args.input_size or ENCODERS[args.model].get("img_size", 224)
-    # the nvjpeg loader's crop kernel: Triton's where the kernel backend (FASTMAE_KERNELS, else automatic) is
-    crop_backend = crop_backend_for(ops.resolve("kernels", None, run.device.type))
+    crop_backend = None  # the nvjpeg loader's default
+    if args.data_backend == "nvjpeg":  # (automatic selection never picks it)
+        # its crop kernel: Triton's where the kernel backend (FASTMAE_KERNELS, else automatic) is; the
+        # ViT itself uses no kernel backend, so one named that cannot run here only loses the choice
+        try:
+            crop_backend = crop_backend_for(ops.resolve("kernels", None, run.device.type))
+        except ops.BackendUnavailableError as e:
+            logger.warning("nvjpeg crop: the loader's default (%s)", e)
     train, val, classes = build_classification_loaders(
         data_path=args.data_path, train_mode=train_mode, backend=args.data_backend, input_size=input_size,
         batch_size=args.batch_size, device=run.device, rank=run.dist.rank, world_size=run.dist.world_size,

@@ -105,3 +105,17 @@ def test_pinned_kernels_declare_what_they_take():
     assert layer.attention_function("cpu").func is ops.attention  # checked per call
     for name in ("math", "sdpa"):  # nothing to check: called directly
         assert not isinstance(Attention(16, 2, attention_backend=name).attention_function("cpu"), functools.partial)
+
+
+def test_under_autocast_the_input_class_is_the_autocast_dtype():
+    """SDPA under autocast runs in the autocast dtype: a pinned half-only kernel takes fp32 inputs
+    there (their input class is what the kernel sees)."""
+    from fastmae.ops import registry
+    from fastmae.ops.spec import SPECS
+
+    q = torch.randn(1, 2, 4, 8)
+    inputs = SPECS["attention"].bind(q, q, q).under_autocast(torch.bfloat16)
+    assert set(inputs.dtypes.values()) == {torch.bfloat16}
+    flash = registry._find("attention", "sdpa_flash")
+    assert not flash.not_supported_reasons("attention", registry.InputClass.from_key(
+        ("attention", "cuda", tuple(inputs.dtypes.items()), ())))

@@ -25,3 +25,16 @@ def test_compiled_model_matches_eager(kernels, attention):
     compiled = loss_and_grads(torch.compile(model, fullgraph=True))  # fullgraph: a graph break is an error
     for c, e in zip(compiled, eager):
         assert_close(c, e, backward=True)
+
+
+@pytest.mark.parametrize("kernels,attention", [("triton", "sdpa"), ("torch", "sdpa_flash")])
+def test_a_new_batch_size_compiles_without_a_break(kernels, attention):
+    """A backend that may refuse some inputs is chosen per input class, from the dims its limits
+    read: the batch size is not one, so a second batch size (dynamic after the first recompile)
+    traces without a graph break."""
+    model = create_model("mae_vit_tiny_patch4", depth=1, decoder_depth=1, kernel_backend=kernels,
+                         attention_backend=attention)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    for n in (2, 3, 4):
+        loss, _, _ = compiled(torch.randn(n, 3, 32, 32), noise=torch.rand(n, 64))
+        loss.backward()

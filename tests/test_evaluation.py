@@ -322,3 +322,23 @@ def test_fine_tuning_killed_and_resumed_equals_uninterrupted(labelled_folder, tm
     assert proc.wait() == -9  # killed mid-run, not finished
     assert finetune_cli(flags + ["--output_dir", str(part), "--resume", "auto"]) == 0
     assert losses(part) == losses(tmp_path / "whole")
+
+
+def test_a_kernel_backend_that_cannot_run_does_not_stop_evaluation(monkeypatch):
+    """The ViT uses no kernel backend: FASTMAE_KERNELS naming one that cannot run here changes nothing
+    for linear probing's data (only the nvjpeg loader's crop asks for it, and then falls back)."""
+    import types
+
+    from fastmae.evaluation import build_data
+    from fastmae.linprobe import get_args_parser
+    from fastmae.ops import registry
+
+    monkeypatch.setenv("FASTMAE_KERNELS", "triton")
+    monkeypatch.setattr(registry._find("kernels", "triton"), "unavailable_reasons", lambda device: ["not here"])
+    monkeypatch.setattr(registry, "_resolved", {})
+    run = types.SimpleNamespace(device=torch.device("cpu"), dist=types.SimpleNamespace(rank=0, world_size=1))
+    for backend in ("torchvision", "nvjpeg"):
+        args = get_args_parser().parse_args(["--data_backend", backend, "--builtin_size", "40", "--batch_size", "8",
+                                             "--num_workers", "0"])
+        train, _, _ = build_data(args, run, "train")
+        assert train.steps_per_epoch > 0

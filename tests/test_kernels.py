@@ -101,7 +101,7 @@ def test_loss_refuses_gradients_it_does_not_compute(triton_device):
 
 
 def test_masking_refuses_float64_noise(triton_device):
-    with pytest.raises(ops.BackendUnavailableError, match="'triton' was requested but cannot take.*float64 noise"):
+    with pytest.raises(ops.BackendUnavailableError, match=r"'triton' was requested \(argument\) but cannot take.*float64 noise"):
         ops.random_masking(torch.rand(2, 8, dtype=torch.float64), 2, backend="triton")
 
 

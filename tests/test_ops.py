@@ -343,6 +343,7 @@ def test_deterministic(every_backend):
         (lambda: ops.unshuffle_with_mask_token(torch.randn(2, 3, 4), torch.zeros(2, 8, dtype=torch.long), torch.randn(4, device="meta")), "mask_token is on meta"),
         (lambda: ops.masked_pixel_loss(torch.randn(1, 4, 48), torch.randn(1, 3, 8, 8, device="meta"), torch.ones(1, 4), 4, False), "imgs is on meta"),
         (lambda: ops.embed_visible_patches(torch.randn(1, 3, 8, 8), torch.zeros(1, 2, dtype=torch.long), torch.randn(4, 3, 4, 4, device="meta"), None), "weight is on meta"),
+        (lambda: ops.embed_visible_patches(torch.randn(1, 3, 8, 8), torch.zeros(1, 2, dtype=torch.long), torch.randn(4, 3, 0, 0), None), "patch size must be positive"),
         (lambda: ops.add_layer_norm(torch.randn(2, 8), torch.randn(2, 7), None, None, 1e-6), "branch must be"),
         (lambda: ops.add_layer_norm(torch.randn(2, 8), None, torch.randn(7), None, 1e-6), "weight must be"),
         (lambda: ops.bias_gelu(torch.randn(2, 8), torch.randn(9)), "bias must be"),
@@ -411,3 +412,12 @@ def test_masked_pixel_loss_fp16_gradient_under_a_loss_scale(backend):
     # nothing flushed to zero (entries at fp16's subnormal floor may round either way)
     assert ((got == 0) & (want.abs() > 1e-6)).sum() == 0
     assert_close(got / want.abs().max(), want / want.abs().max(), backward=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.uint8, torch.int64])
+def test_a_boolean_or_integer_mask_is_taken_as_float(backend, dtype):
+    n, c, p, h, w = 2, 3, 4, 16, 16
+    _, _, _, mask = masking_inputs(n, 16, 4)
+    pred, imgs = torch.randn(n, 16, 48, requires_grad=True), torch.randn(n, c, h, w)
+    got = ops.masked_pixel_loss(pred, imgs, mask.to(dtype), p, True, backend=backend)
+    assert_close(got, reference.masked_pixel_loss(pred, imgs, mask, p, True))

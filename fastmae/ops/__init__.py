@@ -112,6 +112,8 @@ def masked_pixel_loss(
     ``norm_pix``), averaged over the removed patches (``mask`` [N, L], 1 = removed). A scalar computed
     and returned in fp32 (float64 for float64 inputs)."""
     inputs = SPECS["masked_pixel_loss"].bind(pred, imgs, mask, patch_size, norm_pix)
+    if not mask.is_floating_point():
+        mask = mask.float()
     return implementation("kernels", "masked_pixel_loss", backend, inputs)(pred, imgs, mask, patch_size, bool(norm_pix))
 
 
@@ -134,6 +136,8 @@ def attention(
             "use torch.nn.functional.scaled_dot_product_attention for them"
         )
     inputs = SPECS["attention"].bind(q, k, v)
+    if torch.is_autocast_enabled(q.device.type):  # SDPA runs in the autocast dtype: what the kernel sees
+        inputs = inputs.under_autocast(torch.get_autocast_dtype(q.device.type))
     return implementation("attention", "attention", backend, inputs)(q, k, v)
 
 
@@ -142,7 +146,7 @@ def attention_function(backend: str | None, device_type: str):
     call it directly (q, k, v as :func:`attention` takes them). A backend with limits on its inputs
     (the pinned SDPA kernels) comes as :func:`attention` itself, which checks each call's inputs."""
     chosen = chosen_backend("attention", backend, device_type)
-    if chosen.limits("attention"):
+    if chosen.limits("attention") is not None:
         return functools.partial(attention, backend=chosen.name)
     return chosen.op("attention")
 

@@ -27,8 +27,9 @@ def unavailable_reasons(device_type: str, kernel: str | None = None) -> list[str
 HALF_ONLY = ("flash", "cudnn")
 
 
-def limited_ops(kernel: str | None = None) -> set[str]:
-    return {"attention"} if kernel in HALF_ONLY else set()
+def limited_ops(kernel: str | None = None) -> dict[str, tuple[str, ...]]:
+    """The ops whose inputs a pinned kernel may refuse, with the dims it reads (none: the dtypes)."""
+    return {"attention": ()} if kernel in HALF_ONLY else {}
 
 
 def not_supported_reasons(op: str, inputs, kernel: str | None = None) -> list[str]:

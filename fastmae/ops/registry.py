@@ -61,7 +61,7 @@ class Backend:
     _module: ModuleType | None = field(default=None, repr=False)
     _import_error: str | None = field(default=None, repr=False)
     _imported: bool = field(default=False, repr=False)
-    _limited: frozenset | None = field(default=None, repr=False)
+    _limited: dict | None = field(default=None, repr=False)
 
     @property
     def module(self) -> ModuleType | None:
@@ -97,14 +97,17 @@ class Backend:
         reasons = getattr(self.module, "not_supported_reasons", None)
         return list(reasons(op, inputs, **dict(self.options))) if reasons else []
 
-    def limits(self, op: str) -> bool:
-        """Whether this backend may refuse some inputs of ``op`` (its module's ``LIMITED_OPS``, or
-        ``limited_ops(**options)``: the unpinned SDPA takes everything). Only those calls build an
-        input class and consult :func:`choose`."""
+    def limits(self, op: str) -> tuple[str, ...] | None:
+        """The dims this backend's reasons to refuse ``op``'s inputs read (besides the dtypes), or
+        None when it takes every valid input: its module's ``LIMITED_OPS``, or
+        ``limited_ops(**options)`` (the unpinned SDPA takes everything). Only calls of limited ops
+        build an input class and consult :func:`choose`."""
         if self._limited is None:
+            if self.module is None:
+                return None
             limited = getattr(self.module, "limited_ops", None)
-            self._limited = frozenset(limited(**dict(self.options)) if limited else getattr(self.module, "LIMITED_OPS", ()))
-        return op in self._limited
+            self._limited = dict(limited(**dict(self.options)) if limited else getattr(self.module, "LIMITED_OPS", {}))
+        return self._limited.get(op)
 
     def prepare(self, device_type: str) -> list[str]:
         """Make ready what the first use needs (the native backend builds its library here, not when
@@ -201,7 +204,7 @@ def resolve(family: str, requested: str | None, device_type: str) -> str:
 @dataclass(frozen=True)
 class InputClass:
     """What a backend's limits look at: the op's dims and the dtypes of the tensors given, by name
-    (from :attr:`fastmae.ops.spec.Inputs.key`)."""
+    (from :meth:`fastmae.ops.spec.Inputs.key`)."""
 
     op: str
     device_type: str
@@ -219,7 +222,7 @@ _chosen: dict[tuple, str] = {}
 
 @_constant_result
 def choose(family: str, requested: str | None, key: tuple) -> str:
-    """The name of the backend that runs the op of ``key`` (:attr:`fastmae.ops.spec.Inputs.key`) on
+    """The name of the backend that runs the op of ``key`` (:meth:`fastmae.ops.spec.Inputs.key`) on
     those inputs: the family's backend (:func:`resolve`) when it takes them; automatic selection
     falls back to the next that runs and takes them, an explicit request raises."""
     op, device_type = key[0], key[1]
@@ -230,9 +233,10 @@ def choose(family: str, requested: str | None, key: tuple) -> str:
     inputs = InputClass.from_key(key)
     reasons = _find(family, name).not_supported_reasons(op, inputs)
     if reasons and cache_key[1] != AUTO:
+        source = "argument" if requested else f"environment variable {ENV_VARS[family]}"
         raise BackendUnavailableError(
-            f"{family} backend {name!r} was requested but cannot take these {op} inputs: {'; '.join(reasons)} "
-            f"(dtypes {_describe(inputs.dtypes)}, {_describe(inputs.dims)})"
+            f"{family} backend {name!r} was requested ({source}) but cannot take these {op} inputs: "
+            f"{'; '.join(reasons)} (dtypes {_describe(inputs.dtypes)}{', ' if inputs.dims else ''}{_describe(inputs.dims)})"
         )
     if reasons:
         skipped = [f"{name}: {', '.join(reasons)}"]
@@ -256,12 +260,32 @@ def _describe(values: dict) -> str:
     return ", ".join(f"{k}={str(v).removeprefix('torch.')}" for k, v in values.items())
 
 
+@_constant_result
+def limit_dims(family: str, op: str) -> tuple[str, ...]:
+    """The dims that any of ``family``'s backends reads to refuse ``op``'s inputs: those that
+    :func:`choose`'s input class holds (the batch size is in none, so a new batch decides nothing
+    anew, and a compiled model sees no dynamic size there)."""
+    key = (family, op)
+    if key not in _limit_dims:
+        _limit_dims[key] = tuple(sorted({d for b in BACKENDS[family] for d in (b.limits(op) or ())}))
+    return _limit_dims[key]
+
+
+_limit_dims: dict[tuple[str, str], tuple[str, ...]] = {}
+
+
+@_constant_result
+def is_limited(family: str, name: str, op: str) -> bool:
+    """Whether the backend ``name`` may refuse some of ``op``'s inputs (see :meth:`Backend.limits`)."""
+    return _find(family, name).limits(op) is not None
+
+
 def implementation(family: str, op: str, requested: str | None, inputs: Inputs) -> Callable:
     """The function of the backend that runs ``op`` on these (checked) inputs."""
-    backend = chosen_backend(family, requested, inputs.device_type)
-    if backend.limits(op):
-        backend = _find(family, choose(family, requested, inputs.key))
-    return backend.op(op)
+    name = resolve(family, requested, inputs.device_type)
+    if is_limited(family, name, op):
+        name = choose(family, requested, inputs.key(limit_dims(family, op)))
+    return _find(family, name).op(op)
 
 
 def chosen_backend(family: str, requested: str | None, device_type: str) -> Backend:

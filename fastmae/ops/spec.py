@@ -28,6 +28,8 @@ from fastmae.errors import UsageError
 
 FLOATING = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 INDEX = (torch.int64,)
+# a 0/1 mask: floating as random_masking returns it, or boolean / integer (taken as float32)
+MASK = FLOATING + (torch.bool, torch.uint8, torch.int32, torch.int64)
 
 
 @dataclass(frozen=True)
@@ -278,14 +280,19 @@ class Inputs:
     def __init__(self, op: str, device_type: str, dims: dict, dtypes: dict, args: tuple):
         self.op, self.device_type, self.dims, self.dtypes, self.args = op, device_type, dims, dtypes, args
 
+    def under_autocast(self, dtype: torch.dtype) -> "Inputs":
+        """The inputs as an op that autocast runs in ``dtype`` sees them: float32 ones cast."""
+        dtypes = {n: dtype if d == torch.float32 else d for n, d in self.dtypes.items()}
+        return Inputs(self.op, self.device_type, self.dims, dtypes, self.args)
+
     def value(self, spec: OpSpec, name: str):
         return self.args[[p.name for p in spec.params].index(name)]
 
-    @property
-    def key(self) -> tuple:
+    def key(self, dims: tuple[str, ...]) -> tuple:
         """The input class dispatch is cached by: the op, the device type, the dtypes of the tensors
-        given (by name) and the dims."""
-        return (self.op, self.device_type, tuple(self.dtypes.items()), tuple(self.dims.items()))
+        given (by name) and ``dims`` (those the backends' limits read; a symbolic size under
+        torch.compile is specialized to its value)."""
+        return (self.op, self.device_type, tuple(self.dtypes.items()), tuple((d, int(self.dims[d])) for d in dims))
 
 
 # -- MAE's ops -------------------------------------------------------------------------------------
@@ -300,6 +307,7 @@ _RANDOM_MASKING = OpSpec(
 
 _IDS_KEEP = Tensor("ids_keep", ("N", "K"), INDEX, index=Index("L"))
 _IDS_RESTORE = Tensor("ids_restore", ("N", "L"), INDEX, index=Index("L", distinct=False))
+_PATCH_SIZE = Require("p > 0", "the patch size must be positive, got {p}")
 _PATCH_GRID = Require("H % p == 0 and W % p == 0", "image size {H}x{W} is not divisible by the patch size {p}")
 _KEEP_AT_MOST_L = Require("K <= L", "ids_keep keeps {K} rows of L={L}")
 
@@ -320,7 +328,7 @@ _EMBED_VISIBLE_PATCHES = OpSpec(
             Tensor("bias", ("D",), optional=True, differentiable=True),
             Tensor("pos_embed", ("L", "D"), optional=True, differentiable=True)),
     derived={"L": "(H // p) * (W // p)"},
-    requires=(_PATCH_GRID, _KEEP_AT_MOST_L),
+    requires=(_PATCH_SIZE, _PATCH_GRID, _KEEP_AT_MOST_L),
     outputs=(Output(("N", "K", "D"), ("promote", "imgs", "weight", "bias", "pos_embed")),),
     cases=({"N": 1, "C": 3, "p": 4, "H": 16, "W": 16, "D": 40}, {"N": 3, "C": 3, "p": 4, "H": 28, "W": 28, "D": 64},
            {"N": 2, "C": 1, "p": 7, "H": 14, "W": 21, "D": 40}),
@@ -340,9 +348,9 @@ _MASKED_PIXEL_LOSS = OpSpec(
     "masked_pixel_loss",
     # the fused backends differentiate pred only (the reference imgs and mask too)
     params=(Tensor("pred", ("N", "L", "p * p * C"), differentiable=True), Tensor("imgs", ("N", "C", "H", "W")),
-            Tensor("mask", ("N", "L"), binary=True), Scalar("patch_size", "p"), Value("norm_pix")),
+            Tensor("mask", ("N", "L"), MASK, binary=True), Scalar("patch_size", "p"), Value("norm_pix")),
     derived={"L": "(H // p) * (W // p)"},
-    requires=(Require("p > 0", "patch_size must be positive, got {p}"), _PATCH_GRID),
+    requires=(_PATCH_SIZE, _PATCH_GRID),
     outputs=(Output((), ("accumulate", "pred", "imgs")),),
     cases=({"N": 1, "C": 3, "p": 4, "H": 16, "W": 16}, {"N": 3, "C": 3, "p": 4, "H": 28, "W": 28},
            {"N": 2, "C": 1, "p": 7, "H": 14, "W": 21}, {"N": 1, "C": 3, "p": 14, "H": 28, "W": 14}),
@@ -388,7 +396,7 @@ FUSED_SPECS: dict[str, OpSpec] = {s.name: s for s in (
            outputs=(Output(("N", "L", "D"), ("value", "dtype")),)),
     OpSpec("gather_patches",
            params=(Tensor("imgs", ("N", "C", "H", "W"), differentiable=True), _IDS_KEEP, Scalar("patch_size", "p")),
-           derived={"L": "(H // p) * (W // p)"}, requires=(_PATCH_GRID,),
+           derived={"L": "(H // p) * (W // p)"}, requires=(_PATCH_SIZE, _PATCH_GRID),
            outputs=(Output(("N", "K", "C * p * p"), "imgs"),)),
     OpSpec("unshuffle",
            params=_UNSHUFFLE_WITH_MASK_TOKEN.params, requires=_UNSHUFFLE_WITH_MASK_TOKEN.requires,
@@ -458,7 +466,8 @@ def bad_inputs(spec: OpSpec, dims: dict) -> Iterator[tuple[str, list]]:
             continue
         if not param.any_shape and not param.dims[0].startswith("*"):
             yield f"{param.name} with a dimension too many", _replace(valid, i, t.unsqueeze(0))
-        yield f"{param.name} as int32", _replace(valid, i, t.to(torch.int32))
+        wrong = next(d for d in (torch.int32, torch.int16) if d not in param.dtypes)
+        yield f"{param.name} as {wrong}", _replace(valid, i, t.to(wrong))
         for j, dim in enumerate(param.dims):
             if dim.startswith("*") or (spec._bindable(dim) and seen[dim] == 1):
                 continue  # free: any size is valid

@@ -37,7 +37,8 @@ masked_pixel_loss = _backend.masked_pixel_loss
 FUSES_LAYERS = True
 
 
-LIMITED_OPS = {"random_masking"}
+# the ops whose inputs this backend may refuse, with the dims its reasons read (besides the dtypes)
+LIMITED_OPS = {"random_masking": ()}
 
 
 def not_supported_reasons(op: str, inputs) -> list[str]:

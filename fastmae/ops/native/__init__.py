@@ -45,7 +45,8 @@ def unavailable_reasons(device_type: str) -> list[str]:
 
 # The native CUDA kernels' limits (csrc/fastmae_ops_cuda.cu checks them again before a launch).
 _SHARED_MEMORY = 48 * 1024
-LIMITED_OPS = {"random_masking", "masked_pixel_loss"}
+# the ops whose inputs this backend may refuse, with the dims its reasons read (besides the dtypes)
+LIMITED_OPS = {"random_masking": ("L",), "masked_pixel_loss": ("C", "H", "W", "p")}
 
 
 def not_supported_reasons(op: str, inputs) -> list[str]:
@@ -58,10 +59,11 @@ def not_supported_reasons(op: str, inputs) -> list[str]:
             return [f"the native CUDA random_masking holds a row of noise in 48 KiB of shared memory: L={d['L']} "
                     f"is too long for {str(inputs.dtypes['noise']).removeprefix('torch.')}"]
     if op == "masked_pixel_loss":
-        values = d["C"] * d["p"] * d["p"]
-        if d["C"] * d["H"] * d["W"] > 2**31 - 1 or 2 * values * 4 > _SHARED_MEMORY:
-            return [f"the native CUDA masked_pixel_loss takes images under 2^31 values and patches of at most "
-                    f"6144 values (C*p*p={values})"]
+        image, patch = d["C"] * d["H"] * d["W"], d["C"] * d["p"] * d["p"]
+        if image > 2**31 - 1:
+            return [f"the native CUDA masked_pixel_loss takes images of under 2^31 values (C*H*W={image})"]
+        if 2 * patch * 4 > _SHARED_MEMORY:
+            return [f"the native CUDA masked_pixel_loss takes patches of at most 6144 values (C*p*p={patch})"]
     return []
 
 
