@@ -188,26 +188,20 @@ def test_eval_needs_train_and_val_folders(tmp_path, caplog):
 
 
 @pytest.mark.slow
-def test_pretrain_then_probe_and_finetune_on_the_builtin_data(tmp_path):
-    """The whole path on the built-in shapes: a brief pretraining, then the linear probe and
-    fine-tuning of its encoder and of a random one. Only fine-tuning from the pretrained encoder is
-    asserted to learn (at CPU scale a probe of random features can match a brief MAE's)."""
+def test_pretrain_then_finetune_on_the_builtin_data(tmp_path):
+    """The whole path on the built-in shapes: a brief pretraining, then fine-tuning of its encoder,
+    which learns. (Linear probing and fine-tuning from a random encoder run in the entry-point tests:
+    at CPU scale a probe of random features can match a brief MAE's, so they assert nothing here.)"""
     data = ["--builtin_size", "1000", "--num_workers", "1", "--print_freq", "50"]
     assert pretrain_cli(data + ["--output_dir", str(tmp_path / "pre"), "--epochs", "3", "--batch_size", "64",
                                 "--vis_freq", "0"]) == 0
     encoder = str(tmp_path / "pre" / "checkpoint-2.pth")
-    # small-scale settings: LARS at the recipe's lr moves a probe by lr * 0.001 of its norm a step,
-    # nothing at a CPU's batch sizes; the fine-tuning regularizers need far more epochs than these
+    # small-scale settings: the fine-tuning regularizers need far more epochs than these
     mild = ["--aa", "none", "--mixup", "0", "--cutmix", "0", "--reprob", "0", "--drop_path", "0", "--blr", "4e-3"]
-    accuracy = {}
-    for name, cli, extra in (("linprobe", linprobe_cli, ["--epochs", "3", "--batch_size", "64", "--blr", "20"]),
-                             ("finetune", finetune_cli, ["--epochs", "2", "--batch_size", "64", *mild])):
-        for init, finetune in (("pretrained", ["--finetune", encoder]), ("random", [])):
-            out = tmp_path / f"{name}-{init}"
-            log = run_eval(cli, None, out, *data, *extra, *finetune)
-            accuracy[f"{name} {init}"] = log[-1]["max_accuracy"]
-    print("top-1 on 200 held-out images (chance 10%):", accuracy)
-    assert accuracy["finetune pretrained"] > 20
+    log = run_eval(finetune_cli, None, tmp_path / "finetune", *data, "--epochs", "2", "--batch_size", "64", *mild,
+                   "--finetune", encoder)
+    print("top-1 on 200 held-out images (chance 10%):", log[-1]["max_accuracy"])
+    assert log[-1]["max_accuracy"] > 20
 
 
 def test_the_originals_launch_flags_are_accepted(labelled_folder, tmp_path):
