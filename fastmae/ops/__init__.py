@@ -109,8 +109,9 @@ def masked_pixel_loss(
 ) -> torch.Tensor:
     """MAE's loss: mean squared error per patch between ``pred`` [N, L, p*p*C] and the patchified
     ``imgs`` [N, C, H, W] (each patch normalized to zero mean, unit unbiased variance when
-    ``norm_pix``), averaged over the removed patches (``mask`` [N, L], 1 = removed). A scalar computed
-    and returned in fp32 (float64 for float64 inputs)."""
+    ``norm_pix``), averaged over the removed patches (``mask`` [N, L], 1 = removed; a boolean or
+    integer mask is taken as float32). A scalar computed and returned in fp32 (float64 for float64
+    inputs)."""
     inputs = SPECS["masked_pixel_loss"].bind(pred, imgs, mask, patch_size, norm_pix)
     if not mask.is_floating_point():
         mask = mask.float()
