@@ -21,8 +21,13 @@ export PYTHONUNBUFFERED=1
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/fastmae-inductor-cache}
 pack() { [ -n "${ARCHIVE:-}" ] && tar czf "$ARCHIVE" -C "$OUT" . ; return 0; }
 
+# fastmae/kernels and fastmae/csrc are links to kernels/ and csrc/: put back where a copy of the tree
+# lost them (or turned them into text files)
+for link in kernels csrc; do
+  [ -d "fastmae/$link" ] || { rm -f "fastmae/$link"; ln -s "../$link" "fastmae/$link"; }
+done
 # Install without touching the machine's packages (it may have no network); where that fails, the
-# checkout itself on the path imports as it is (fastmae/kernels links to kernels/).
+# checkout itself on the path imports as it is.
 pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || {
   echo "pip install failed: running from the checkout on PYTHONPATH" >>"$OUT/install.log"
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
