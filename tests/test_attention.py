@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from fastmae import ops
+from fastmae.ops.spec import Inputs
 from fastmae.testing import assert_close, backend_cases
 
 # PyTorch's flash and cuDNN kernels take fp16/bf16 only on CUDA
@@ -95,12 +96,12 @@ def test_pinned_kernels_declare_what_they_take():
     from fastmae.ops import registry
 
     flash = registry._find("attention", "sdpa_flash")
-    fp32 = registry.InputClass("attention", "cuda", {"q": torch.float32, "k": torch.float32, "v": torch.float32},
-                               {"B": 1, "heads": 2, "S": 4, "head_dim": 64})
+    dims = {"B": 1, "heads": 2, "S": 4, "head_dim": 64}
+    fp32 = Inputs("attention", "cuda", dims, {n: torch.float32 for n in "qkv"})
     assert "float16 or bfloat16" in flash.not_supported_reasons("attention", fp32)[0]
-    bf16 = registry.InputClass("attention", "cuda", {n: torch.bfloat16 for n in "qkv"}, fp32.dims)
+    bf16 = Inputs("attention", "cuda", dims, {n: torch.bfloat16 for n in "qkv"})
     assert not flash.not_supported_reasons("attention", bf16)
-    assert not flash.not_supported_reasons("attention", registry.InputClass("attention", "cpu", fp32.dtypes, fp32.dims))
+    assert not flash.not_supported_reasons("attention", Inputs("attention", "cpu", dims, fp32.dtypes))
     layer = Attention(16, 2, attention_backend="sdpa_flash")
     assert layer.attention_function("cpu").func is ops.attention  # checked per call
     for name in ("math", "sdpa"):  # nothing to check: called directly
@@ -117,5 +118,5 @@ def test_under_autocast_the_input_class_is_the_autocast_dtype():
     inputs = SPECS["attention"].bind(q, q, q).under_autocast(torch.bfloat16)
     assert set(inputs.dtypes.values()) == {torch.bfloat16}
     flash = registry._find("attention", "sdpa_flash")
-    assert not flash.not_supported_reasons("attention", registry.InputClass.from_key(
+    assert not flash.not_supported_reasons("attention", Inputs.from_key(
         ("attention", "cuda", tuple(inputs.dtypes.items()), ())))

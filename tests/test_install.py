@@ -42,15 +42,16 @@ def _checkout_copy(tmp_path: pathlib.Path) -> pathlib.Path:
     return copy
 
 
-def _venv(tmp_path: pathlib.Path, name: str) -> pathlib.Path:
-    """A bare environment that sees this one's packages (torch, triton) but not its fastmae."""
+def _venv(tmp_path: pathlib.Path, name: str, *, own_pip: bool = False) -> pathlib.Path:
+    """An environment that sees this one's packages (torch, triton) but not its fastmae; with
+    ``own_pip``, Python's own pip (ensurepip's) and setuptools in it, found first."""
     env_dir = tmp_path / name
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env_dir)], check=True)
+    subprocess.run([sys.executable, "-m", "venv", *([] if own_pip else ["--without-pip"]), str(env_dir)], check=True)
     python = env_dir / "bin" / "python"
     site = subprocess.run([str(python), "-c", "import site; print(site.getsitepackages()[0])"],
                           capture_output=True, text=True, check=True).stdout.strip()
-    # a .pth line adds a folder to the path without running that folder's .pth files (this
-    # environment's editable fastmae is one)
+    # a .pth line adds a folder to the path (after the environment's own) without running that
+    # folder's .pth files (this environment's editable fastmae is one)
     pathlib.Path(site, "outer.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     return python
 
@@ -83,12 +84,7 @@ def test_editable_install_with_an_old_setuptools(tmp_path):
     without build isolation runs ``setup.py develop``, which puts the checkout on the path instead of
     mapping packages: fastmae.kernels must be a folder there."""
     checkout = _checkout_copy(tmp_path)
-    env_dir = tmp_path / "old"
-    subprocess.run([sys.executable, "-m", "venv", str(env_dir)], check=True)
-    python = env_dir / "bin" / "python"
-    site = subprocess.run([str(python), "-c", "import site; print(site.getsitepackages()[0])"],
-                          capture_output=True, text=True, check=True).stdout.strip()
-    pathlib.Path(site, "outer.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")  # torch, after its own
+    python = _venv(tmp_path, "old", own_pip=True)
     for args in (["-q", OLD_SETUPTOOLS], ["-q", "--no-deps", "--no-build-isolation", "-e", str(checkout)]):
         result = subprocess.run([str(python), "-m", "pip", "install", *args], capture_output=True, text=True)
         assert result.returncode == 0, result.stdout + result.stderr

@@ -9,6 +9,7 @@ import torch
 
 from fastmae import ops
 from fastmae.ops import registry
+from fastmae.ops.spec import Inputs
 
 
 @pytest.fixture(autouse=True)
@@ -169,14 +170,14 @@ def test_native_cuda_limits_are_declared():
     """What the native CUDA kernels cannot take is known before a launch (and automatic selection
     passes over them), from the inputs' dims alone."""
     native = registry._find("kernels", "native")
-    long_rows = registry.InputClass("random_masking", "cuda", {"noise": torch.float32}, {"N": 2, "L": 20000, "K": 5})
+    long_rows = Inputs("random_masking", "cuda", dims={"N": 2, "L": 20000, "K": 5}, dtypes={"noise": torch.float32})
     assert "shared memory" in native.not_supported_reasons("random_masking", long_rows)[0]
-    assert not native.not_supported_reasons("random_masking", registry.InputClass(
-        "random_masking", "cuda", {"noise": torch.float32}, {"N": 2, "L": 196, "K": 49}))
-    big_patches = registry.InputClass("masked_pixel_loss", "cuda", {}, {"N": 1, "C": 3, "H": 96, "W": 96, "p": 48})
+    assert not native.not_supported_reasons("random_masking", Inputs(
+        "random_masking", "cuda", dims={"N": 2, "L": 196, "K": 49}, dtypes={"noise": torch.float32}))
+    big_patches = Inputs("masked_pixel_loss", "cuda", dims={"N": 1, "C": 3, "H": 96, "W": 96, "p": 48}, dtypes={})
     assert "C*p*p=6912" in native.not_supported_reasons("masked_pixel_loss", big_patches)[0]
-    assert not native.not_supported_reasons("random_masking", registry.InputClass(
-        "random_masking", "cpu", {"noise": torch.float32}, {"N": 2, "L": 20000, "K": 5}))
+    assert not native.not_supported_reasons("random_masking", Inputs(
+        "random_masking", "cpu", dims={"N": 2, "L": 20000, "K": 5}, dtypes={"noise": torch.float32}))
 
 
 def test_the_kernels_import_nothing_above_them():

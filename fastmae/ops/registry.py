@@ -29,7 +29,8 @@ inputs) -> list[str]`` (say, Triton's masking and float64 noise; the native CUDA
 longer than its shared memory). Automatic selection runs the first backend, in priority order, that
 can run and takes the inputs, logging a fallback; an explicitly requested one that cannot take them
 raises :class:`BackendUnavailableError` with its reasons. The choice is cached per input class (op,
-device type, dtypes, dims), so a training step decides once.
+device type, dtypes, and the dims the backends' limits read: never the batch size), so a training
+step decides once.
 """
 from __future__ import annotations
 
@@ -91,7 +92,7 @@ class Backend:
             return ["no CUDA device is available"]
         return list(self.module.unavailable_reasons(device_type, **dict(self.options)))
 
-    def not_supported_reasons(self, op: str, inputs: InputClass) -> list[str]:
+    def not_supported_reasons(self, op: str, inputs: Inputs) -> list[str]:
         """Why this backend cannot take ``inputs`` for ``op`` (empty: it can); asked after
         :meth:`unavailable_reasons` found it runs on the device."""
         reasons = getattr(self.module, "not_supported_reasons", None)
@@ -165,13 +166,18 @@ def _constant_result(fn: Callable) -> Callable:
 
 # Resolution is host-side bookkeeping (environment, logging): torch.compile runs it once while
 # tracing and keeps the answer, so the graph holds only the chosen op.
+def _request(family: str, requested: str | None) -> tuple[str, str]:
+    """The backend asked for (an argument, else the family's environment variable, else automatic)
+    and where the request came from."""
+    if requested is not None:
+        return requested, "argument"
+    return os.environ.get(ENV_VARS[family]) or AUTO, f"environment variable {ENV_VARS[family]}"
+
+
 @_constant_result
 def resolve(family: str, requested: str | None, device_type: str) -> str:
     """The name of the backend that runs ``family``'s ops on ``device_type``."""
-    source = "argument"
-    if requested is None:
-        requested = os.environ.get(ENV_VARS[family]) or AUTO
-        source = f"environment variable {ENV_VARS[family]}"
+    requested, source = _request(family, requested)
     key = (family, requested, device_type)
     if key in _resolved:
         return _resolved[key]
@@ -201,22 +207,6 @@ def resolve(family: str, requested: str | None, device_type: str) -> str:
     return requested
 
 
-@dataclass(frozen=True)
-class InputClass:
-    """What a backend's limits look at: the op's dims and the dtypes of the tensors given, by name
-    (from :meth:`fastmae.ops.spec.Inputs.key`)."""
-
-    op: str
-    device_type: str
-    dtypes: dict
-    dims: dict
-
-    @classmethod
-    def from_key(cls, key: tuple) -> "InputClass":
-        op, device_type, dtypes, dims = key
-        return cls(op, device_type, dict(dtypes), dict(dims))
-
-
 _chosen: dict[tuple, str] = {}
 
 
@@ -226,14 +216,14 @@ def choose(family: str, requested: str | None, key: tuple) -> str:
     those inputs: the family's backend (:func:`resolve`) when it takes them; automatic selection
     falls back to the next that runs and takes them, an explicit request raises."""
     op, device_type = key[0], key[1]
-    cache_key = (family, requested or os.environ.get(ENV_VARS[family]) or AUTO, key)
+    request, source = _request(family, requested)
+    cache_key = (family, request, key)
     if cache_key in _chosen:
         return _chosen[cache_key]
     name = resolve(family, requested, device_type)
-    inputs = InputClass.from_key(key)
+    inputs = Inputs.from_key(key)
     reasons = _find(family, name).not_supported_reasons(op, inputs)
-    if reasons and cache_key[1] != AUTO:
-        source = "argument" if requested else f"environment variable {ENV_VARS[family]}"
+    if reasons and request != AUTO:
         raise BackendUnavailableError(
             f"{family} backend {name!r} was requested ({source}) but cannot take these {op} inputs: "
             f"{'; '.join(reasons)} (dtypes {_describe(inputs.dtypes)}{', ' if inputs.dims else ''}{_describe(inputs.dims)})"

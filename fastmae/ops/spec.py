@@ -277,8 +277,14 @@ class Inputs:
 
     __slots__ = ("op", "device_type", "dims", "dtypes", "args")
 
-    def __init__(self, op: str, device_type: str, dims: dict, dtypes: dict, args: tuple):
+    def __init__(self, op: str, device_type: str, dims: dict, dtypes: dict, args: tuple = ()):
         self.op, self.device_type, self.dims, self.dtypes, self.args = op, device_type, dims, dtypes, args
+
+    @classmethod
+    def from_key(cls, key: tuple) -> "Inputs":
+        """The input class of :meth:`key`: its dims and dtypes, no arguments."""
+        op, device_type, dtypes, dims = key
+        return cls(op, device_type, dict(dims), dict(dtypes))
 
     def under_autocast(self, dtype: torch.dtype) -> "Inputs":
         """The inputs as an op that autocast runs in ``dtype`` sees them: float32 ones cast."""
