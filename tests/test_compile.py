@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from fastmae.models import create_model
+from fastmae.ops import registry
 from fastmae.testing import assert_close
 
 
@@ -28,10 +29,15 @@ def test_compiled_model_matches_eager(kernels, attention):
 
 
 @pytest.mark.parametrize("kernels,attention", [("triton", "sdpa"), ("torch", "sdpa_flash")])
-def test_a_new_batch_size_compiles_without_a_break(kernels, attention):
+def test_a_new_batch_size_compiles_without_a_break(kernels, attention, monkeypatch):
     """A backend that may refuse some inputs is chosen per input class, from the dims its limits
     read: the batch size is not one, so a second batch size (dynamic after the first recompile)
-    traces without a graph break."""
+    traces without a graph break. Nothing is known before tracing (a fresh process): the tracer
+    itself asks which dims the backends read (once, a constant to it, not a guard on their tables)."""
+    for backend in (b for family in ("kernels", "attention") for b in registry.BACKENDS[family]):
+        monkeypatch.setattr(backend, "_limited", None)
+    monkeypatch.setattr(registry, "_limit_dims", {})
+    monkeypatch.setattr(registry, "_chosen", {})
     model = create_model("mae_vit_tiny_patch4", depth=1, decoder_depth=1, kernel_backend=kernels,
                          attention_backend=attention)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")

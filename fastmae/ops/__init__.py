@@ -14,7 +14,8 @@ import torch
 from fastmae.ops.spec import SPECS
 from fastmae.ops.reference import patchify, unpatchify
 from fastmae.ops.registry import (
-    AUTO, BackendUnavailableError, backend_names, chosen_backend, fuses_layers, implementation, resolve,
+    AUTO, BackendUnavailableError, backend_names, chosen_backend, fuses_layers, implementation, is_limited,
+    resolve,
 )
 
 __all__ = [
@@ -147,7 +148,7 @@ def attention_function(backend: str | None, device_type: str):
     call it directly (q, k, v as :func:`attention` takes them). A backend with limits on its inputs
     (the pinned SDPA kernels) comes as :func:`attention` itself, which checks each call's inputs."""
     chosen = chosen_backend("attention", backend, device_type)
-    if chosen.limits("attention") is not None:
+    if is_limited("attention", chosen.name, "attention"):  # a constant to torch.compile, not a guard on a dict
         return functools.partial(attention, backend=chosen.name)
     return chosen.op("attention")
 
