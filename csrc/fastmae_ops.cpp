@@ -85,18 +85,21 @@ struct Cpu {
     });
   }
 
-  template <typename T>
-  static void gather_patches(const T* imgs, const int64_t* ids, T* out, int64_t N, int64_t K, int64_t C, int64_t H,
+  template <typename I, typename O>
+  static void gather_patches(const I* imgs, const int64_t* ids, O* out, int64_t N, int64_t K, int64_t C, int64_t H,
                              int64_t W, int64_t p) {
     const int64_t GW = W / p, L = (H / p) * GW, P = C * p * p;
     at::parallel_for(0, N * K, grain(P), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {  // output row n*K + k
         const int64_t l = ids[r];
         TORCH_CHECK(0 <= l && l < L, "gather_patches: ids_keep holds ", l, ", outside [0, L=", L, ")");
-        const T* corner = imgs + ((r / K) * C * H + (l / GW) * p) * W + (l % GW) * p;
-        T* dst = out + r * P;
+        const I* corner = imgs + ((r / K) * C * H + (l / GW) * p) * W + (l % GW) * p;
+        O* dst = out + r * P;
         for (int64_t c = 0; c < C; ++c)
-          for (int64_t i = 0; i < p; ++i) std::copy_n(corner + (c * H + i) * W, p, dst + (c * p + i) * p);
+          for (int64_t i = 0; i < p; ++i) {
+            const I* src = corner + (c * H + i) * W;
+            std::transform(src, src + p, dst + (c * p + i) * p, [](I v) { return to<O>(v); });
+          }
       }
     });
   }
@@ -206,12 +209,12 @@ TORCH_LIBRARY(fastmae_native, m) {
   m.def("random_masking(Tensor noise, int len_keep) -> (Tensor, Tensor, Tensor)");
   m.def("gather_visible(Tensor x, Tensor ids_keep, Tensor? pos_embed) -> Tensor");
   m.def("gather_visible_backward(Tensor dout, Tensor ids_keep, int L, ScalarType dtype) -> Tensor");
-  m.def("gather_patches(Tensor imgs, Tensor ids_keep, int patch_size) -> Tensor");
+  m.def("gather_patches(Tensor imgs, Tensor ids_keep, int patch_size, ScalarType dtype) -> Tensor");
   m.def("unshuffle_with_mask_token(Tensor x, Tensor ids_restore, Tensor mask_token, Tensor? pos_embed) -> Tensor");
   m.def("unshuffle_with_mask_token_backward(Tensor dout, Tensor ids_restore, int k1, ScalarType x_dtype) "
         "-> (Tensor, Tensor)");
   m.def("masked_pixel_loss(Tensor pred, Tensor imgs, Tensor mask, int patch_size, bool norm_pix, bool with_grad) "
-        "-> (Tensor, Tensor)");
+        "-> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastmae_native, CPU, m) {

@@ -164,9 +164,11 @@ at::Tensor gather_visible_backward(const at::Tensor& dout_, const at::Tensor& id
 }
 
 // The visible patches of imgs [N, C, H, W], each flattened in the patch-embedding weight's
-// (c, i, j) order -> [N, K, C*p*p].
+// (c, i, j) order -> [N, K, C*p*p] in `dtype`: imgs's, or narrower (the embedding GEMM's under
+// autocast, so that the copy is the cast).
 template <class Dev>
-at::Tensor gather_patches(const at::Tensor& imgs_, const at::Tensor& ids_keep_, int64_t patch_size) {
+at::Tensor gather_patches(const at::Tensor& imgs_, const at::Tensor& ids_keep_, int64_t patch_size,
+                          at::ScalarType dtype) {
   TORCH_CHECK(imgs_.dim() == 4 && ids_keep_.dim() == 2 && ids_keep_.size(0) == imgs_.size(0),
               "gather_patches: imgs must be [N, C, H, W] and ids_keep [N, K]");
   const int64_t p = patch_size;
@@ -175,11 +177,13 @@ at::Tensor gather_patches(const at::Tensor& imgs_, const at::Tensor& ids_keep_, 
   const c10::OptionalDeviceGuard guard(imgs_.device());
   const at::Tensor imgs = imgs_.contiguous(), ids = ids_keep_.contiguous();
   const int64_t N = imgs.size(0), C = imgs.size(1), H = imgs.size(2), W = imgs.size(3), K = ids.size(1);
-  at::Tensor out = at::empty({N, K, C * p * p}, imgs.options());
+  at::Tensor out = at::empty({N, K, C * p * p}, imgs.options().dtype(dtype));
   if (out.numel() == 0) return out;
-  dispatch_float(imgs.scalar_type(), "gather_patches", [&](auto t) {
-    using T = typename decltype(t)::type;
-    Dev::template gather_patches<T>(imgs.data_ptr<T>(), ids.data_ptr<int64_t>(), out.data_ptr<T>(), N, K, C, H, W, p);
+  dispatch_widening(dtype, imgs.scalar_type(), "gather_patches", [&](auto ot, auto it) {
+    using O = typename decltype(ot)::type;
+    using I = typename decltype(it)::type;
+    Dev::template gather_patches<I, O>(imgs.data_ptr<I>(), ids.data_ptr<int64_t>(), out.data_ptr<O>(), N, K, C, H, W,
+                                       p);
   });
   return out;
 }
@@ -240,15 +244,15 @@ std::tuple<at::Tensor, at::Tensor> unshuffle_with_mask_token_backward(const at::
   return {dx, dtok};
 }
 
-// -> (loss, g): the loss as a 0-dim tensor in the accumulator dtype, and, when with_grad (else an
-// empty tensor), g = mask * (pred - target) in pred's dtype, computed in the same pass: d loss / d pred
-// is g * 2 / (p*p*C * mask.sum()), one scale in the backward (where the loss scale of fp16 training
-// joins it before anything is rounded: g itself is of the size of the pixels, never subnormal).
-// Kept patches (mask 0) are not read.
+// -> (loss, g, mask.sum()): the loss as a 0-dim tensor in the accumulator dtype, and, when with_grad
+// (else an empty tensor), g = mask * (pred - target) in pred's dtype, computed in the same pass:
+// d loss / d pred is g * 2 / (p*p*C * mask.sum()), one scale in the backward (where the loss scale of
+// fp16 training joins it before anything is rounded: g itself is of the size of the pixels, never
+// subnormal), which takes the mask's sum from here. Kept patches (mask 0) are not read.
 template <class Dev>
-std::tuple<at::Tensor, at::Tensor> masked_pixel_loss(const at::Tensor& pred_, const at::Tensor& imgs_,
-                                                     const at::Tensor& mask_, int64_t patch_size, bool norm_pix,
-                                                     bool with_grad) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_pixel_loss(const at::Tensor& pred_, const at::Tensor& imgs_,
+                                                                 const at::Tensor& mask_, int64_t patch_size,
+                                                                 bool norm_pix, bool with_grad) {
   TORCH_CHECK(imgs_.dim() == 4 && pred_.dim() == 3, "masked_pixel_loss: imgs must be [N, C, H, W], pred [N, L, p*p*C]");
   const int64_t p = patch_size, N = imgs_.size(0), C = imgs_.size(1), H = imgs_.size(2), W = imgs_.size(3);
   TORCH_CHECK(p > 0 && H % p == 0 && W % p == 0,
@@ -276,7 +280,7 @@ std::tuple<at::Tensor, at::Tensor> masked_pixel_loss(const at::Tensor& pred_, co
                                             pred.options());
     });
   });
-  return {loss, dpred};
+  return {loss, dpred, msum};
 }
 
 }  // namespace fastmae

@@ -134,21 +134,25 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <typename T, int V>
+template <typename I, typename O, int V>
 __global__ void __launch_bounds__(kThreads)
-    gather_patches_kernel(const T* __restrict__ imgs, const int64_t* __restrict__ ids, T* __restrict__ out,
+    gather_patches_kernel(const I* __restrict__ imgs, const int64_t* __restrict__ ids, O* __restrict__ out,
                           int64_t rows, int64_t K, int64_t C, int64_t H, int64_t W, int p) {
   const int64_t r = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;  // output row n*K + k
   if (r >= rows) return;
   const int64_t GW = W / p, l = ids[r];
   CUDA_KERNEL_ASSERT(0 <= l && l < (H / p) * GW);
-  const T* corner = imgs + ((r / K) * C * H + (l / GW) * p) * W + (l % GW) * p;
+  const I* corner = imgs + ((r / K) * C * H + (l / GW) * p) * W + (l % GW) * p;
   const int pp = p * p, E = static_cast<int>(C) * pp;
-  T* dst = out + r * E;
+  O* dst = out + r * E;
   // element e = (c, i, j) of the patch; V divides p, so a vector stays within one image row
   for (int e = (threadIdx.x % kWarp) * V; e < E; e += kWarp * V) {
     const int c = e / pp, i = (e % pp) / p, j = e % p;
-    store<V>(dst + e, load<V>(corner + (c * H + i) * W + j));
+    const Vec<I, V> v = load<V>(corner + (c * H + i) * W + j);
+    Vec<O, V> o;
+#pragma unroll
+    for (int k = 0; k < V; ++k) o.v[k] = to<O>(v.v[k]);
+    store<V>(dst + e, o);
   }
 }
 
@@ -364,16 +368,16 @@ struct Cuda {
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 
-  template <typename T>
-  static void gather_patches(const T* imgs, const int64_t* ids, T* out, int64_t N, int64_t K, int64_t C, int64_t H,
+  template <typename I, typename O>
+  static void gather_patches(const I* imgs, const int64_t* ids, O* out, int64_t N, int64_t K, int64_t C, int64_t H,
                              int64_t W, int64_t p) {
-    constexpr int V = 16 / sizeof(T);
+    constexpr int V = vec_width<I, O>();
     const int64_t rows = N * K;
     const int ip = static_cast<int>(p);
     if (p % V == 0 && can_vectorize<V>(W, imgs, out))
-      gather_patches_kernel<T, V><<<row_blocks(rows), kThreads, 0, stream()>>>(imgs, ids, out, rows, K, C, H, W, ip);
+      gather_patches_kernel<I, O, V><<<row_blocks(rows), kThreads, 0, stream()>>>(imgs, ids, out, rows, K, C, H, W, ip);
     else
-      gather_patches_kernel<T, 1><<<row_blocks(rows), kThreads, 0, stream()>>>(imgs, ids, out, rows, K, C, H, W, ip);
+      gather_patches_kernel<I, O, 1><<<row_blocks(rows), kThreads, 0, stream()>>>(imgs, ids, out, rows, K, C, H, W, ip);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 

@@ -5,7 +5,8 @@ writes every row of ``dx`` once (the gradient row for kept positions, zeros for 
 it needs neither a memset nor atomics.
 
 ``gather_patches``: ``out[n, k] = the pixels of patch ids_keep[n, k] of imgs[n]``, flattened in the
-patch-embedding weight's (c, i, j) order, so that embedding only the visible patches is one GEMM.
+patch-embedding weight's (c, i, j) order, so that embedding only the visible patches is one GEMM;
+written in ``dtype`` (the GEMM's under autocast), so that no cast pass follows.
 
 Fake kernels and autograd: :mod:`fastmae.ops.fused` (shared with the native backend).
 """
@@ -85,7 +86,7 @@ def _gather_patches_fwd(
         o_img = ((o_n[:, None] * C + o_c[None, :]) * H + o_h[:, None] + o_i[None, :]) * W + o_w[:, None] + o_j[None, :]
         m = m_r[:, None] & m_e[None, :]
         b_px = tl.load(img_ptr + o_img, mask=m)
-        tl.store(out_ptr + o_r[:, None] * (C * P * P) + o_e[None, :], b_px, mask=m)
+        tl.store(out_ptr + o_r[:, None] * (C * P * P) + o_e[None, :], b_px.to(out_ptr.dtype.element_ty), mask=m)
 
 
 # -- gather_visible ------------------------------------------------------------------------------
@@ -129,13 +130,13 @@ def gather_visible_backward_op(dout: torch.Tensor, ids_keep: torch.Tensor, L: in
 # -- gather_patches ------------------------------------------------------------------------------
 
 @torch.library.custom_op("fastmae::gather_patches", mutates_args=())
-def gather_patches_op(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: int) -> torch.Tensor:
+def gather_patches_op(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: int, dtype: torch.dtype) -> torch.Tensor:
     imgs = imgs.contiguous()
     ids_keep = ids_keep.contiguous()
     n, c, H, W = imgs.shape
     k = ids_keep.shape[1]
     p = patch_size
-    out = torch.empty(n, k, c * p * p, dtype=imgs.dtype, device=imgs.device)
+    out = torch.empty(n, k, c * p * p, dtype=dtype, device=imgs.device)
     t = row_tiles(n * k, c * p * p, imgs.device)
     with on_device(imgs):
         _gather_patches_fwd[t.grid](

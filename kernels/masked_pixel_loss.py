@@ -7,8 +7,9 @@ same pass also writes ``g = mask * (pred - target)`` (zeros for kept rows), so t
 ``g * (2 * grad_loss / (P * mask.sum()))``: the loss's inputs are never read twice. (``g`` holds
 values of the size of the pixels, not of the gradient: an fp16 gradient, tiny until the loss scale
 multiplies it, would lose its small entries to underflow if it were rounded before that.)
-Per-row losses are summed per program in a fixed order, and the per-program partial sums by one
-``torch.sum``: the result is deterministic.
+Per-row losses, and the mask (the count of removed patches, the mean's denominator), are summed per
+program in a fixed order, and the per-program partial sums by one ``torch.sum``: the result is
+deterministic, and the mask is read once, by this pass (the backward takes its sum from here).
 """
 from __future__ import annotations
 
@@ -22,8 +23,8 @@ from fastmae.numerics import NORM_PIX_EPS
 
 @triton.jit
 def _masked_pixel_loss_fwd(
-    pred_ptr, img_ptr, mask_ptr, loss_partial_ptr, dpred_ptr,
-    n_rows, L, H, W, GW, tiles_per_program,
+    pred_ptr, img_ptr, mask_ptr, partial_ptr, dpred_ptr,
+    n_rows, L, H, W, GW, tiles_per_program, n_programs,
     C: tl.constexpr, PATCH: tl.constexpr, EPS: tl.constexpr, NORM_PIX: tl.constexpr, WITH_GRAD: tl.constexpr,
     FP64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_IJ: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -39,10 +40,12 @@ def _masked_pixel_loss_fwd(
     o_pred = o_ij * C + o_c  # [1, BIJ, BC] offset within a pred row
     o_img = (o_c * H + o_ij // PATCH) * W + o_ij % PATCH  # [1, BIJ, BC] offset from the patch's corner
     b_loss = tl.zeros([BLOCK_R], dtype=acc_dtype)
+    b_msum = tl.zeros([BLOCK_R], dtype=acc_dtype)
     for i_t in range(tiles_per_program):
         o_r = (i_p * tiles_per_program + i_t) * BLOCK_R + tl.arange(0, BLOCK_R)  # row n*L + l
         m_r = o_r < n_rows
         b_m = tl.load(mask_ptr + o_r, mask=m_r, other=0.0).to(acc_dtype)  # [BR]
+        b_msum += b_m
         m = (m_r & (b_m != 0))[:, None, None] & m_e  # kept patches are not read
         o_n = o_r // L
         o_l = o_r % L
@@ -62,31 +65,32 @@ def _masked_pixel_loss_fwd(
             b_dpred = b_diff * b_m[:, None, None]
             tl.store(dpred_ptr + o_r[:, None, None] * P + o_pred, b_dpred.to(dpred_ptr.dtype.element_ty),
                      mask=m_r[:, None, None] & m_e)
-    tl.store(loss_partial_ptr + i_p, tl.sum(b_loss, axis=0))
+    tl.store(partial_ptr + i_p, tl.sum(b_loss, axis=0))
+    tl.store(partial_ptr + n_programs + i_p, tl.sum(b_msum, axis=0))
 
 
 @torch.library.custom_op("fastmae::masked_pixel_loss", mutates_args=())
 def masked_pixel_loss_op(
     pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, patch_size: int, norm_pix: bool, with_grad: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (loss, g): ``g = mask * (pred - target)`` when ``with_grad`` (d loss / d pred is
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (loss, g, mask.sum()): ``g = mask * (pred - target)`` when ``with_grad`` (d loss / d pred is
     ``g * 2 / (P * mask.sum())``), else an empty tensor."""
     pred, imgs, mask = pred.contiguous(), imgs.contiguous(), mask.contiguous()
     n, c, H, W = imgs.shape
     L = pred.shape[1]
     fp64 = accumulator_is_fp64(pred, imgs)
     acc = torch.float64 if fp64 else torch.float32
-    msum = mask.sum(dtype=acc)
     block_ij, block_c = triton.next_power_of_2(patch_size**2), triton.next_power_of_2(c)
-    # one scalar partial per program: no need to cap the programs
+    # one scalar partial of each sum per program: no need to cap the programs
     t = row_tiles(n * L, block_ij * block_c, pred.device)
-    partial = torch.empty(t.grid[0], dtype=acc, device=pred.device)
+    partial = torch.empty(2, t.grid[0], dtype=acc, device=pred.device)
     dpred = torch.empty_like(pred) if with_grad else pred.new_empty(0)
     with on_device(pred):
         _masked_pixel_loss_fwd[t.grid](
             pred, imgs, mask, partial, dpred,
-            n * L, L, H, W, W // patch_size, t.tiles_per_program,
+            n * L, L, H, W, W // patch_size, t.tiles_per_program, t.grid[0],
             C=c, PATCH=patch_size, EPS=NORM_PIX_EPS, NORM_PIX=norm_pix, WITH_GRAD=with_grad, FP64=fp64,
             BLOCK_R=t.BLOCK_R, BLOCK_IJ=block_ij, BLOCK_C=block_c, num_warps=t.num_warps,
         )
-    return partial.sum() / msum.clamp_min(torch.finfo(acc).tiny), dpred
+    msum = partial[1].sum()
+    return partial[0].sum() / msum.clamp_min(torch.finfo(acc).tiny), dpred, msum

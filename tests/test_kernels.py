@@ -78,6 +78,16 @@ def test_kernels_compile_for_a100_and_h100_with_16_byte_accesses(ptx_widths):
             assert max(map(int, r["ld"])) == 16 and max(map(int, r["st"])) == 16, r
 
 
+def test_compiled_kernels_round_to_nearest_even_into_16_bit_floats(ptx_widths):
+    """Every fp32 -> bf16/fp16 conversion a GPU runs rounds to nearest even, as PyTorch's ``.to()``:
+    the bf16 patches the gather writes under autocast are autocast's own. (The Triton interpreter
+    truncates instead, so on a CPU the Triton kernels' bf16 outputs are within a bf16 ulp.)"""
+    bf16_patches = [r for r in ptx_widths if r["kernel"] == "_gather_patches_fwd" and "*bf16" in r["dtypes"]]
+    assert bf16_patches and all(r["narrowing"] for r in bf16_patches)
+    for r in ptx_widths:
+        assert all(k.startswith("rn.") for k in r["narrowing"]), r
+
+
 @pytest.mark.xfail(strict=True, reason="issue 14: the loss reads pred and writes its gradient in (i, j, c) order with "
                    "the 3 channels padded to 4, one element at a time")
 def test_the_loss_kernel_reads_pred_in_16_byte_vectors(ptx_widths):

@@ -4,10 +4,11 @@ import pytest
 import torch
 
 from fastmae import ops
+from fastmae.kernels._launch import INTERPRET
 from fastmae.ops import reference
 from fastmae.ops.registry import BACKENDS
 from fastmae.ops.spec import FUSED_SPECS, SPECS, bad_inputs, example_inputs
-from fastmae.testing import assert_close, expected_backends
+from fastmae.testing import FORWARD, assert_close, expected_backends
 
 
 
@@ -201,6 +202,37 @@ def test_embed_visible_patches(backend, dtype, n, c, p, h, w, d):
         for g, r in zip(torch.autograd.grad(got, (imgs, weight, bias, pos), dy),
                         torch.autograd.grad(want, (imgs, weight, bias, pos), dy)):
             assert_close(g / r.abs().max(), r / r.abs().max(), backward=True)
+
+
+def test_embed_visible_patches_under_autocast(backend):
+    """Under autocast the fused backends gather the visible patches straight into the GEMM's dtype:
+    the same bits as gathering fp32 and letting autocast cast (no cast pass), and the embedding the
+    reference's within bf16 rounding."""
+    n, c, p, h, w, d = 3, 3, 4, 12, 20, 24
+    L = (h // p) * (w // p)
+    _, ids_keep, _, _ = masking_inputs(n, L, L // 4 + 1)
+    imgs, weight, bias = torch.randn(n, c, h, w), torch.randn(d, c, p, p), torch.randn(d)
+    pos = torch.randn(L, d)
+    device = imgs.device.type
+    with torch.autocast(device, dtype=torch.bfloat16):
+        got = ops.embed_visible_patches(imgs, ids_keep, weight, bias, pos, backend=backend)
+        want = reference.embed_visible_patches(imgs, ids_keep, weight, bias, pos)
+    fused = next(b for b in BACKENDS["kernels"] if b.name == backend).module.OPS  # loaded by the call
+    patches_fp32 = fused.gather_patches(imgs, ids_keep, p, torch.float32)
+    patches_bf16 = fused.gather_patches(imgs, ids_keep, p, torch.bfloat16)
+    assert patches_bf16.dtype == torch.bfloat16
+    with torch.autocast(device, dtype=torch.bfloat16):
+        cast_after = torch.nn.functional.linear(patches_fp32, weight.reshape(d, -1), bias) + pos[ids_keep]
+    assert got.dtype == want.dtype == torch.float32
+    if backend == "triton" and INTERPRET:
+        # the interpreter truncates to bf16 where a GPU rounds to nearest even (test_kernels.py
+        # checks the compiled kernel's rounding): one bf16 ulp apart
+        ulp = patches_fp32.abs() * 2.0**-7
+        assert ((patches_bf16.float() - patches_fp32).abs() <= ulp).all()
+    else:
+        assert torch.equal(patches_bf16, patches_fp32.to(torch.bfloat16))
+        assert torch.equal(got, cast_after)
+    torch.testing.assert_close(got / d**0.5, want / d**0.5, **FORWARD[torch.bfloat16])  # bf16 GEMMs
 
 
 @pytest.mark.parametrize("dtype,img_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),

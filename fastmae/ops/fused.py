@@ -35,7 +35,7 @@ class FusedOps:
     gather_patches: LibraryOp  # the visible patches in the patch-embedding weight's (c, i, j) order
     unshuffle: LibraryOp
     unshuffle_backward: LibraryOp
-    masked_pixel_loss: LibraryOp  # -> (loss, mask * (pred - target) for the backward)
+    masked_pixel_loss: LibraryOp  # -> (loss, mask * (pred - target) and mask.sum() for the backward)
 
 
 # -- autograd ------------------------------------------------------------------------------------
@@ -48,9 +48,9 @@ def _gather_visible_setup(ctx, inputs, output):
 
 
 def _gather_patches_setup(ctx, inputs, output):
-    imgs, ids_keep, patch_size = inputs
+    imgs, ids_keep, patch_size, _ = inputs
     ctx.save_for_backward(ids_keep)
-    ctx.shape, ctx.patch_size = imgs.shape, patch_size
+    ctx.shape, ctx.patch_size, ctx.imgs_dtype = imgs.shape, patch_size, imgs.dtype
 
 
 def _gather_patches_backward(ctx, dpatches):
@@ -61,7 +61,7 @@ def _gather_patches_backward(ctx, dpatches):
     full = dpatches.new_zeros(n, (H // p) * (W // p), c * p * p)
     full.scatter_(1, ids_keep.unsqueeze(-1).expand(-1, -1, full.shape[2]), dpatches)
     dimgs = full.reshape(n, H // p, W // p, c, p, p).permute(0, 3, 1, 4, 2, 5).reshape(n, c, H, W)
-    return dimgs, None, None
+    return dimgs.to(ctx.imgs_dtype), None, None, None
 
 
 def _unshuffle_setup(ctx, inputs, output):
@@ -72,17 +72,18 @@ def _unshuffle_setup(ctx, inputs, output):
 
 
 def _masked_pixel_loss_setup(ctx, inputs, output):
-    ctx.save_for_backward(output[1], inputs[2])
+    _, g, msum = output
+    ctx.save_for_backward(g, msum)
 
 
-def _masked_pixel_loss_backward(ctx, dloss, _dg):
-    # the forward wrote g = mask * (pred - target): d loss / d pred = g * 2 / (P * mask.sum()). The
-    # whole factor, loss scale included, is formed in fp32 and applied in one rounding (PyTorch
-    # multiplies fp16/bf16 tensors by a 0-dim fp32 tensor in fp32).
-    g, mask = ctx.saved_tensors
+def _masked_pixel_loss_backward(ctx, dloss, _dg, _dmsum):
+    # the forward wrote g = mask * (pred - target) and summed the mask: d loss / d pred =
+    # g * 2 / (P * mask.sum()). The whole factor, loss scale included, is formed in fp32 and applied
+    # in one rounding (PyTorch multiplies fp16/bf16 tensors by a 0-dim fp32 tensor in fp32).
+    g, msum = ctx.saved_tensors
     if g.numel() == 0 and ctx.needs_input_grad[0]:
         raise RuntimeError("masked_pixel_loss was computed without its gradient (with_grad=False)")
-    msum = mask.sum(dtype=dloss.dtype).clamp_min(torch.finfo(dloss.dtype).tiny)
+    msum = msum.to(dloss.dtype).clamp_min(torch.finfo(dloss.dtype).tiny)
     return g * (2 * dloss / (g.shape[-1] * msum)), None, None, None, None, None
 
 
@@ -116,6 +117,14 @@ def register(ops: FusedOps) -> None:
         torch.library.register_autograd(op, backward, setup_context=setup)
 
 
+def gemm_input_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul reads ``x`` in: autocast's for an fp32 ``x`` under autocast, else ``x``'s."""
+    device = x.device.type
+    if x.dtype == torch.float32 and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
 class FusedBackend:
     """The op interface (as :mod:`fastmae.ops.reference` defines it) on a backend's fused ops."""
 
@@ -130,8 +139,9 @@ class FusedBackend:
 
     def embed_visible_patches(self, imgs, ids_keep, weight, bias, pos_embed=None):
         # Only the visible patches are read from the image and embedded: one GEMM over N*K patches
-        # instead of a convolution over all N*L of them.
-        patches = self.ops.gather_patches(imgs, ids_keep, weight.shape[-1])
+        # instead of a convolution over all N*L of them. Under autocast the gather writes them in
+        # the GEMM's dtype, rounded as autocast would round them, instead of fp32 for a cast pass.
+        patches = self.ops.gather_patches(imgs, ids_keep, weight.shape[-1], gemm_input_dtype(imgs))
         x = F.linear(patches, weight.reshape(weight.shape[0], -1), bias)
         return x if pos_embed is None else x + pos_embed[ids_keep]
 

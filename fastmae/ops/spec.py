@@ -401,9 +401,12 @@ FUSED_SPECS: dict[str, OpSpec] = {s.name: s for s in (
            params=(Tensor("dout", ("N", "K", "D")), _IDS_KEEP, Scalar("L", "L"), Value("dtype")),
            outputs=(Output(("N", "L", "D"), ("value", "dtype")),)),
     OpSpec("gather_patches",
-           params=(Tensor("imgs", ("N", "C", "H", "W"), differentiable=True), _IDS_KEEP, Scalar("patch_size", "p")),
+           # dtype: imgs's, or narrower (the embedding GEMM's under autocast: the patches are cast as
+           # they are copied, not in a pass of their own)
+           params=(Tensor("imgs", ("N", "C", "H", "W"), differentiable=True), _IDS_KEEP, Scalar("patch_size", "p"),
+                   Value("dtype")),
            derived={"L": "(H // p) * (W // p)"}, requires=(_PATCH_SIZE, _PATCH_GRID),
-           outputs=(Output(("N", "K", "C * p * p"), "imgs"),)),
+           outputs=(Output(("N", "K", "C * p * p"), ("value", "dtype")),)),
     OpSpec("unshuffle",
            params=_UNSHUFFLE_WITH_MASK_TOKEN.params, requires=_UNSHUFFLE_WITH_MASK_TOKEN.requires,
            outputs=_UNSHUFFLE_WITH_MASK_TOKEN.outputs),
@@ -415,8 +418,9 @@ FUSED_SPECS: dict[str, OpSpec] = {s.name: s for s in (
            params=(Tensor("pred", ("N", "L", "p * p * C"), differentiable="with_grad"), *_MASKED_PIXEL_LOSS.params[1:],
                    Value("with_grad")),
            derived=_MASKED_PIXEL_LOSS.derived, requires=_MASKED_PIXEL_LOSS.requires,
-           # the loss, and g = mask * (pred - target) for the backward (when with_grad)
-           outputs=(*_MASKED_PIXEL_LOSS.outputs, Output(("N", "L", "p * p * C"), "pred", when="with_grad"))),
+           # the loss; g = mask * (pred - target) (when with_grad) and mask.sum() for the backward
+           outputs=(*_MASKED_PIXEL_LOSS.outputs, Output(("N", "L", "p * p * C"), "pred", when="with_grad"),
+                    *_MASKED_PIXEL_LOSS.outputs)),
 )}
 
 
