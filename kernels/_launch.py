@@ -56,6 +56,16 @@ def row_tiles(n_rows: int, width: int, device: torch.device, *, reducing: bool =
     return RowTiles(block_r, block_w, per_program, (max(1, triton.cdiv(n_tiles, per_program)),), num_warps)
 
 
+# The row kernels divide row numbers to find a row's sample and position: 32-bit offsets where every
+# tensor they address is small enough (64-bit integer division costs a GPU tens of instructions),
+# 64-bit beyond (with room for the masked lanes of a last tile).
+INT32_OFFSETS_BELOW = 2**30
+
+
+def needs_int64_offsets(*tensors: torch.Tensor | None) -> bool:
+    return any(t is not None and t.numel() >= INT32_OFFSETS_BELOW for t in tensors)
+
+
 def on_device(t: torch.Tensor):
     """Triton launches on the current CUDA device: make it the tensor's."""
     return torch.cuda.device(t.device) if t.is_cuda else nullcontext()

@@ -18,22 +18,24 @@ import torch
 import triton
 import triton.language as tl
 
-from fastmae.kernels._launch import accumulator_is_fp64, on_device, row_tiles
+from fastmae.kernels._launch import accumulator_is_fp64, needs_int64_offsets, on_device, row_tiles
 
 
 @triton.jit
 def _gather_rows_fwd(
     x_ptr, pos_ptr, ids_ptr, out_ptr,
     n_rows, K, L, D, tiles_per_program,
-    HAS_POS: tl.constexpr, FP64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr,
+    HAS_POS: tl.constexpr, FP64: tl.constexpr, INT64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
-    i_p = tl.program_id(0).to(tl.int64)
+    i_p = tl.program_id(0)
+    if INT64:
+        i_p = i_p.to(tl.int64)
     o_d = tl.arange(0, BLOCK_W)
     m_d = o_d < D
     for i_t in range(tiles_per_program):
         o_r = (i_p * tiles_per_program + i_t) * BLOCK_R + tl.arange(0, BLOCK_R)  # output row n*K + k
         m_r = o_r < n_rows
-        b_l = tl.load(ids_ptr + o_r, mask=m_r, other=0)  # [BR] source position l
+        b_l = tl.load(ids_ptr + o_r, mask=m_r, other=0).to(o_r.dtype)  # [BR] source position l
         o_src = (o_r // K) * L + b_l
         m = m_r[:, None] & m_d[None, :]
         b_x = tl.load(x_ptr + o_src[:, None] * D + o_d[None, :], mask=m)  # [BR, BW]
@@ -48,15 +50,17 @@ def _gather_rows_fwd(
 def _gather_rows_bwd(
     dout_ptr, inv_ptr, dx_ptr,
     n_rows, K, L, D, tiles_per_program,
-    BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr,
+    INT64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
-    i_p = tl.program_id(0).to(tl.int64)
+    i_p = tl.program_id(0)
+    if INT64:
+        i_p = i_p.to(tl.int64)
     o_d = tl.arange(0, BLOCK_W)
     m_d = o_d < D
     for i_t in range(tiles_per_program):
         o_r = (i_p * tiles_per_program + i_t) * BLOCK_R + tl.arange(0, BLOCK_R)  # dx row n*L + l
         m_r = o_r < n_rows
-        b_k = tl.load(inv_ptr + o_r, mask=m_r, other=-1)  # [BR] visible index of l, -1 if removed
+        b_k = tl.load(inv_ptr + o_r, mask=m_r, other=-1).to(o_r.dtype)  # [BR] visible index of l, -1 if removed
         m_kept = m_r & (b_k >= 0)
         o_src = (o_r // L) * K + b_k
         b_g = tl.load(dout_ptr + o_src[:, None] * D + o_d[None, :], mask=m_kept[:, None] & m_d[None, :], other=0.0)
@@ -68,9 +72,11 @@ def _gather_rows_bwd(
 def _gather_patches_fwd(
     img_ptr, ids_ptr, out_ptr,
     n_rows, K, C, H, W, GW, tiles_per_program,
-    P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr,
+    P: tl.constexpr, INT64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
-    i_p = tl.program_id(0).to(tl.int64)
+    i_p = tl.program_id(0)
+    if INT64:
+        i_p = i_p.to(tl.int64)
     o_e = tl.arange(0, BLOCK_W)  # element of the patch, (c, i, j) order
     m_e = o_e < C * P * P
     o_c = o_e // (P * P)
@@ -79,7 +85,7 @@ def _gather_patches_fwd(
     for i_t in range(tiles_per_program):
         o_r = (i_p * tiles_per_program + i_t) * BLOCK_R + tl.arange(0, BLOCK_R)  # output row n*K + k
         m_r = o_r < n_rows
-        b_l = tl.load(ids_ptr + o_r, mask=m_r, other=0)
+        b_l = tl.load(ids_ptr + o_r, mask=m_r, other=0).to(o_r.dtype)
         o_n = o_r // K
         o_h = (b_l // GW) * P
         o_w = (b_l % GW) * P
@@ -105,6 +111,7 @@ def gather_visible_op(x: torch.Tensor, ids_keep: torch.Tensor, pos_embed: Option
             x, pos_embed.contiguous() if pos_embed is not None else x, ids_keep, out,
             n * k, k, L, d, t.tiles_per_program,
             HAS_POS=pos_embed is not None, FP64=accumulator_is_fp64(x, pos_embed),
+            INT64=needs_int64_offsets(x, out),
             BLOCK_R=t.BLOCK_R, BLOCK_W=t.BLOCK_W, num_warps=t.num_warps,
         )
     return out
@@ -121,7 +128,7 @@ def gather_visible_backward_op(dout: torch.Tensor, ids_keep: torch.Tensor, L: in
     t = row_tiles(n * L, d, dout.device)
     with on_device(dout):
         _gather_rows_bwd[t.grid](
-            dout, inv, dx, n * L, k, L, d, t.tiles_per_program,
+            dout, inv, dx, n * L, k, L, d, t.tiles_per_program, INT64=needs_int64_offsets(dx),
             BLOCK_R=t.BLOCK_R, BLOCK_W=t.BLOCK_W, num_warps=t.num_warps,
         )
     return dx
@@ -141,6 +148,6 @@ def gather_patches_op(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: in
     with on_device(imgs):
         _gather_patches_fwd[t.grid](
             imgs, ids_keep, out, n * k, k, c, H, W, W // p, t.tiles_per_program,
-            P=p, BLOCK_R=t.BLOCK_R, BLOCK_W=t.BLOCK_W, num_warps=t.num_warps,
+            P=p, INT64=needs_int64_offsets(imgs, out), BLOCK_R=t.BLOCK_R, BLOCK_W=t.BLOCK_W, num_warps=t.num_warps,
         )
     return out

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastmae.kernels._launch import accumulator_is_fp64, on_device, row_tiles
+from fastmae.kernels._launch import accumulator_is_fp64, needs_int64_offsets, on_device, row_tiles
 from fastmae.numerics import NORM_PIX_EPS
 
 
@@ -26,10 +26,12 @@ def _masked_pixel_loss_fwd(
     pred_ptr, img_ptr, mask_ptr, partial_ptr, dpred_ptr,
     n_rows, L, H, W, GW, tiles_per_program, n_programs,
     C: tl.constexpr, PATCH: tl.constexpr, EPS: tl.constexpr, NORM_PIX: tl.constexpr, WITH_GRAD: tl.constexpr,
-    FP64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_IJ: tl.constexpr, BLOCK_C: tl.constexpr,
+    FP64: tl.constexpr, INT64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_IJ: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     acc_dtype = tl.float64 if FP64 else tl.float32
-    i_p = tl.program_id(0).to(tl.int64)
+    i_p = tl.program_id(0)
+    if INT64:
+        i_p = i_p.to(tl.int64)
     P: tl.constexpr = PATCH * PATCH * C
     # A tile is [rows, pixel (i, j) of the patch, channel]: pred's row is laid out (i, j, c)
     # (patchify's nhwpqc) while the image holds each channel's rows of pixels contiguously, so each
@@ -90,6 +92,7 @@ def masked_pixel_loss_op(
             pred, imgs, mask, partial, dpred,
             n * L, L, H, W, W // patch_size, t.tiles_per_program, t.grid[0],
             C=c, PATCH=patch_size, EPS=NORM_PIX_EPS, NORM_PIX=norm_pix, WITH_GRAD=with_grad, FP64=fp64,
+            INT64=needs_int64_offsets(pred, imgs),
             BLOCK_R=t.BLOCK_R, BLOCK_IJ=block_ij, BLOCK_C=block_c, num_warps=t.num_warps,
         )
     msum = partial[1].sum()

@@ -19,16 +19,18 @@ import torch
 import triton
 import triton.language as tl
 
-from fastmae.kernels._launch import accumulator_is_fp64, on_device, row_tiles
+from fastmae.kernels._launch import accumulator_is_fp64, needs_int64_offsets, on_device, row_tiles
 
 
 @triton.jit
 def _unshuffle_fwd(
     x_ptr, ids_ptr, tok_ptr, pos_ptr, out_ptr,
     n_rows, K, L, D, tiles_per_program,
-    HAS_POS: tl.constexpr, FP64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr,
+    HAS_POS: tl.constexpr, FP64: tl.constexpr, INT64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
-    i_p = tl.program_id(0).to(tl.int64)
+    i_p = tl.program_id(0)
+    if INT64:
+        i_p = i_p.to(tl.int64)
     o_d = tl.arange(0, BLOCK_W)
     m_d = o_d < D
     b_tok = tl.load(tok_ptr + o_d, mask=m_d, other=0.0)
@@ -38,7 +40,7 @@ def _unshuffle_fwd(
         m_r = o_r < n_rows
         o_n = o_r // (L + 1)
         o_j = o_r % (L + 1)  # 0: cls, 1 + l: position l
-        b_r = tl.load(ids_ptr + o_n * L + o_j - 1, mask=m_r & (o_j > 0), other=-1)
+        b_r = tl.load(ids_ptr + o_n * L + o_j - 1, mask=m_r & (o_j > 0), other=-1).to(o_r.dtype)
         o_src = tl.where(o_j == 0, 0, b_r + 1)  # row of x; > K means removed
         m_vis = m_r & (o_src <= K)
         m = m_r[:, None] & m_d[None, :]
@@ -56,9 +58,11 @@ def _unshuffle_fwd(
 def _unshuffle_bwd(
     dout_ptr, ids_ptr, dx_ptr, dtok_partial_ptr,
     n_rows, K, L, D, tiles_per_program,
-    FP64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr,
+    FP64: tl.constexpr, INT64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
-    i_p = tl.program_id(0).to(tl.int64)
+    i_p = tl.program_id(0)
+    if INT64:
+        i_p = i_p.to(tl.int64)
     o_d = tl.arange(0, BLOCK_W)
     m_d = o_d < D
     b_dtok = tl.zeros([BLOCK_W], dtype=tl.float64 if FP64 else tl.float32)
@@ -67,7 +71,7 @@ def _unshuffle_bwd(
         m_r = o_r < n_rows
         o_n = o_r // (L + 1)
         o_j = o_r % (L + 1)
-        b_r = tl.load(ids_ptr + o_n * L + o_j - 1, mask=m_r & (o_j > 0), other=-1)
+        b_r = tl.load(ids_ptr + o_n * L + o_j - 1, mask=m_r & (o_j > 0), other=-1).to(o_r.dtype)
         o_dst = tl.where(o_j == 0, 0, b_r + 1)
         m_vis = m_r & (o_dst <= K)
         m = m_r[:, None] & m_d[None, :]
@@ -99,7 +103,7 @@ def unshuffle_op(
             x, ids_restore, mask_token.contiguous(), pos_embed.contiguous() if pos_embed is not None else x, out,
             n * (L + 1), k1 - 1, L, d, t.tiles_per_program,
             HAS_POS=pos_embed is not None, FP64=accumulator_is_fp64(x, mask_token, pos_embed),
-            BLOCK_R=t.BLOCK_R, BLOCK_W=t.BLOCK_W, num_warps=t.num_warps,
+            INT64=needs_int64_offsets(out), BLOCK_R=t.BLOCK_R, BLOCK_W=t.BLOCK_W, num_warps=t.num_warps,
         )
     return out
 
@@ -118,6 +122,6 @@ def unshuffle_backward_op(
     with on_device(dout):
         _unshuffle_bwd[t.grid](
             dout, ids_restore.contiguous(), dx, partial, n * L1, k1 - 1, L1 - 1, d, t.tiles_per_program,
-            FP64=fp64, BLOCK_R=t.BLOCK_R, BLOCK_W=t.BLOCK_W, num_warps=t.num_warps,
+            FP64=fp64, INT64=needs_int64_offsets(dout), BLOCK_R=t.BLOCK_R, BLOCK_W=t.BLOCK_W, num_warps=t.num_warps,
         )
     return dx, partial.sum(0)

@@ -5,8 +5,9 @@ allocation) show up here. Run by tests/test_kernels.py in a process without TRIT
 Each kernel is compiled as Triton specializes it at ViT-L/16 batch 256 (pointers 16-byte aligned,
 and the arguments that are multiples of 16 there: D, H, W, n_rows), and its PTX is read for the width
 of its global loads and stores: 16 bytes (``ld.global.v4.b32``) is what a bandwidth-bound kernel
-needs on its contiguous rows; and for the rounding of its conversions from fp32 to bf16/fp16 (``rn``,
-to nearest even, as PyTorch rounds: the Triton interpreter truncates instead).
+needs on its contiguous rows; for the rounding of its conversions from fp32 to bf16/fp16 (``rn``,
+to nearest even, as PyTorch rounds: the Triton interpreter truncates instead); and for 64-bit integer
+divisions (none where the tensors allow 32-bit offsets).
 
     python tests/compile_kernels_for_gpus.py [--json PATH]   # prints the table of access widths
 """
@@ -35,28 +36,29 @@ CASES = [
      dict(BLOCK_L=256), 4),
     *[(gather_visible._gather_rows_fwd,
        dict(x_ptr=f"*{x}", pos_ptr="*fp32", ids_ptr="*i64", out_ptr=f"*{out}", **ROWS),
-       dict(HAS_POS=has_pos, FP64=x == "fp64", BLOCK_R=4, BLOCK_W=1024), 8)
-      for x, out, has_pos in [("bf16", "fp32", True), ("fp32", "fp32", False), ("fp64", "fp64", True)]],
+       dict(HAS_POS=has_pos, FP64=x == "fp64", INT64=int64, BLOCK_R=4, BLOCK_W=1024), 8)
+      for x, out, has_pos, int64 in [("bf16", "fp32", True, False), ("fp32", "fp32", False, False),
+                                     ("fp64", "fp64", True, False), ("bf16", "fp32", True, True)]],
     (gather_visible._gather_rows_bwd,
-     dict(dout_ptr="*fp32", inv_ptr="*i64", dx_ptr="*bf16", **ROWS), dict(BLOCK_R=4, BLOCK_W=1024), 8),
+     dict(dout_ptr="*fp32", inv_ptr="*i64", dx_ptr="*bf16", **ROWS), dict(INT64=False, BLOCK_R=4, BLOCK_W=1024), 8),
     # fp32 patches, and the bf16 patches of a GEMM under autocast (the training step's)
     *[(gather_visible._gather_patches_fwd,
        dict(img_ptr="*fp32", ids_ptr="*i64", out_ptr=f"*{out}", n_rows="i32", K="i32", C="i32", H="i32", W="i32",
-            GW="i32", tiles_per_program="i32"), dict(P=16, BLOCK_R=4, BLOCK_W=1024), 8)
+            GW="i32", tiles_per_program="i32"), dict(P=16, INT64=False, BLOCK_R=4, BLOCK_W=1024), 8)
       for out in ("fp32", "bf16")],
     *[(unshuffle._unshuffle_fwd,
        dict(x_ptr=f"*{x}", ids_ptr="*i64", tok_ptr="*fp32", pos_ptr="*fp32", out_ptr=f"*{out}", **ROWS),
-       dict(HAS_POS=True, FP64=x == "fp64", BLOCK_R=8, BLOCK_W=512), 8)
+       dict(HAS_POS=True, FP64=x == "fp64", INT64=False, BLOCK_R=8, BLOCK_W=512), 8)
       for x, out in [("bf16", "fp32"), ("fp64", "fp64")]],
     *[(unshuffle._unshuffle_bwd,
        dict(dout_ptr=f"*{g}", ids_ptr="*i64", dx_ptr=f"*{x}", dtok_partial_ptr=f"*{acc}", **ROWS),
-       dict(FP64=g == "fp64", BLOCK_R=8, BLOCK_W=512), 8)
+       dict(FP64=g == "fp64", INT64=False, BLOCK_R=8, BLOCK_W=512), 8)
       for g, x, acc in [("fp32", "bf16", "fp32"), ("fp64", "fp64", "fp64")]],
     *[(masked_pixel_loss._masked_pixel_loss_fwd,
        dict(pred_ptr=f"*{pred}", img_ptr=f"*{img}", mask_ptr="*fp32", partial_ptr=f"*{acc}",
             dpred_ptr=f"*{pred}", n_rows="i32", L="i32", H="i32", W="i32", GW="i32", tiles_per_program="i32",
             n_programs="i32"),
-       dict(C=3, PATCH=patch, EPS=1e-6, NORM_PIX=norm_pix, WITH_GRAD=grad, FP64=acc == "fp64",
+       dict(C=3, PATCH=patch, EPS=1e-6, NORM_PIX=norm_pix, WITH_GRAD=grad, FP64=acc == "fp64", INT64=False,
             BLOCK_R=4, BLOCK_IJ=256, BLOCK_C=4), 8)
       for pred, img, acc, patch, norm_pix, grad in [
           ("bf16", "fp32", "fp32", 16, True, True), ("bf16", "fp32", "fp32", 14, False, False),
@@ -89,6 +91,8 @@ CASES = [
 DIVISIBLE_INTS = ("D", "H", "W", "n_rows")
 ACCESS = re.compile(r"\b(ld|st)\.global(?:\.[a-z]+)*?(?:\.v(\d))?\.b(\d+)\b")
 # fp32 -> bf16/fp16 conversions and their rounding (rn: to nearest even, as torch's .to())
+# 64-bit integer divisions and remainders (tens of instructions each on a GPU)
+INT64_DIVISION = re.compile(r"\b(?:div|rem)\.[su]64\b")
 NARROWING = re.compile(r"\bcvt\.(r[nzmp])(?:\.[a-z]+)*?\.(bf16|f16)(?:x2)?\.f32\b")
 
 
@@ -120,14 +124,15 @@ def main() -> int:
             dtypes = ",".join(sorted({t for n, t in types.items() if t.startswith("*") and t != "*i64"}))
             rows.append(dict(arch=f"sm_{arch}", kernel=fn.__name__, dtypes=dtypes,
                              constexprs={k: v for k, v in constexprs.items() if k.isupper() and "BLOCK" not in k},
-                             **access_widths(kernel.asm["ptx"]), narrowing=narrowing_roundings(kernel.asm["ptx"])))
+                             **access_widths(kernel.asm["ptx"]), narrowing=narrowing_roundings(kernel.asm["ptx"]),
+                             int64_divisions=len(INT64_DIVISION.findall(kernel.asm["ptx"]))))
     print("| arch | kernel | pointers | specialization | global loads (bytes: count) | global stores (bytes: count) "
-          "| fp32 -> 16-bit conversions (rounding: count) |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+          "| fp32 -> 16-bit conversions (rounding: count) | 64-bit integer div/rem |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         spec = " ".join(f"{k}={v}" for k, v in r["constexprs"].items())
         print(f"| {r['arch']} | {r['kernel']} | {r['dtypes']} | {spec} | {_fmt(r['ld'])} | {_fmt(r['st'])} "
-              f"| {_fmt(r['narrowing'])} |")
+              f"| {_fmt(r['narrowing'])} | {r['int64_divisions']} |")
     if "--json" in sys.argv:
         with open(sys.argv[sys.argv.index("--json") + 1], "w") as f:
             json.dump(rows, f, indent=1)

@@ -88,12 +88,48 @@ def test_compiled_kernels_round_to_nearest_even_into_16_bit_floats(ptx_widths):
         assert all(k.startswith("rn.") for k in r["narrowing"]), r
 
 
+def test_row_kernels_divide_in_32_bits_at_training_shapes(ptx_widths):
+    """Where every tensor allows 32-bit offsets (ViT-L/16 batch 256), the row kernels find a row's
+    sample and position without a 64-bit integer division; past 2^30 elements they switch to 64 bits."""
+    for r in ptx_widths:
+        if r["constexprs"].get("INT64") is not True:
+            assert r["int64_divisions"] == 0, r
+    assert any(r["constexprs"].get("INT64") is True and r["int64_divisions"] > 0 for r in ptx_widths)
+
+
 @pytest.mark.xfail(strict=True, reason="issue 14: the loss reads pred and writes its gradient in (i, j, c) order with "
                    "the 3 channels padded to 4, one element at a time")
 def test_the_loss_kernel_reads_pred_in_16_byte_vectors(ptx_widths):
     for r in ptx_widths:
         if r["kernel"] == "_masked_pixel_loss_fwd" and "*bf16" in r["dtypes"].split(","):
             assert min(map(int, r["ld"])) >= 4 and min(map(int, r["st"])) >= 4, r
+
+
+def test_64_bit_offsets_compute_the_same(triton_device, monkeypatch):
+    """Past 2^30 elements the row kernels index in 64 bits: forced here on small tensors, every MAE
+    op, forward and backward, gives the same bits as with 32-bit offsets."""
+    from fastmae.kernels import _launch
+
+    n, L, k, d, p = 2, 16, 5, 24, 4
+    ids_keep, ids_restore, mask = masking(n, L, k)
+    x, pos, imgs = torch.randn(n, L, d), torch.randn(L, d), torch.randn(n, 3, 16, 16)
+    latent, token, dpos = torch.randn(n, 1 + k, d), torch.randn(d), torch.randn(1 + L, d)
+    pred = torch.randn(n, L, p * p * 3)
+
+    def run():
+        leaves = [t.detach().clone().requires_grad_() for t in (x, latent, token, pred)]
+        outs = [ops.gather_visible(leaves[0], ids_keep, pos, backend="triton"),
+                ops.embed_visible_patches(imgs, ids_keep, torch.ones(d, 3, p, p), None, backend="triton"),
+                ops.unshuffle_with_mask_token(leaves[1], ids_restore, leaves[2], dpos, backend="triton"),
+                ops.masked_pixel_loss(leaves[3], imgs, mask, p, True, backend="triton")]
+        sum(o.sum() for o in outs).backward()
+        return outs + [t.grad for t in leaves]
+
+    narrow = run()
+    monkeypatch.setattr(_launch, "INT32_OFFSETS_BELOW", 0)
+    wide = run()
+    for a, b in zip(narrow, wide):
+        assert torch.equal(a, b)
 
 
 def test_loss_without_grad_skips_the_gradient(triton_device):
