@@ -96,17 +96,34 @@ def test_embed_visible_patches(benchmark, preset, provider, mode, copy_bandwidth
     imgs = torch.randn(n, 3, preset.img, preset.img, device=DEVICE)
     weight = torch.randn(D, 3, p, p, device=DEVICE, requires_grad=True)
     bias = torch.zeros(D, device=DEVICE, requires_grad=True)
-    pos = torch.randn(L, D, device=DEVICE)
 
-    def forward():
+    def forward():  # as the model calls it: the position embedding is encoder_input's
         with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
-            return ops.embed_visible_patches(imgs, ids_keep, weight, bias, pos, backend=provider)
+            return ops.embed_visible_patches(imgs, ids_keep, weight, bias, backend=provider)
 
     fn = forward_backward(forward, (weight, bias), mode)
-    # the visible pixels read, the embeddings written (and read back in the backward)
-    nbytes = n * K * (preset.P * F32 + D * F32) * (1 if mode == "fwd" else 2)
+    # the visible pixels read, the (bf16) embeddings written (and their gradient read in the backward)
+    nbytes = n * K * (preset.P * F32 + D * BF16) * (1 if mode == "fwd" else 2)
     record(benchmark, fn, preset, provider, mode, nbytes, copy_bandwidth, op="embed_visible_patches",
            shape=[n, 3, preset.img, preset.img, D])
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.name)
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("mode", ["fwd", "bwd", "fwd+bwd"])
+def test_encoder_input(benchmark, preset, provider, mode, copy_bandwidth):
+    """The encoder's input from the bf16 embeddings of the visible patches: fp32 [N, 1+K, D] with the
+    position embeddings and the cls token."""
+    _, ids_keep, _, _ = inputs(preset)
+    n, L, K, D = preset.batch, preset.L, preset.K, preset.enc_dim
+    x = torch.randn(n, K, D, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    cls = torch.randn(D, device=DEVICE, requires_grad=True)
+    pos = torch.randn(L + 1, D, device=DEVICE)
+    fn = forward_backward(lambda: ops.encoder_input(x, ids_keep, cls, pos, backend=provider), (x, cls), mode)
+    fwd = n * K * D * BF16 + (L + 1) * D * F32 + n * (1 + K) * D * F32
+    bwd = n * (1 + K) * D * F32 + n * K * D * BF16
+    nbytes = {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
+    record(benchmark, fn, preset, provider, mode, nbytes, copy_bandwidth, op="encoder_input", shape=[n, L, K, D])
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.name)
@@ -182,8 +199,8 @@ def test_bias_gelu(benchmark, preset, provider, mode, copy_bandwidth):
 
 # -- the host's cost of an op call ----------------------------------------------------------------
 
-HOST_DIMS = {"N": 2, "L": 16, "D": 32, "C": 3, "H": 16, "W": 16, "p": 4}  # tiny: the device's work is negligible
-HOST_OPS = ("random_masking", "gather_visible", "embed_visible_patches", "unshuffle_with_mask_token",
+HOST_DIMS = {"N": 2, "L": 16, "L1": 17, "D": 32, "C": 3, "H": 16, "W": 16, "p": 4}  # tiny: the device's work is negligible
+HOST_OPS = ("random_masking", "gather_visible", "embed_visible_patches", "encoder_input", "unshuffle_with_mask_token",
             "masked_pixel_loss")
 _host_us: dict = {}
 

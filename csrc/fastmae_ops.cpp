@@ -105,6 +105,27 @@ struct Cpu {
   }
 
   template <typename X, typename O>
+  static void encoder_input(const X* x, const int64_t* ids, const O* cls, const O* pos, O* out, int64_t N, int64_t K,
+                            int64_t L, int64_t D) {
+    using A = acc_t<O>;
+    at::parallel_for(0, N * (K + 1), grain(D), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {  // output row n*(K+1) + j; j = 0: cls, 1 + k: visible patch k
+        const int64_t n = r / (K + 1), j = r % (K + 1);
+        O* dst = out + r * D;
+        if (j == 0) {
+          for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<O>(A(cls[d]) + A(pos[d]));
+          continue;
+        }
+        const int64_t l = ids[r - n - 1];
+        TORCH_CHECK(0 <= l && l < L, "encoder_input: ids_keep holds ", l, ", outside [0, L=", L, ")");
+        const X* row = x + (r - n - 1) * D;  // x[n, j - 1]
+        const O* p = pos + (1 + l) * D;
+        for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<O>(A(row[d]) + A(p[d]));
+      }
+    });
+  }
+
+  template <typename X, typename O>
   static void unshuffle(const X* x, const int64_t* ids, const O* token, const O* pos, O* out, int64_t N, int64_t K,
                         int64_t L, int64_t D) {
     using A = acc_t<O>;
@@ -210,6 +231,7 @@ TORCH_LIBRARY(fastmae_native, m) {
   m.def("gather_visible(Tensor x, Tensor ids_keep, Tensor? pos_embed) -> Tensor");
   m.def("gather_visible_backward(Tensor dout, Tensor ids_keep, int L, ScalarType dtype) -> Tensor");
   m.def("gather_patches(Tensor imgs, Tensor ids_keep, int patch_size, ScalarType dtype) -> Tensor");
+  m.def("encoder_input(Tensor x, Tensor ids_keep, Tensor cls_token, Tensor pos_embed) -> Tensor");
   m.def("unshuffle_with_mask_token(Tensor x, Tensor ids_restore, Tensor mask_token, Tensor? pos_embed) -> Tensor");
   m.def("unshuffle_with_mask_token_backward(Tensor dout, Tensor ids_restore, int k1, ScalarType x_dtype) "
         "-> (Tensor, Tensor)");
@@ -223,6 +245,7 @@ TORCH_LIBRARY_IMPL(fastmae_native, CPU, m) {
   m.impl("gather_visible", TORCH_FN(fastmae::gather_visible<Cpu>));
   m.impl("gather_visible_backward", TORCH_FN(fastmae::gather_visible_backward<Cpu>));
   m.impl("gather_patches", TORCH_FN(fastmae::gather_patches<Cpu>));
+  m.impl("encoder_input", TORCH_FN(fastmae::encoder_input<Cpu>));
   m.impl("unshuffle_with_mask_token", TORCH_FN(fastmae::unshuffle_with_mask_token<Cpu>));
   m.impl("unshuffle_with_mask_token_backward", TORCH_FN(fastmae::unshuffle_with_mask_token_backward<Cpu>));
   m.impl("masked_pixel_loss", TORCH_FN(fastmae::masked_pixel_loss<Cpu>));

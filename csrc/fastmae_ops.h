@@ -188,6 +188,35 @@ at::Tensor gather_patches(const at::Tensor& imgs_, const at::Tensor& ids_keep_, 
   return out;
 }
 
+// The encoder's input -> [N, 1+K, D] in promote(x, cls_token, pos_embed): row 0 of each sample is
+// cls_token + pos_embed[0], row 1 + k is x[n, k] + pos_embed[1 + ids_keep[n, k]].
+template <class Dev>
+at::Tensor encoder_input(const at::Tensor& x_, const at::Tensor& ids_keep_, const at::Tensor& cls_token,
+                         const at::Tensor& pos_embed) {
+  TORCH_CHECK(x_.dim() == 3 && ids_keep_.dim() == 2 && ids_keep_.size(0) == x_.size(0) &&
+                  ids_keep_.size(1) == x_.size(1),
+              "encoder_input: x must be [N, K, D] and ids_keep [N, K]");
+  const c10::OptionalDeviceGuard guard(x_.device());
+  const at::Tensor x = x_.contiguous(), ids = ids_keep_.contiguous();
+  const int64_t N = x.size(0), K = x.size(1), D = x.size(2);
+  TORCH_CHECK(cls_token.numel() == D, "encoder_input: cls_token must have D elements");
+  TORCH_CHECK(pos_embed.dim() == 2 && pos_embed.size(0) >= K + 1 && pos_embed.size(1) == D,
+              "encoder_input: pos_embed must be [1+L, D] with K <= L");
+  const int64_t L = pos_embed.size(0) - 1;
+  const auto out_dtype =
+      c10::promoteTypes(c10::promoteTypes(x.scalar_type(), cls_token.scalar_type()), pos_embed.scalar_type());
+  const at::Tensor cls = cls_token.to(out_dtype).contiguous(), pos = pos_embed.to(out_dtype).contiguous();
+  at::Tensor out = at::empty({N, K + 1, D}, x.options().dtype(out_dtype));
+  if (out.numel() == 0) return out;
+  dispatch_widening(x.scalar_type(), out_dtype, "encoder_input", [&](auto xt, auto ot) {
+    using X = typename decltype(xt)::type;
+    using O = typename decltype(ot)::type;
+    Dev::template encoder_input<X, O>(x.data_ptr<X>(), ids.data_ptr<int64_t>(), cls.data_ptr<O>(), pos.data_ptr<O>(),
+                                      out.data_ptr<O>(), N, K, L, D);
+  });
+  return out;
+}
+
 template <class Dev>
 at::Tensor unshuffle_with_mask_token(const at::Tensor& x_, const at::Tensor& ids_restore_, const at::Tensor& mask_token,
                                      const std::optional<at::Tensor>& pos_embed) {

@@ -158,6 +158,38 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename X, typename O, int V>
 __global__ void __launch_bounds__(kThreads)
+    encoder_input_kernel(const X* __restrict__ x, const int64_t* __restrict__ ids, const O* __restrict__ cls,
+                         const O* __restrict__ pos, O* __restrict__ out, int64_t rows, int64_t K, int64_t L, int64_t D) {
+  using A = acc_t<O>;
+  const int64_t r = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;  // output row n*(K+1) + j
+  if (r >= rows) return;
+  const int64_t n = r / (K + 1), j = r % (K + 1);  // j = 0: cls, 1 + k: visible patch k
+  const int64_t l = j == 0 ? -1 : ids[r - n - 1];  // position; -1: the cls token's row of pos
+  CUDA_KERNEL_ASSERT(j == 0 || (0 <= l && l < L));
+  const X* row = j == 0 ? nullptr : x + (r - n - 1) * D;  // x[n, j - 1]
+  const O* p = pos + (l + 1) * D;
+  O* dst = out + r * D;
+  for (int64_t d = (threadIdx.x % kWarp) * V; d < D; d += kWarp * V) {
+    A a[V];
+    if (row) {
+      const Vec<X, V> v = load<V>(row + d);
+#pragma unroll
+      for (int k = 0; k < V; ++k) a[k] = A(v.v[k]);
+    } else {
+      const Vec<O, V> v = load<V>(cls + d);
+#pragma unroll
+      for (int k = 0; k < V; ++k) a[k] = A(v.v[k]);
+    }
+    const Vec<O, V> q = load<V>(p + d);
+    Vec<O, V> b;
+#pragma unroll
+    for (int k = 0; k < V; ++k) b.v[k] = static_cast<O>(a[k] + A(q.v[k]));
+    store<V>(dst + d, b);
+  }
+}
+
+template <typename X, typename O, int V>
+__global__ void __launch_bounds__(kThreads)
     unshuffle_kernel(const X* __restrict__ x, const int64_t* __restrict__ ids, const O* __restrict__ token,
                      const O* __restrict__ pos, O* __restrict__ out, int64_t rows, int64_t K, int64_t L, int64_t D) {
   using A = acc_t<O>;
@@ -382,6 +414,18 @@ struct Cuda {
   }
 
   template <typename X, typename O>
+  static void encoder_input(const X* x, const int64_t* ids, const O* cls, const O* pos, O* out, int64_t N, int64_t K,
+                            int64_t L, int64_t D) {
+    constexpr int V = vec_width<X, O>();
+    const int64_t rows = N * (K + 1);
+    if (can_vectorize<V>(D, x, cls, pos, out))
+      encoder_input_kernel<X, O, V><<<row_blocks(rows), kThreads, 0, stream()>>>(x, ids, cls, pos, out, rows, K, L, D);
+    else
+      encoder_input_kernel<X, O, 1><<<row_blocks(rows), kThreads, 0, stream()>>>(x, ids, cls, pos, out, rows, K, L, D);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  template <typename X, typename O>
   static void unshuffle(const X* x, const int64_t* ids, const O* token, const O* pos, O* out, int64_t N, int64_t K,
                         int64_t L, int64_t D) {
     constexpr int V = vec_width<X, O>();
@@ -453,6 +497,7 @@ TORCH_LIBRARY_IMPL(fastmae_native, CUDA, m) {
   m.impl("gather_visible", TORCH_FN(fastmae::gather_visible<Cuda>));
   m.impl("gather_visible_backward", TORCH_FN(fastmae::gather_visible_backward<Cuda>));
   m.impl("gather_patches", TORCH_FN(fastmae::gather_patches<Cuda>));
+  m.impl("encoder_input", TORCH_FN(fastmae::encoder_input<Cuda>));
   m.impl("unshuffle_with_mask_token", TORCH_FN(fastmae::unshuffle_with_mask_token<Cuda>));
   m.impl("unshuffle_with_mask_token_backward", TORCH_FN(fastmae::unshuffle_with_mask_token_backward<Cuda>));
   m.impl("masked_pixel_loss", TORCH_FN(fastmae::masked_pixel_loss<Cuda>));

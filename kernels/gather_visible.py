@@ -1,4 +1,5 @@
-"""Encoder-side gathers: the visible rows of a token tensor, or the visible patches of an image.
+"""Encoder-side gathers: the visible rows of a token tensor, or the visible patches of an image;
+and the encoder's input assembled from the visible patches' embeddings.
 
 ``gather_visible``: ``out[n, k] = x[n, ids_keep[n, k]] (+ pos_embed[ids_keep[n, k]])``; its backward
 writes every row of ``dx`` once (the gradient row for kept positions, zeros for removed ones), so
@@ -7,6 +8,10 @@ it needs neither a memset nor atomics.
 ``gather_patches``: ``out[n, k] = the pixels of patch ids_keep[n, k] of imgs[n]``, flattened in the
 patch-embedding weight's (c, i, j) order, so that embedding only the visible patches is one GEMM;
 written in ``dtype`` (the GEMM's under autocast), so that no cast pass follows.
+
+``encoder_input``: ``out[n, 0] = cls + pos_embed[0]``, ``out[n, 1 + k] = x[n, k] + pos_embed[1 +
+ids_keep[n, k]]``: the embedding GEMM's (bf16) output read once, the (fp32) encoder input written
+once, instead of a gather of the position rows, an add, the cls token's add and a concatenation.
 
 Fake kernels and autograd: :mod:`fastmae.ops.fused` (shared with the native backend).
 """
@@ -95,6 +100,36 @@ def _gather_patches_fwd(
         tl.store(out_ptr + o_r[:, None] * (C * P * P) + o_e[None, :], b_px.to(out_ptr.dtype.element_ty), mask=m)
 
 
+@triton.jit
+def _encoder_input_fwd(
+    x_ptr, ids_ptr, cls_ptr, pos_ptr, out_ptr,
+    n_rows, K, D, tiles_per_program,
+    FP64: tl.constexpr, INT64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr,
+):
+    i_p = tl.program_id(0)
+    if INT64:
+        i_p = i_p.to(tl.int64)
+    o_d = tl.arange(0, BLOCK_W)
+    m_d = o_d < D
+    b_cls = tl.load(cls_ptr + o_d, mask=m_d, other=0.0)
+    b_cls = b_cls.to(tl.float64) if FP64 else b_cls.to(tl.float32)
+    for i_t in range(tiles_per_program):
+        o_r = (i_p * tiles_per_program + i_t) * BLOCK_R + tl.arange(0, BLOCK_R)  # output row n*(K+1) + j
+        m_r = o_r < n_rows
+        o_n = o_r // (K + 1)
+        o_j = o_r % (K + 1)  # 0: cls, 1 + k: visible patch k, row n*K + k = o_r - o_n - 1 of x
+        m_vis = m_r & (o_j > 0)
+        b_l = tl.load(ids_ptr + o_r - o_n - 1, mask=m_vis, other=-1).to(o_r.dtype)  # position; -1: cls
+        m = m_r[:, None] & m_d[None, :]
+        b_x = tl.load(x_ptr + (o_r - o_n - 1)[:, None] * D + o_d[None, :], mask=m_vis[:, None] & m_d[None, :],
+                      other=0.0)
+        b_x = b_x.to(tl.float64) if FP64 else b_x.to(tl.float32)
+        b_out = tl.where(m_vis[:, None], b_x, b_cls[None, :])
+        b_pos = tl.load(pos_ptr + (b_l + 1)[:, None] * D + o_d[None, :], mask=m)
+        b_out += b_pos.to(tl.float64) if FP64 else b_pos.to(tl.float32)
+        tl.store(out_ptr + o_r[:, None] * D + o_d[None, :], b_out.to(out_ptr.dtype.element_ty), mask=m)
+
+
 # -- gather_visible ------------------------------------------------------------------------------
 
 @torch.library.custom_op("fastmae::gather_visible", mutates_args=())
@@ -149,5 +184,25 @@ def gather_patches_op(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: in
         _gather_patches_fwd[t.grid](
             imgs, ids_keep, out, n * k, k, c, H, W, W // p, t.tiles_per_program,
             P=p, INT64=needs_int64_offsets(imgs, out), BLOCK_R=t.BLOCK_R, BLOCK_W=t.BLOCK_W, num_warps=t.num_warps,
+        )
+    return out
+
+
+# -- encoder_input -------------------------------------------------------------------------------
+
+@torch.library.custom_op("fastmae::encoder_input", mutates_args=())
+def encoder_input_op(x: torch.Tensor, ids_keep: torch.Tensor, cls_token: torch.Tensor,
+                     pos_embed: torch.Tensor) -> torch.Tensor:
+    x = x.contiguous()
+    n, k, d = x.shape
+    dtype = torch.promote_types(torch.promote_types(x.dtype, cls_token.dtype), pos_embed.dtype)
+    out = torch.empty(n, k + 1, d, dtype=dtype, device=x.device)
+    t = row_tiles(n * (k + 1), d, x.device)
+    with on_device(x):
+        _encoder_input_fwd[t.grid](
+            x, ids_keep.contiguous(), cls_token.contiguous(), pos_embed.contiguous(), out,
+            n * (k + 1), k, d, t.tiles_per_program,
+            FP64=accumulator_is_fp64(x, cls_token, pos_embed), INT64=needs_int64_offsets(x, out, pos_embed),
+            BLOCK_R=t.BLOCK_R, BLOCK_W=t.BLOCK_W, num_warps=t.num_warps,
         )
     return out

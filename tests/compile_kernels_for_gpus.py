@@ -46,6 +46,10 @@ CASES = [
        dict(img_ptr="*fp32", ids_ptr="*i64", out_ptr=f"*{out}", n_rows="i32", K="i32", C="i32", H="i32", W="i32",
             GW="i32", tiles_per_program="i32"), dict(P=16, INT64=False, BLOCK_R=4, BLOCK_W=1024), 8)
       for out in ("fp32", "bf16")],
+    # the encoder's input from bf16 embeddings (the GEMM's under autocast), fp32 out
+    (gather_visible._encoder_input_fwd,
+     dict(x_ptr="*bf16", ids_ptr="*i64", cls_ptr="*fp32", pos_ptr="*fp32", out_ptr="*fp32", n_rows="i32", K="i32",
+          D="i32", tiles_per_program="i32"), dict(FP64=False, INT64=False, BLOCK_R=4, BLOCK_W=1024), 8),
     *[(unshuffle._unshuffle_fwd,
        dict(x_ptr=f"*{x}", ids_ptr="*i64", tok_ptr="*fp32", pos_ptr="*fp32", out_ptr=f"*{out}", **ROWS),
        dict(HAS_POS=True, FP64=x == "fp64", INT64=False, BLOCK_R=8, BLOCK_W=512), 8)

@@ -66,7 +66,8 @@ def ptx_widths(tmp_path_factory):
 
 
 # kernels that stream contiguous rows (D wide, or an image row of a patch): 16-byte loads and stores
-CONTIGUOUS = {"_gather_rows_fwd", "_gather_rows_bwd", "_gather_patches_fwd", "_unshuffle_fwd", "_unshuffle_bwd",
+CONTIGUOUS = {"_gather_rows_fwd", "_gather_rows_bwd", "_gather_patches_fwd", "_encoder_input_fwd", "_unshuffle_fwd",
+              "_unshuffle_bwd",
               "_add_layer_norm_fwd", "_add_layer_norm_bwd", "_bias_gelu_fwd", "_bias_gelu_bwd"}
 
 
@@ -120,6 +121,7 @@ def test_64_bit_offsets_compute_the_same(triton_device, monkeypatch):
         leaves = [t.detach().clone().requires_grad_() for t in (x, latent, token, pred)]
         outs = [ops.gather_visible(leaves[0], ids_keep, pos, backend="triton"),
                 ops.embed_visible_patches(imgs, ids_keep, torch.ones(d, 3, p, p), None, backend="triton"),
+                ops.encoder_input(latent[:, 1:], ids_keep, token, dpos, backend="triton"),
                 ops.unshuffle_with_mask_token(leaves[1], ids_restore, leaves[2], dpos, backend="triton"),
                 ops.masked_pixel_loss(leaves[3], imgs, mask, p, True, backend="triton")]
         sum(o.sum() for o in outs).backward()

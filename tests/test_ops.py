@@ -163,6 +163,43 @@ def test_gather_visible(backend, dtype, n, L, d, with_pos):
             assert_close(g, w, backward=True)
 
 
+def test_reference_encoder_input_is_the_originals():
+    """The original: the position embedding added to every patch, the masking gather, the cls token
+    with its position embedding, a concatenation; bf16 patches (autocast's embedding) and fp32 rest."""
+    n, L, d, k = 3, 16, 8, 5
+    _, ids_keep, _, _ = masking_inputs(n, L, k)
+    patches = torch.randn(n, L, d).to(torch.bfloat16)
+    cls, pos = torch.randn(1, 1, d), torch.randn(1, 1 + L, d)
+    visible = torch.gather(patches + pos[:, 1:], 1, ids_keep.unsqueeze(-1).expand(-1, -1, d))
+    original = torch.cat(((cls + pos[:, :1]).expand(n, -1, -1), visible), dim=1)
+    got = reference.encoder_input(torch.gather(patches, 1, ids_keep.unsqueeze(-1).expand(-1, -1, d)), ids_keep, cls,
+                                  pos[0])
+    assert got.dtype == original.dtype == torch.float32 and torch.equal(got, original)
+
+
+@pytest.mark.parametrize("x_dtype,param_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                                 (torch.bfloat16, torch.bfloat16)])
+@pytest.mark.parametrize("n,L1,d", cases("encoder_input", "N", "L1", "D"))
+def test_encoder_input(backend, x_dtype, param_dtype, n, L1, d):
+    L = L1 - 1
+    for len_keep in keep_counts(L):
+        _, ids_keep, _, _ = masking_inputs(n, L, len_keep)
+        x = torch.randn(n, len_keep, d, dtype=x_dtype, requires_grad=True)
+        cls = torch.randn(1, 1, d, dtype=param_dtype, requires_grad=True)
+        pos = torch.randn(L1, d, dtype=param_dtype, requires_grad=True)
+        got = ops.encoder_input(x, ids_keep, cls, pos, backend=backend)
+        want = reference.encoder_input(x, ids_keep, cls, pos)
+        assert got.dtype == want.dtype and got.shape == (n, 1 + len_keep, d)
+        if got.dtype == torch.bfloat16 and backend == "triton" and INTERPRET:
+            assert_close(got, want)  # the interpreter truncates to bf16 where a GPU rounds
+        else:
+            assert torch.equal(got, want)  # one addition of the same two values: the same bits
+        dy = torch.randn_like(want)
+        for g, w in zip(torch.autograd.grad(got, (x, cls, pos), dy), torch.autograd.grad(want, (x, cls, pos), dy)):
+            assert g.dtype == w.dtype and g.shape == w.shape
+            assert_close(g, w, backward=True)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n,L,d", cases("unshuffle_with_mask_token", "N", "L", "D"))
 @pytest.mark.parametrize("with_pos", [False, True])
@@ -318,6 +355,10 @@ def test_gradcheck_float64(every_backend):
     assert torch.autograd.gradcheck(
         lambda x, t: ops.unshuffle_with_mask_token(x, ids_restore, t, backend=backend), (xv, token)
     )
+    xk = torch.randn(n, k, d, dtype=torch.float64, requires_grad=True)
+    cls, pos1 = (torch.randn(*s, dtype=torch.float64, requires_grad=True) for s in ((d,), (1 + L, d)))
+    assert torch.autograd.gradcheck(lambda *a: ops.encoder_input(a[0], ids_keep, *a[1:], backend=backend),
+                                    (xk, cls, pos1))
     imgs = torch.randn(n, 2, 2, 4, dtype=torch.float64)
     pred = torch.randn(n, 2, 8, dtype=torch.float64, requires_grad=True)
     m = torch.tensor([[1.0, 0.0], [1.0, 1.0]], dtype=torch.float64)

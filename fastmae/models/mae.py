@@ -178,13 +178,12 @@ class MaskedAutoencoderViT(AttentionBackendSwitch, nn.Module):
         if self.encoder_mask_tokens:
             x = torch.where(mask.unsqueeze(-1).bool(), self.encoder_mask_token, self.patch_embed(imgs))
             x = x + self.pos_embed[:, 1:, :]
+            cls_token = self.cls_token + self.pos_embed[:, :1, :]
+            x = torch.cat((cls_token.expand(n, -1, -1), x), dim=1)
         else:
-            x = ops.embed_visible_patches(
-                imgs, ids_keep, *self.patch_embed.weights(), self.pos_embed[0, 1:], backend=self.kernel_backend
-            )
-
-        cls_token = self.cls_token + self.pos_embed[:, :1, :]
-        x = torch.cat((cls_token.expand(n, -1, -1), x), dim=1)
+            x = ops.embed_visible_patches(imgs, ids_keep, *self.patch_embed.weights(), backend=self.kernel_backend)
+            # position embeddings and the cls token: one pass writing the encoder's input
+            x = ops.encoder_input(x, ids_keep, self.cls_token, self.pos_embed[0], backend=self.kernel_backend)
         x = self._run_blocks(self.blocks, x, self.norm)
         return x, mask, ids_restore
 

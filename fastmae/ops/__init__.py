@@ -27,6 +27,7 @@ __all__ = [
     "bias_gelu",
     "backend_names",
     "embed_visible_patches",
+    "encoder_input",
     "fuses_layers",
     "gather_visible",
     "layer_norm",
@@ -79,6 +80,25 @@ def embed_visible_patches(
     the visible patches."""
     inputs = SPECS["embed_visible_patches"].bind(imgs, ids_keep, weight, bias, pos_embed)
     return implementation("kernels", "embed_visible_patches", backend, inputs)(imgs, ids_keep, weight, bias, pos_embed)
+
+
+def encoder_input(
+    x: torch.Tensor,
+    ids_keep: torch.Tensor,
+    cls_token: torch.Tensor,
+    pos_embed: torch.Tensor,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Encoder input: ``x`` [N, K, D] (the embeddings of the visible patches, in ``ids_keep``'s
+    order) with their position embeddings, after the cls token -> [N, 1+K, D]. Row 0 is
+    ``cls_token`` [D] + ``pos_embed[0]``, row 1+k is ``x[:, k] + pos_embed[1 + ids_keep[:, k]]``
+    (``pos_embed`` [1+L, D], row 0 the cls token's): what the original computes with an add before
+    its masking gather, an add for the cls token and a concatenation, in the dtype those give."""
+    inputs = SPECS["encoder_input"].bind(x, ids_keep, cls_token, pos_embed)
+    return implementation("kernels", "encoder_input", backend, inputs)(
+        x, ids_keep, cls_token.reshape(x.shape[-1]), pos_embed
+    )
 
 
 def unshuffle_with_mask_token(

@@ -33,6 +33,7 @@ class FusedOps:
     gather_visible: LibraryOp
     gather_visible_backward: LibraryOp
     gather_patches: LibraryOp  # the visible patches in the patch-embedding weight's (c, i, j) order
+    encoder_input: LibraryOp
     unshuffle: LibraryOp
     unshuffle_backward: LibraryOp
     masked_pixel_loss: LibraryOp  # -> (loss, mask * (pred - target) and mask.sum() for the backward)
@@ -62,6 +63,12 @@ def _gather_patches_backward(ctx, dpatches):
     full.scatter_(1, ids_keep.unsqueeze(-1).expand(-1, -1, full.shape[2]), dpatches)
     dimgs = full.reshape(n, H // p, W // p, c, p, p).permute(0, 3, 1, 4, 2, 5).reshape(n, c, H, W)
     return dimgs.to(ctx.imgs_dtype), None, None, None
+
+
+def _encoder_input_setup(ctx, inputs, output):
+    x, ids_keep, cls_token, pos_embed = inputs
+    ctx.save_for_backward(ids_keep)
+    ctx.x_dtype, ctx.cls_dtype, ctx.pos_dtype, ctx.L = x.dtype, cls_token.dtype, pos_embed.dtype, pos_embed.shape[0] - 1
 
 
 def _unshuffle_setup(ctx, inputs, output):
@@ -102,6 +109,19 @@ def register(ops: FusedOps) -> None:
         dpos = dx.sum(0).to(ctx.pos_dtype) if need_pos else None
         return (dx.to(ctx.x_dtype) if need_x else None), None, dpos
 
+    def encoder_input_backward(ctx, dout):
+        # what the original's add, expand and cat give back: the rows after the first to x (in its
+        # dtype), the first row summed over the batch to the cls token
+        (ids_keep,) = ctx.saved_tensors
+        need_x, _, need_cls, need_pos = ctx.needs_input_grad
+        dx = dout[:, 1:].to(ctx.x_dtype) if need_x else None
+        dfirst = dout[:, 0].sum(0) if need_cls or need_pos else None
+        dpos = None
+        if need_pos:  # MAE's is fixed; the position rows' gradient is the gather's
+            drows = ops.gather_visible_backward(dout[:, 1:], ids_keep, ctx.L, dout.dtype).sum(0)
+            dpos = torch.cat([dfirst[None], drows]).to(ctx.pos_dtype)
+        return dx, None, dfirst.to(ctx.cls_dtype) if need_cls else None, dpos
+
     def unshuffle_backward(ctx, dout):
         (ids_restore,) = ctx.saved_tensors
         dx, dtok = ops.unshuffle_backward(dout, ids_restore, ctx.k1, ctx.x_dtype)
@@ -111,6 +131,7 @@ def register(ops: FusedOps) -> None:
     for op, backward, setup in [
         (ops.gather_visible, gather_visible_backward, _gather_visible_setup),
         (ops.gather_patches, _gather_patches_backward, _gather_patches_setup),
+        (ops.encoder_input, encoder_input_backward, _encoder_input_setup),
         (ops.unshuffle, unshuffle_backward, _unshuffle_setup),
         (ops.masked_pixel_loss, _masked_pixel_loss_backward, _masked_pixel_loss_setup),
     ]:
@@ -144,6 +165,9 @@ class FusedBackend:
         patches = self.ops.gather_patches(imgs, ids_keep, weight.shape[-1], gemm_input_dtype(imgs))
         x = F.linear(patches, weight.reshape(weight.shape[0], -1), bias)
         return x if pos_embed is None else x + pos_embed[ids_keep]
+
+    def encoder_input(self, x, ids_keep, cls_token, pos_embed):
+        return self.ops.encoder_input(x, ids_keep, cls_token, pos_embed)
 
     def unshuffle_with_mask_token(self, x, ids_restore, mask_token, pos_embed=None):
         return self.ops.unshuffle(x, ids_restore, mask_token, pos_embed)

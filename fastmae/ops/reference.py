@@ -63,6 +63,14 @@ def embed_visible_patches(
     return gather_visible(x, ids_keep, pos_embed)
 
 
+def encoder_input(x: torch.Tensor, ids_keep: torch.Tensor, cls_token: torch.Tensor, pos_embed: torch.Tensor):
+    n, _, d = x.shape
+    # the original adds the position embedding to every patch before masking: the same sums
+    x = x + pos_embed[1:][ids_keep]
+    cls = cls_token.reshape(1, 1, d) + pos_embed[:1].unsqueeze(0)
+    return torch.cat([cls.expand(n, -1, -1), x], dim=1)
+
+
 def unshuffle_with_mask_token(
     x: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor, pos_embed: torch.Tensor | None = None
 ):

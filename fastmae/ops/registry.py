@@ -131,8 +131,8 @@ def _backend(name: str, module_name: str, auto_devices: tuple[str, ...], **optio
 ENV_VARS = {"kernels": "FASTMAE_KERNELS", "attention": "FASTMAE_ATTENTION", "norm": "FASTMAE_NORM"}
 OPS = {
     "kernels": (
-        "random_masking", "gather_visible", "embed_visible_patches", "unshuffle_with_mask_token", "masked_pixel_loss",
-        "add_layer_norm", "bias_gelu",
+        "random_masking", "gather_visible", "embed_visible_patches", "encoder_input", "unshuffle_with_mask_token",
+        "masked_pixel_loss", "add_layer_norm", "bias_gelu",
     ),
     "attention": ("attention",),
     "norm": ("layer_norm",),

@@ -340,6 +340,19 @@ _EMBED_VISIBLE_PATCHES = OpSpec(
            {"N": 2, "C": 1, "p": 7, "H": 14, "W": 21, "D": 40}),
 )
 
+_ENCODER_INPUT = OpSpec(
+    "encoder_input",
+    # pos_embed [1+L, D]: its row 0 is the cls token's
+    params=(Tensor("x", ("N", "K", "D"), differentiable=True), _IDS_KEEP,
+            Tensor("cls_token", ("D",), any_shape=True, differentiable=True),
+            Tensor("pos_embed", ("L1", "D"), differentiable=True)),
+    derived={"L": "L1 - 1"},
+    requires=(Require("L1 >= 1", "pos_embed needs a row for the cls token, got none"), _KEEP_AT_MOST_L),
+    outputs=(Output(("N", "K + 1", "D"), ("promote", "x", "cls_token", "pos_embed")),),
+    cases=({"N": 1, "L1": 17, "D": 40}, {"N": 3, "L1": 50, "D": 40}, {"N": 2, "L1": 51, "D": 588},
+           {"N": 3, "L1": 64, "D": 768}, {"N": 1, "L1": 197, "D": 40}),
+)
+
 _UNSHUFFLE_WITH_MASK_TOKEN = OpSpec(
     "unshuffle_with_mask_token",
     params=(Tensor("x", ("N", "K1", "D"), differentiable=True), _IDS_RESTORE,
@@ -387,8 +400,8 @@ _ATTENTION = OpSpec(
 
 # The public ops (fastmae.ops), by name.
 SPECS: dict[str, OpSpec] = {s.name: s for s in (
-    _RANDOM_MASKING, _GATHER_VISIBLE, _EMBED_VISIBLE_PATCHES, _UNSHUFFLE_WITH_MASK_TOKEN, _MASKED_PIXEL_LOSS,
-    _ADD_LAYER_NORM, _BIAS_GELU, _ATTENTION,
+    _RANDOM_MASKING, _GATHER_VISIBLE, _EMBED_VISIBLE_PATCHES, _ENCODER_INPUT, _UNSHUFFLE_WITH_MASK_TOKEN,
+    _MASKED_PIXEL_LOSS, _ADD_LAYER_NORM, _BIAS_GELU, _ATTENTION,
 )}
 
 # The fused backends' torch.library ops (triton: kernels/; native: csrc/), whose fake kernels come
@@ -407,6 +420,7 @@ FUSED_SPECS: dict[str, OpSpec] = {s.name: s for s in (
                    Value("dtype")),
            derived={"L": "(H // p) * (W // p)"}, requires=(_PATCH_SIZE, _PATCH_GRID),
            outputs=(Output(("N", "K", "C * p * p"), ("value", "dtype")),)),
+    _ENCODER_INPUT,
     OpSpec("unshuffle",
            params=_UNSHUFFLE_WITH_MASK_TOKEN.params, requires=_UNSHUFFLE_WITH_MASK_TOKEN.requires,
            outputs=_UNSHUFFLE_WITH_MASK_TOKEN.outputs),

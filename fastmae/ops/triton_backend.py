@@ -14,7 +14,9 @@ import torch
 from fastmae.kernels._launch import INTERPRET
 from fastmae.kernels.add_layer_norm import add_layer_norm
 from fastmae.kernels.bias_gelu import bias_gelu_op as bias_gelu
-from fastmae.kernels.gather_visible import gather_patches_op, gather_visible_backward_op, gather_visible_op
+from fastmae.kernels.gather_visible import (
+    encoder_input_op, gather_patches_op, gather_visible_backward_op, gather_visible_op,
+)
 from fastmae.kernels.masked_pixel_loss import masked_pixel_loss_op
 from fastmae.kernels.random_masking import random_masking_op
 from fastmae.kernels.unshuffle import unshuffle_backward_op, unshuffle_op
@@ -22,7 +24,8 @@ from fastmae.ops.fused import FusedBackend, FusedOps, register
 
 OPS = FusedOps(
     name="triton", random_masking=random_masking_op, gather_visible=gather_visible_op,
-    gather_visible_backward=gather_visible_backward_op, gather_patches=gather_patches_op, unshuffle=unshuffle_op,
+    gather_visible_backward=gather_visible_backward_op, gather_patches=gather_patches_op,
+    encoder_input=encoder_input_op, unshuffle=unshuffle_op,
     unshuffle_backward=unshuffle_backward_op, masked_pixel_loss=masked_pixel_loss_op,
 )
 register(OPS)
@@ -30,6 +33,7 @@ _backend = FusedBackend(OPS)
 random_masking = _backend.random_masking
 gather_visible = _backend.gather_visible
 embed_visible_patches = _backend.embed_visible_patches
+encoder_input = _backend.encoder_input
 unshuffle_with_mask_token = _backend.unshuffle_with_mask_token
 masked_pixel_loss = _backend.masked_pixel_loss
 # the transformer block's residual add + LayerNorm and bias + GELU, fused (the model uses them in eager

@@ -106,6 +106,7 @@ def _attach_ops() -> None:
     OPS = ops = FusedOps(
         name="native", random_masking=native.random_masking.default, gather_visible=native.gather_visible.default,
         gather_visible_backward=native.gather_visible_backward.default, gather_patches=native.gather_patches.default,
+        encoder_input=native.encoder_input.default,
         unshuffle=native.unshuffle_with_mask_token.default,
         unshuffle_backward=native.unshuffle_with_mask_token_backward.default,
         masked_pixel_loss=native.masked_pixel_loss.default,
@@ -126,6 +127,10 @@ def gather_visible(x, ids_keep, pos_embed=None):
 
 def embed_visible_patches(imgs, ids_keep, weight, bias, pos_embed=None):
     return _backend.embed_visible_patches(imgs, ids_keep, weight, bias, pos_embed)
+
+
+def encoder_input(x, ids_keep, cls_token, pos_embed):
+    return _backend.encoder_input(x, ids_keep, cls_token, pos_embed)
 
 
 def unshuffle_with_mask_token(x, ids_restore, mask_token, pos_embed=None):

@@ -16,8 +16,8 @@ import torch
 from fastmae.ops import native
 from fastmae.ops.native.build import build_root, cuda_archs, cuda_library_name
 
-OPS = ("random_masking", "gather_visible", "gather_visible_backward", "gather_patches", "unshuffle_with_mask_token",
-       "unshuffle_with_mask_token_backward", "masked_pixel_loss")
+OPS = ("random_masking", "gather_visible", "gather_visible_backward", "gather_patches", "encoder_input",
+       "unshuffle_with_mask_token", "unshuffle_with_mask_token_backward", "masked_pixel_loss")
 
 
 def main(argv: list[str] | None = None) -> int:
