@@ -70,17 +70,25 @@ struct Cpu {
   }
 
   template <typename G, typename X>
-  static void scatter_rows(const G* dout, const int64_t* inv, X* dx, int64_t N, int64_t K, int64_t L, int64_t D) {
-    at::parallel_for(0, N * L, grain(D), [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {  // dx row n*L + l
-        const int64_t k = inv[r];
-        X* dst = dx + r * D;
-        if (k < 0) {
-          std::fill(dst, dst + D, X(0));
-          continue;
+  static void scatter_rows(const G* dout, const int64_t* ids, X* dx, int64_t N, int64_t K, int64_t L, int64_t D) {
+    at::parallel_for(0, N, grain(L * D), [&](int64_t begin, int64_t end) {
+      std::vector<int64_t> visible(L);  // the visible index of each position, -1 if removed
+      for (int64_t n = begin; n < end; ++n) {
+        std::fill(visible.begin(), visible.end(), -1);
+        for (int64_t k = 0; k < K; ++k) {
+          const int64_t l = ids[n * K + k];
+          TORCH_CHECK(0 <= l && l < L, "gather_visible_backward: ids_keep holds ", l, ", outside [0, L=", L, ")");
+          visible[l] = k;
         }
-        const G* src = dout + ((r / L) * K + k) * D;
-        for (int64_t d = 0; d < D; ++d) dst[d] = to<X>(src[d]);
+        for (int64_t l = 0; l < L; ++l) {
+          X* dst = dx + (n * L + l) * D;
+          if (visible[l] < 0) {
+            std::fill(dst, dst + D, X(0));
+            continue;
+          }
+          const G* src = dout + (n * K + visible[l]) * D;
+          for (int64_t d = 0; d < D; ++d) dst[d] = to<X>(src[d]);
+        }
       }
     });
   }

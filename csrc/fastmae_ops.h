@@ -12,10 +12,8 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/arange.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <ATen/ops/full.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/macros/Macros.h>
 #include <c10/util/BFloat16.h>
@@ -140,7 +138,8 @@ at::Tensor gather_visible(const at::Tensor& x_, const at::Tensor& ids_keep_,
 }
 
 // dx [N, L, D] in `dtype`: every row written once, the gradient row for a kept position and zeros
-// for a removed one (no memset, no atomics), through the inverse of ids_keep.
+// for a removed one (no memset, no atomics), each row finding its visible index among its sample's
+// kept positions (no inverse map built beforehand).
 template <class Dev>
 at::Tensor gather_visible_backward(const at::Tensor& dout_, const at::Tensor& ids_keep_, int64_t L,
                                    at::ScalarType dtype) {
@@ -150,15 +149,12 @@ at::Tensor gather_visible_backward(const at::Tensor& dout_, const at::Tensor& id
   const c10::OptionalDeviceGuard guard(dout_.device());
   const at::Tensor dout = dout_.contiguous(), ids = ids_keep_.contiguous();
   const int64_t N = dout.size(0), K = dout.size(1), D = dout.size(2);
-  // inverse map: the visible index of each position, -1 for removed ones
-  at::Tensor inv = at::full({N, L}, -1, ids.options());
-  inv.scatter_(1, ids, at::arange(K, ids.options()).expand({N, K}));
   at::Tensor dx = at::empty({N, L, D}, dout.options().dtype(dtype));
   if (dx.numel() == 0) return dx;
   dispatch_widening(dtype, dout.scalar_type(), "gather_visible_backward", [&](auto xt, auto gt) {
     using X = typename decltype(xt)::type;
     using G = typename decltype(gt)::type;
-    Dev::template scatter_rows<G, X>(dout.data_ptr<G>(), inv.data_ptr<int64_t>(), dx.data_ptr<X>(), N, K, L, D);
+    Dev::template scatter_rows<G, X>(dout.data_ptr<G>(), ids.data_ptr<int64_t>(), dx.data_ptr<X>(), N, K, L, D);
   });
   return dx;
 }

@@ -113,12 +113,21 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename G, typename X, int V>
 __global__ void __launch_bounds__(kThreads)
-    scatter_rows_kernel(const G* __restrict__ dout, const int64_t* __restrict__ inv, X* __restrict__ dx, int64_t rows,
+    scatter_rows_kernel(const G* __restrict__ dout, const int64_t* __restrict__ ids, X* __restrict__ dx, int64_t rows,
                         int64_t K, int64_t L, int64_t D) {
   const int64_t r = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;  // dx row n*L + l
   if (r >= rows) return;
-  const int64_t k = inv[r];  // visible index of position l, -1 if removed
-  const G* src = k >= 0 ? dout + ((r / L) * K + k) * D : nullptr;
+  const int64_t n = r / L, l = r % L;
+  // the visible index of position l (ids_keep[n, k] == l), -1 if removed: the warp's lanes search
+  // the sample's K kept positions, then agree on the one found
+  long long k = -1;
+  for (int64_t i = threadIdx.x % kWarp; i < K; i += kWarp) {
+    const int64_t id = ids[n * K + i];
+    CUDA_KERNEL_ASSERT(0 <= id && id < L);
+    if (id == l) k = i;
+  }
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) k = max(k, __shfl_xor_sync(0xffffffffu, k, offset));
+  const G* src = k >= 0 ? dout + (n * K + k) * D : nullptr;
   X* dst = dx + r * D;
   for (int64_t d = (threadIdx.x % kWarp) * V; d < D; d += kWarp * V) {
     Vec<X, V> b;
@@ -390,13 +399,13 @@ struct Cuda {
   }
 
   template <typename G, typename X>
-  static void scatter_rows(const G* dout, const int64_t* inv, X* dx, int64_t N, int64_t K, int64_t L, int64_t D) {
+  static void scatter_rows(const G* dout, const int64_t* ids, X* dx, int64_t N, int64_t K, int64_t L, int64_t D) {
     constexpr int V = vec_width<G, X>();
     const int64_t rows = N * L;
     if (can_vectorize<V>(D, dout, dx))
-      scatter_rows_kernel<G, X, V><<<row_blocks(rows), kThreads, 0, stream()>>>(dout, inv, dx, rows, K, L, D);
+      scatter_rows_kernel<G, X, V><<<row_blocks(rows), kThreads, 0, stream()>>>(dout, ids, dx, rows, K, L, D);
     else
-      scatter_rows_kernel<G, X, 1><<<row_blocks(rows), kThreads, 0, stream()>>>(dout, inv, dx, rows, K, L, D);
+      scatter_rows_kernel<G, X, 1><<<row_blocks(rows), kThreads, 0, stream()>>>(dout, ids, dx, rows, K, L, D);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 

@@ -3,7 +3,8 @@ and the encoder's input assembled from the visible patches' embeddings.
 
 ``gather_visible``: ``out[n, k] = x[n, ids_keep[n, k]] (+ pos_embed[ids_keep[n, k]])``; its backward
 writes every row of ``dx`` once (the gradient row for kept positions, zeros for removed ones), so
-it needs neither a memset nor atomics.
+it needs neither a memset nor atomics, and, in one launch, no inverse map either: each row finds
+its visible index among its sample's K kept positions (a few cached loads per row).
 
 ``gather_patches``: ``out[n, k] = the pixels of patch ids_keep[n, k] of imgs[n]``, flattened in the
 patch-embedding weight's (c, i, j) order, so that embedding only the visible patches is one GEMM;
@@ -53,9 +54,9 @@ def _gather_rows_fwd(
 
 @triton.jit
 def _gather_rows_bwd(
-    dout_ptr, inv_ptr, dx_ptr,
+    dout_ptr, ids_ptr, dx_ptr,
     n_rows, K, L, D, tiles_per_program,
-    INT64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr,
+    INT64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     i_p = tl.program_id(0)
     if INT64:
@@ -65,9 +66,16 @@ def _gather_rows_bwd(
     for i_t in range(tiles_per_program):
         o_r = (i_p * tiles_per_program + i_t) * BLOCK_R + tl.arange(0, BLOCK_R)  # dx row n*L + l
         m_r = o_r < n_rows
-        b_k = tl.load(inv_ptr + o_r, mask=m_r, other=-1).to(o_r.dtype)  # [BR] visible index of l, -1 if removed
+        o_n = o_r // L
+        o_l = o_r % L
+        # [BR] the visible index k of position l (ids_keep[n, k] == l), -1 if l was removed
+        b_k = tl.full([BLOCK_R], -1, dtype=o_r.dtype)
+        for i_k in range(0, K, BLOCK_K):
+            o_k = i_k + tl.arange(0, BLOCK_K)
+            b_ids = tl.load(ids_ptr + o_n[:, None] * K + o_k[None, :], mask=m_r[:, None] & (o_k < K)[None, :], other=-1)
+            b_k = tl.maximum(b_k, tl.max(tl.where(b_ids == o_l[:, None], o_k[None, :], -1), axis=1).to(o_r.dtype))
         m_kept = m_r & (b_k >= 0)
-        o_src = (o_r // L) * K + b_k
+        o_src = o_n * K + b_k
         b_g = tl.load(dout_ptr + o_src[:, None] * D + o_d[None, :], mask=m_kept[:, None] & m_d[None, :], other=0.0)
         tl.store(dx_ptr + o_r[:, None] * D + o_d[None, :], b_g.to(dx_ptr.dtype.element_ty),
                  mask=m_r[:, None] & m_d[None, :])
@@ -156,15 +164,13 @@ def gather_visible_op(x: torch.Tensor, ids_keep: torch.Tensor, pos_embed: Option
 def gather_visible_backward_op(dout: torch.Tensor, ids_keep: torch.Tensor, L: int, dtype: torch.dtype) -> torch.Tensor:
     dout = dout.contiguous()
     n, k, d = dout.shape
-    # inverse map: visible index of each position, -1 for removed ones
-    inv = torch.full((n, L), -1, dtype=torch.int64, device=dout.device)
-    inv.scatter_(1, ids_keep, torch.arange(k, device=dout.device).expand(n, k))
     dx = torch.empty(n, L, d, dtype=dtype, device=dout.device)
     t = row_tiles(n * L, d, dout.device)
     with on_device(dout):
         _gather_rows_bwd[t.grid](
-            dout, inv, dx, n * L, k, L, d, t.tiles_per_program, INT64=needs_int64_offsets(dx),
-            BLOCK_R=t.BLOCK_R, BLOCK_W=t.BLOCK_W, num_warps=t.num_warps,
+            dout, ids_keep.contiguous(), dx, n * L, k, L, d, t.tiles_per_program, INT64=needs_int64_offsets(dx),
+            BLOCK_R=t.BLOCK_R, BLOCK_W=t.BLOCK_W, BLOCK_K=min(triton.next_power_of_2(max(k, 1)), 64),
+            num_warps=t.num_warps,
         )
     return dx
 

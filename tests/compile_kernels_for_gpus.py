@@ -40,7 +40,8 @@ CASES = [
       for x, out, has_pos, int64 in [("bf16", "fp32", True, False), ("fp32", "fp32", False, False),
                                      ("fp64", "fp64", True, False), ("bf16", "fp32", True, True)]],
     (gather_visible._gather_rows_bwd,
-     dict(dout_ptr="*fp32", inv_ptr="*i64", dx_ptr="*bf16", **ROWS), dict(INT64=False, BLOCK_R=4, BLOCK_W=1024), 8),
+     dict(dout_ptr="*fp32", ids_ptr="*i64", dx_ptr="*bf16", **ROWS),
+     dict(INT64=False, BLOCK_R=4, BLOCK_W=1024, BLOCK_K=64), 8),
     # fp32 patches, and the bf16 patches of a GEMM under autocast (the training step's)
     *[(gather_visible._gather_patches_fwd,
        dict(img_ptr="*fp32", ids_ptr="*i64", out_ptr=f"*{out}", n_rows="i32", K="i32", C="i32", H="i32", W="i32",
