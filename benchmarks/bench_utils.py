@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 import triton
+import triton.testing
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ON_GPU = DEVICE.type == "cuda"
@@ -85,10 +86,13 @@ def copy_bandwidth_gbps() -> float:
     return 2 * src.numel() * src.element_size() / sorted(times)[len(times) // 2] / 1e9
 
 
-def measure(benchmark, fn, *, rounds: int | None = None, calls_per_round: int = 1, **info) -> float:
+def measure(benchmark, fn, *, rounds: int | None = None, calls_per_round: int = 1, device_time: bool = False,
+            **info) -> float:
     """Time ``fn`` and record ``info``; returns the median seconds per call. A round is
     ``calls_per_round`` calls and one synchronization, so that calls of a few microseconds are not
-    timed as the synchronization's cost (pytest-benchmark's own table shows seconds per round)."""
+    timed as the synchronization's cost (pytest-benchmark's own table shows seconds per round): the
+    host's time, launches included. With ``device_time`` on a GPU the returned time is the device's
+    instead (:func:`device_seconds`), and both are recorded."""
     def run():
         for _ in range(calls_per_round):
             fn()
@@ -100,7 +104,25 @@ def measure(benchmark, fn, *, rounds: int | None = None, calls_per_round: int = 
         device=device_name(), torch=torch.__version__, triton=triton.__version__,
         cuda=torch.version.cuda if ON_GPU else None, median_ms=median * 1e3, calls_per_round=calls_per_round, **info,
     )
+    if device_time and ON_GPU:
+        seconds, how = device_seconds(fn)
+        benchmark.extra_info.update(device_median_ms=seconds * 1e3, device_timing=how)
+        return seconds
     return median
+
+
+def device_seconds(fn) -> tuple[float, str]:
+    """The GPU's median seconds per call of ``fn`` and how they were taken: back-to-back calls
+    captured in a CUDA graph and replayed between CUDA events, so the host's launches leave no gaps
+    (``triton.testing.do_bench_cudagraph``); where ``fn`` cannot be captured, CUDA events around each
+    call after an L2 flush (``triton.testing.do_bench``)."""
+    try:
+        ms = triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
+        return ms / 1e3, "CUDA graph of back-to-back calls replayed between CUDA events (do_bench_cudagraph), median"
+    except Exception as e:  # noqa: BLE001 - any capture failure: time without a graph instead
+        torch.cuda.synchronize()
+        ms = triton.testing.do_bench(fn, rep=100, return_mode="median")
+        return ms / 1e3, f"CUDA events per call after an L2 flush (do_bench; no graph: {type(e).__name__}: {e})"[:300]
 
 
 def training_step(model, optimizer, imgs, autocast_dtype=torch.bfloat16):

@@ -44,8 +44,8 @@ def inputs(preset, seed=0):
 
 
 def record(benchmark, fn, preset, provider, mode, nbytes, copy_bandwidth, **extra):
-    seconds = measure(benchmark, fn, calls_per_round=20 if ON_GPU else 1, preset=preset.name, provider=provider,
-                      mode=mode, batch=preset.batch, **extra)
+    seconds = measure(benchmark, fn, calls_per_round=20 if ON_GPU else 1, device_time=True, preset=preset.name,
+                      provider=provider, mode=mode, batch=preset.batch, **extra)
     gbps = nbytes / seconds / 1e9
     benchmark.extra_info.update(bytes=nbytes, gbps=gbps, copy_gbps=copy_bandwidth,
                                 fraction_of_copy_bandwidth=gbps / copy_bandwidth)
