@@ -98,7 +98,9 @@ def measure(benchmark, fn, *, rounds: int | None = None, calls_per_round: int = 
             fn()
         sync()
 
-    benchmark.pedantic(run, rounds=rounds or (50 if ON_GPU else 5), warmup_rounds=3 if ON_GPU else 1, iterations=1)
+    # with the device timed too, fewer host rounds: the run's time budget goes to both
+    default_rounds = (20 if device_time else 50) if ON_GPU else 5
+    benchmark.pedantic(run, rounds=rounds or default_rounds, warmup_rounds=3 if ON_GPU else 1, iterations=1)
     median = benchmark.stats.stats.median / calls_per_round
     benchmark.extra_info.update(
         device=device_name(), torch=torch.__version__, triton=triton.__version__,
@@ -117,11 +119,11 @@ def device_seconds(fn) -> tuple[float, str]:
     (``triton.testing.do_bench_cudagraph``); where ``fn`` cannot be captured, CUDA events around each
     call after an L2 flush (``triton.testing.do_bench``)."""
     try:
-        ms = triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
+        ms = triton.testing.do_bench_cudagraph(fn, rep=20, return_mode="median")
         return ms / 1e3, "CUDA graph of back-to-back calls replayed between CUDA events (do_bench_cudagraph), median"
     except Exception as e:  # noqa: BLE001 - any capture failure: time without a graph instead
         torch.cuda.synchronize()
-        ms = triton.testing.do_bench(fn, rep=100, return_mode="median")
+        ms = triton.testing.do_bench(fn, rep=20, return_mode="median")
         return ms / 1e3, f"CUDA events per call after an L2 flush (do_bench; no graph: {type(e).__name__}: {e})"[:300]
 
 
