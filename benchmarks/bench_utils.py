@@ -7,6 +7,7 @@ bandwidth) in ``extra_info``.
 """
 from __future__ import annotations
 
+import contextlib
 import platform
 import time
 from dataclasses import dataclass
@@ -113,14 +114,49 @@ def measure(benchmark, fn, *, rounds: int | None = None, calls_per_round: int = 
     return median
 
 
-def device_seconds(fn) -> tuple[float, str]:
-    """The GPU's median seconds per call of ``fn`` and how they were taken: back-to-back calls
-    captured in a CUDA graph and replayed between CUDA events, so the host's launches leave no gaps
-    (``triton.testing.do_bench_cudagraph``); where ``fn`` cannot be captured, CUDA events around each
-    call after an L2 flush (``triton.testing.do_bench``)."""
+# The stream device timing captures on. Autograd runs a backward op on its forward's stream, so a
+# benchmark that times a backward alone runs the forward it retains here too (see ``on_bench_stream``).
+BENCH_STREAM = torch.cuda.Stream() if ON_GPU else None
+
+
+def on_bench_stream():
+    """A context running work on :data:`BENCH_STREAM` (after what the current stream queued)."""
+    if not ON_GPU:
+        return contextlib.nullcontext()
+    BENCH_STREAM.wait_stream(torch.cuda.current_stream())
+    return torch.cuda.stream(BENCH_STREAM)
+
+
+def device_seconds(fn, replay_ms: float = 20.0, replays: int = 10) -> tuple[float, str]:
+    """The GPU's median seconds per call of ``fn`` and how they were taken: about ``replay_ms`` of
+    back-to-back calls captured in one CUDA graph, replayed ``replays`` times between CUDA events, so
+    the host's launches leave no gaps; where ``fn`` cannot be captured, CUDA events around each call
+    after an L2 flush (``triton.testing.do_bench``). The replays do not flush L2: an op whose
+    tensors fit in it (tens of MB) reads them from there."""
     try:
-        ms = triton.testing.do_bench_cudagraph(fn, rep=20, return_mode="median")
-        return ms / 1e3, "CUDA graph of back-to-back calls replayed between CUDA events (do_bench_cudagraph), median"
+        with on_bench_stream():
+            for _ in range(2):  # warm-up: lazy initialization and allocations outside the capture
+                fn()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(5):
+                fn()
+            end.record()
+        torch.cuda.synchronize()
+        calls = max(1, int(replay_ms / max(start.elapsed_time(end) / 5, 1e-3)))
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=BENCH_STREAM):
+            for _ in range(calls):
+                fn()
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(replays)]
+        for start, end in events:
+            start.record()
+            graph.replay()
+            end.record()
+        torch.cuda.synchronize()
+        times = sorted(start.elapsed_time(end) / calls for start, end in events)
+        del graph
+        return times[len(times) // 2] / 1e3, f"CUDA graph of {calls} back-to-back calls, median of {replays} replays"
     except Exception as e:  # noqa: BLE001 - any capture failure: time without a graph instead
         torch.cuda.synchronize()
         ms = triton.testing.do_bench(fn, rep=20, return_mode="median")

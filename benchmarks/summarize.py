@@ -117,7 +117,7 @@ def table(infos: list[dict]) -> str:
     groups: dict[tuple, dict[str, dict]] = defaultdict(dict)
     for i in infos:
         if i["op"] not in ("training_step_e2e", "host_cost"):
-            groups[(i["op"], i["mode"], i.get("preset", "tiny"))][i["provider"]] = i
+            groups[(i["op"], i["mode"], i["preset"])][i["provider"]] = i
     out = [f"Device: {'; '.join(devices)}", "", *e2e_tables(infos), *loader_table(infos), *speedup_table(infos),
            "### Every result", "",
            "Median ms: the device's time where it was taken (CUDA graph replay or events: the kernels' "

@@ -117,11 +117,13 @@ def test_64_bit_offsets_compute_the_same(triton_device, monkeypatch):
     latent, token, dpos = torch.randn(n, 1 + k, d), torch.randn(d), torch.randn(1 + L, d)
     pred = torch.randn(n, L, p * p * 3)
 
+    visible = torch.randn(n, k, d)
+
     def run():
-        leaves = [t.detach().clone().requires_grad_() for t in (x, latent, token, pred)]
+        leaves = [t.detach().clone().requires_grad_() for t in (x, latent, token, pred, visible)]
         outs = [ops.gather_visible(leaves[0], ids_keep, pos, backend="triton"),
                 ops.embed_visible_patches(imgs, ids_keep, torch.ones(d, 3, p, p), None, backend="triton"),
-                ops.encoder_input(latent[:, 1:], ids_keep, token, dpos, backend="triton"),
+                ops.encoder_input(leaves[4], ids_keep, token, dpos, backend="triton"),
                 ops.unshuffle_with_mask_token(leaves[1], ids_restore, leaves[2], dpos, backend="triton"),
                 ops.masked_pixel_loss(leaves[3], imgs, mask, p, True, backend="triton")]
         sum(o.sum() for o in outs).backward()

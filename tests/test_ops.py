@@ -177,16 +177,22 @@ def test_reference_encoder_input_is_the_originals():
     assert got.dtype == original.dtype == torch.float32 and torch.equal(got, original)
 
 
-@pytest.mark.parametrize("x_dtype,param_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
-                                                 (torch.bfloat16, torch.bfloat16)])
+# MAE's (fp32, bf16 embeddings with fp32 parameters, all bf16), and mixes where the original rounds
+# one sum in a narrower dtype than the output's
+ENCODER_INPUT_DTYPES = [(torch.float32,) * 3, (torch.bfloat16, torch.float32, torch.float32), (torch.bfloat16,) * 3,
+                        (torch.float32, torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32, torch.bfloat16),
+                        (torch.float64, torch.float32, torch.float32), (torch.float16, torch.float16, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("x_dtype,cls_dtype,pos_dtype", ENCODER_INPUT_DTYPES)
 @pytest.mark.parametrize("n,L1,d", cases("encoder_input", "N", "L1", "D"))
-def test_encoder_input(backend, x_dtype, param_dtype, n, L1, d):
+def test_encoder_input(backend, x_dtype, cls_dtype, pos_dtype, n, L1, d):
     L = L1 - 1
     for len_keep in keep_counts(L):
         _, ids_keep, _, _ = masking_inputs(n, L, len_keep)
         x = torch.randn(n, len_keep, d, dtype=x_dtype, requires_grad=True)
-        cls = torch.randn(1, 1, d, dtype=param_dtype, requires_grad=True)
-        pos = torch.randn(L1, d, dtype=param_dtype, requires_grad=True)
+        cls = torch.randn(1, 1, d, dtype=cls_dtype, requires_grad=True)
+        pos = torch.randn(L1, d, dtype=pos_dtype, requires_grad=True)
         got = ops.encoder_input(x, ids_keep, cls, pos, backend=backend)
         want = reference.encoder_input(x, ids_keep, cls, pos)
         assert got.dtype == want.dtype and got.shape == (n, 1 + len_keep, d)

@@ -15,6 +15,7 @@ from typing import Union
 import torch
 import torch.nn.functional as F
 
+from fastmae.ops import reference
 from fastmae.ops.spec import FUSED_SPECS
 
 
@@ -167,6 +168,12 @@ class FusedBackend:
         return x if pos_embed is None else x + pos_embed[ids_keep]
 
     def encoder_input(self, x, ids_keep, cls_token, pos_embed):
+        rows, first = torch.promote_types(x.dtype, pos_embed.dtype), torch.promote_types(cls_token.dtype, pos_embed.dtype)
+        if rows != first:
+            # The original rounds each sum in its own pair's dtype before the concatenation widens
+            # the narrower one; the kernel adds once in the output's. MAE's dtypes (bf16 or fp32
+            # embeddings, fp32 parameters; or all one dtype) never get here.
+            return reference.encoder_input(x, ids_keep, cls_token, pos_embed)
         return self.ops.encoder_input(x, ids_keep, cls_token, pos_embed)
 
     def unshuffle_with_mask_token(self, x, ids_restore, mask_token, pos_embed=None):
