@@ -59,6 +59,21 @@ cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream(); }
 
 unsigned row_blocks(int64_t rows) { return static_cast<unsigned>(ceil_div(rows, kWarpsPerBlock)); }
 
+template <typename T>
+struct NotDeduced {
+  using type = T;
+};
+
+// A row kernel (one warp per row, kWarpsPerBlock rows per block): its V-wide instantiation `wide`
+// where the row width and the pointers allow vectors, else the element-wise `narrow`.
+template <typename... Args>
+void launch_rows(int64_t rows, bool vectorize, void (*wide)(Args...), void (*narrow)(Args...),
+                 typename NotDeduced<Args>::type... args) {
+  const auto kernel = vectorize ? wide : narrow;
+  kernel<<<row_blocks(rows), kThreads, 0, stream()>>>(args...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 // -- masking: one block per sample; each position's rank is the number of positions sorting before
 // it (O(L^2) comparisons from shared memory, L is a few hundred), which is argsort(stable=True).
 
@@ -391,22 +406,16 @@ struct Cuda {
                           int64_t D) {
     constexpr int V = vec_width<X, O>();
     const int64_t rows = N * K;
-    if (can_vectorize<V>(D, x, pos, out))
-      gather_rows_kernel<X, O, V><<<row_blocks(rows), kThreads, 0, stream()>>>(x, pos, ids, out, rows, K, L, D);
-    else
-      gather_rows_kernel<X, O, 1><<<row_blocks(rows), kThreads, 0, stream()>>>(x, pos, ids, out, rows, K, L, D);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_rows(rows, can_vectorize<V>(D, x, pos, out), gather_rows_kernel<X, O, V>, gather_rows_kernel<X, O, 1>, x, pos,
+                ids, out, rows, K, L, D);
   }
 
   template <typename G, typename X>
   static void scatter_rows(const G* dout, const int64_t* ids, X* dx, int64_t N, int64_t K, int64_t L, int64_t D) {
     constexpr int V = vec_width<G, X>();
     const int64_t rows = N * L;
-    if (can_vectorize<V>(D, dout, dx))
-      scatter_rows_kernel<G, X, V><<<row_blocks(rows), kThreads, 0, stream()>>>(dout, ids, dx, rows, K, L, D);
-    else
-      scatter_rows_kernel<G, X, 1><<<row_blocks(rows), kThreads, 0, stream()>>>(dout, ids, dx, rows, K, L, D);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_rows(rows, can_vectorize<V>(D, dout, dx), scatter_rows_kernel<G, X, V>, scatter_rows_kernel<G, X, 1>, dout,
+                ids, dx, rows, K, L, D);
   }
 
   template <typename I, typename O>
@@ -415,11 +424,8 @@ struct Cuda {
     constexpr int V = vec_width<I, O>();
     const int64_t rows = N * K;
     const int ip = static_cast<int>(p);
-    if (p % V == 0 && can_vectorize<V>(W, imgs, out))
-      gather_patches_kernel<I, O, V><<<row_blocks(rows), kThreads, 0, stream()>>>(imgs, ids, out, rows, K, C, H, W, ip);
-    else
-      gather_patches_kernel<I, O, 1><<<row_blocks(rows), kThreads, 0, stream()>>>(imgs, ids, out, rows, K, C, H, W, ip);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_rows(rows, p % V == 0 && can_vectorize<V>(W, imgs, out), gather_patches_kernel<I, O, V>,
+                gather_patches_kernel<I, O, 1>, imgs, ids, out, rows, K, C, H, W, ip);
   }
 
   template <typename X, typename O>
@@ -427,11 +433,8 @@ struct Cuda {
                             int64_t L, int64_t D) {
     constexpr int V = vec_width<X, O>();
     const int64_t rows = N * (K + 1);
-    if (can_vectorize<V>(D, x, cls, pos, out))
-      encoder_input_kernel<X, O, V><<<row_blocks(rows), kThreads, 0, stream()>>>(x, ids, cls, pos, out, rows, K, L, D);
-    else
-      encoder_input_kernel<X, O, 1><<<row_blocks(rows), kThreads, 0, stream()>>>(x, ids, cls, pos, out, rows, K, L, D);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_rows(rows, can_vectorize<V>(D, x, cls, pos, out), encoder_input_kernel<X, O, V>, encoder_input_kernel<X, O, 1>,
+                x, ids, cls, pos, out, rows, K, L, D);
   }
 
   template <typename X, typename O>
@@ -439,11 +442,8 @@ struct Cuda {
                         int64_t L, int64_t D) {
     constexpr int V = vec_width<X, O>();
     const int64_t rows = N * (L + 1);
-    if (can_vectorize<V>(D, x, token, pos, out))
-      unshuffle_kernel<X, O, V><<<row_blocks(rows), kThreads, 0, stream()>>>(x, ids, token, pos, out, rows, K, L, D);
-    else
-      unshuffle_kernel<X, O, 1><<<row_blocks(rows), kThreads, 0, stream()>>>(x, ids, token, pos, out, rows, K, L, D);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_rows(rows, can_vectorize<V>(D, x, token, pos, out), unshuffle_kernel<X, O, V>, unshuffle_kernel<X, O, 1>, x,
+                ids, token, pos, out, rows, K, L, D);
   }
 
   template <typename G, typename X>
