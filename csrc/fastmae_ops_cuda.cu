@@ -180,19 +180,12 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <typename X, typename O, int V>
-__global__ void __launch_bounds__(kThreads)
-    encoder_input_kernel(const X* __restrict__ x, const int64_t* __restrict__ ids, const O* __restrict__ cls,
-                         const O* __restrict__ pos, O* __restrict__ out, int64_t rows, int64_t K, int64_t L, int64_t D) {
+// dst = (row, or fill where row is null) + add (where given), in O's accumulator type and rounded
+// once: the warp's lanes take V columns each.
+template <int V, typename X, typename O>
+__device__ inline void copy_row_adding(O* __restrict__ dst, const X* __restrict__ row, const O* __restrict__ fill,
+                                       const O* __restrict__ add, int64_t D) {
   using A = acc_t<O>;
-  const int64_t r = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;  // output row n*(K+1) + j
-  if (r >= rows) return;
-  const int64_t n = r / (K + 1), j = r % (K + 1);  // j = 0: cls, 1 + k: visible patch k
-  const int64_t l = j == 0 ? -1 : ids[r - n - 1];  // position; -1: the cls token's row of pos
-  CUDA_KERNEL_ASSERT(j == 0 || (0 <= l && l < L));
-  const X* row = j == 0 ? nullptr : x + (r - n - 1) * D;  // x[n, j - 1]
-  const O* p = pos + (l + 1) * D;
-  O* dst = out + r * D;
   for (int64_t d = (threadIdx.x % kWarp) * V; d < D; d += kWarp * V) {
     A a[V];
     if (row) {
@@ -200,44 +193,12 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int k = 0; k < V; ++k) a[k] = A(v.v[k]);
     } else {
-      const Vec<O, V> v = load<V>(cls + d);
+      const Vec<O, V> v = load<V>(fill + d);
 #pragma unroll
       for (int k = 0; k < V; ++k) a[k] = A(v.v[k]);
     }
-    const Vec<O, V> q = load<V>(p + d);
-    Vec<O, V> b;
-#pragma unroll
-    for (int k = 0; k < V; ++k) b.v[k] = static_cast<O>(a[k] + A(q.v[k]));
-    store<V>(dst + d, b);
-  }
-}
-
-template <typename X, typename O, int V>
-__global__ void __launch_bounds__(kThreads)
-    unshuffle_kernel(const X* __restrict__ x, const int64_t* __restrict__ ids, const O* __restrict__ token,
-                     const O* __restrict__ pos, O* __restrict__ out, int64_t rows, int64_t K, int64_t L, int64_t D) {
-  using A = acc_t<O>;
-  const int64_t r = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;  // output row n*(L+1) + j
-  if (r >= rows) return;
-  const int64_t n = r / (L + 1), j = r % (L + 1);  // j = 0: cls, 1 + l: position l
-  const int64_t src = j == 0 ? 0 : 1 + ids[n * L + j - 1];  // row of x; > K: removed
-  CUDA_KERNEL_ASSERT(j == 0 || (1 <= src && src <= L));
-  const X* row = src <= K ? x + (n * (K + 1) + src) * D : nullptr;
-  const O* p = pos ? pos + j * D : nullptr;
-  O* dst = out + r * D;
-  for (int64_t d = (threadIdx.x % kWarp) * V; d < D; d += kWarp * V) {
-    A a[V];
-    if (row) {
-      const Vec<X, V> v = load<V>(row + d);
-#pragma unroll
-      for (int k = 0; k < V; ++k) a[k] = A(v.v[k]);
-    } else {
-      const Vec<O, V> v = load<V>(token + d);
-#pragma unroll
-      for (int k = 0; k < V; ++k) a[k] = A(v.v[k]);
-    }
-    if (p) {
-      const Vec<O, V> q = load<V>(p + d);
+    if (add) {
+      const Vec<O, V> q = load<V>(add + d);
 #pragma unroll
       for (int k = 0; k < V; ++k) a[k] += A(q.v[k]);
     }
@@ -246,6 +207,33 @@ __global__ void __launch_bounds__(kThreads)
     for (int k = 0; k < V; ++k) b.v[k] = static_cast<O>(a[k]);
     store<V>(dst + d, b);
   }
+}
+
+template <typename X, typename O, int V>
+__global__ void __launch_bounds__(kThreads)
+    encoder_input_kernel(const X* __restrict__ x, const int64_t* __restrict__ ids, const O* __restrict__ cls,
+                         const O* __restrict__ pos, O* __restrict__ out, int64_t rows, int64_t K, int64_t L, int64_t D) {
+  const int64_t r = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;  // output row n*(K+1) + j
+  if (r >= rows) return;
+  const int64_t n = r / (K + 1), j = r % (K + 1);  // j = 0: cls, 1 + k: visible patch k
+  const int64_t l = j == 0 ? -1 : ids[r - n - 1];  // position; -1: the cls token's row of pos
+  CUDA_KERNEL_ASSERT(j == 0 || (0 <= l && l < L));
+  const X* row = j == 0 ? nullptr : x + (r - n - 1) * D;  // x[n, j - 1]
+  const O* p = pos + (l + 1) * D;
+  copy_row_adding<V>(out + r * D, row, cls, p, D);
+}
+
+template <typename X, typename O, int V>
+__global__ void __launch_bounds__(kThreads)
+    unshuffle_kernel(const X* __restrict__ x, const int64_t* __restrict__ ids, const O* __restrict__ token,
+                     const O* __restrict__ pos, O* __restrict__ out, int64_t rows, int64_t K, int64_t L, int64_t D) {
+  const int64_t r = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;  // output row n*(L+1) + j
+  if (r >= rows) return;
+  const int64_t n = r / (L + 1), j = r % (L + 1);  // j = 0: cls, 1 + l: position l
+  const int64_t src = j == 0 ? 0 : 1 + ids[n * L + j - 1];  // row of x; > K: removed
+  CUDA_KERNEL_ASSERT(j == 0 || (1 <= src && src <= L));
+  const X* row = src <= K ? x + (n * (K + 1) + src) * D : nullptr;
+  copy_row_adding<V>(out + r * D, row, token, pos ? pos + j * D : nullptr, D);
 }
 
 // -- unshuffle backward: block b owns rows [b*R, (b+1)*R) of dout, each thread V columns of them;
