@@ -143,7 +143,8 @@ def device_seconds(fn, replay_ms: float = 20.0, replays: int = 10) -> tuple[floa
                 fn()
             end.record()
         torch.cuda.synchronize()
-        calls = max(1, int(replay_ms / max(start.elapsed_time(end) / 5, 1e-3)))
+        # enough calls for replay_ms (at most 1000: a capture of microsecond calls stays quick)
+        calls = min(1000, max(1, int(replay_ms / max(start.elapsed_time(end) / 5, 1e-3))))
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, stream=BENCH_STREAM):
             for _ in range(calls):
