@@ -67,8 +67,7 @@ def ptx_widths(tmp_path_factory):
 
 # kernels that stream contiguous rows (D wide, or an image row of a patch): 16-byte loads and stores
 CONTIGUOUS = {"_gather_rows_fwd", "_gather_rows_bwd", "_gather_patches_fwd", "_encoder_input_fwd", "_unshuffle_fwd",
-              "_unshuffle_bwd",
-              "_add_layer_norm_fwd", "_add_layer_norm_bwd", "_bias_gelu_fwd", "_bias_gelu_bwd"}
+              "_unshuffle_bwd", "_add_layer_norm_fwd", "_add_layer_norm_bwd", "_bias_gelu_fwd", "_bias_gelu_bwd"}
 
 
 def test_kernels_compile_for_a100_and_h100_with_16_byte_accesses(ptx_widths):
@@ -115,9 +114,7 @@ def test_64_bit_offsets_compute_the_same(triton_device, monkeypatch):
     ids_keep, ids_restore, mask = masking(n, L, k)
     x, pos, imgs = torch.randn(n, L, d), torch.randn(L, d), torch.randn(n, 3, 16, 16)
     latent, token, dpos = torch.randn(n, 1 + k, d), torch.randn(d), torch.randn(1 + L, d)
-    pred = torch.randn(n, L, p * p * 3)
-
-    visible = torch.randn(n, k, d)
+    pred, visible = torch.randn(n, L, p * p * 3), torch.randn(n, k, d)
 
     def run():
         leaves = [t.detach().clone().requires_grad_() for t in (x, latent, token, pred, visible)]

@@ -1,8 +1,8 @@
 """What the fused kernel backends (``triton``: ``kernels/``; ``native``: ``csrc/``) share around their
 ``torch.library`` ops: their fake kernels (for ``torch.compile``: the ops' specs,
 :data:`fastmae.ops.spec.FUSED_SPECS`), the autograd formulas that call each backend's backward
-kernels, and the Python side of the op interface (the visible-patch embedding, the loss's gradient
-switch).
+kernels, and the Python side of the op interface (the visible-patch embedding, the encoder input's
+dtype mixes that the kernels leave to the reference, the loss's gradient switch).
 
 A backend describes its ops with :class:`FusedOps`, calls :func:`register` once, and answers the
 op interface through :class:`FusedBackend`.

@@ -29,6 +29,9 @@ from fastmae.ops.native.build import (
 )
 
 NAMESPACE = "fastmae_native"
+# the library's ops (torch.ops.fastmae_native.*), as csrc/fastmae_ops.cpp defines them
+OP_NAMES = ("random_masking", "gather_visible", "gather_visible_backward", "gather_patches", "encoder_input",
+            "unshuffle_with_mask_token", "unshuffle_with_mask_token_backward", "masked_pixel_loss")
 
 
 def unavailable_reasons(device_type: str) -> list[str]:

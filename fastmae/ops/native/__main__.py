@@ -16,9 +16,6 @@ import torch
 from fastmae.ops import native
 from fastmae.ops.native.build import build_root, cuda_archs, cuda_library_name
 
-OPS = ("random_masking", "gather_visible", "gather_visible_backward", "gather_patches", "encoder_input",
-       "unshuffle_with_mask_token", "unshuffle_with_mask_token_backward", "masked_pixel_loss")
-
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastmae.ops.native", description=__doc__.split("\n\n")[0])
@@ -40,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr if error else sys.stdout)
         if error and args.cuda:
             return 1
-    for op in OPS:
+    for op in native.OP_NAMES:
         name = f"{native.NAMESPACE}::{op}"
         keys = [k for k in ("CPU", "CUDA") if torch._C._dispatch_has_kernel_for_dispatch_key(name, k)]
         print(f"{name}: {', '.join(keys)}")
