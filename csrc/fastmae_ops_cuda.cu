@@ -57,21 +57,26 @@ __device__ inline A warp_sum(A v) {
 
 cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream(); }
 
-unsigned row_blocks(int64_t rows) { return static_cast<unsigned>(ceil_div(rows, kWarpsPerBlock)); }
-
 template <typename T>
 struct NotDeduced {
   using type = T;
 };
 
-// A row kernel (one warp per row, kWarpsPerBlock rows per block): its V-wide instantiation `wide`
-// where the row width and the pointers allow vectors, else the element-wise `narrow`.
+// A kernel's V-wide instantiation `wide` where the row width and the pointers allow vectors, else
+// the element-wise `narrow`.
+template <typename... Args>
+void launch_either(int64_t blocks, size_t shared_bytes, bool vectorize, void (*wide)(Args...),
+                   void (*narrow)(Args...), typename NotDeduced<Args>::type... args) {
+  const auto kernel = vectorize ? wide : narrow;
+  kernel<<<static_cast<unsigned>(blocks), kThreads, shared_bytes, stream()>>>(args...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// A row kernel: one warp per row, kWarpsPerBlock rows per block.
 template <typename... Args>
 void launch_rows(int64_t rows, bool vectorize, void (*wide)(Args...), void (*narrow)(Args...),
                  typename NotDeduced<Args>::type... args) {
-  const auto kernel = vectorize ? wide : narrow;
-  kernel<<<row_blocks(rows), kThreads, 0, stream()>>>(args...);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_either(ceil_div(rows, kWarpsPerBlock), 0, vectorize, wide, narrow, args...);
 }
 
 // -- masking: one block per sample; each position's rank is the number of positions sorting before
@@ -286,27 +291,24 @@ __global__ void sum_partial_rows_kernel(const A* __restrict__ partial, int64_t b
   }
 }
 
-// -- the loss: one warp per patch; three passes over the patch's pixels (mean, variance, error)
-// read the image in its own (c, i, j) order, the later two from cache. Where element e of a patch
-// lies in the image and in pred's row is the same for every patch: a table per block.
+// -- the loss: one warp per patch, walking pred's row in its own (i, j, c) order (patchify's nhwpqc)
+// so that pred and the gradient, the 2-byte streams, move as V-wide vectors; each element's pixel is
+// gathered from the patch's C * p image rows through a table (the same for every patch, one per
+// block). Three passes (mean, variance, error) read the image, the later two from cache.
 
-template <typename P, typename I>
+template <typename P, typename I, int V>
 __global__ void __launch_bounds__(kThreads)
     masked_pixel_loss_kernel(const P* __restrict__ pred, const I* __restrict__ imgs,
-                             const loss_acc_t<P, I>* __restrict__ mask, const loss_acc_t<P, I>* __restrict__ msum,
-                             P* __restrict__ dpred, loss_acc_t<P, I>* __restrict__ partial, int64_t rows,
-                             int64_t rows_per_block, int64_t L, int64_t C, int64_t H, int64_t W, int p, bool norm_pix,
-                             loss_acc_t<P, I> tiny) {
+                             const loss_acc_t<P, I>* __restrict__ mask, P* __restrict__ dpred,
+                             loss_acc_t<P, I>* __restrict__ partial, int64_t rows, int64_t rows_per_block, int64_t L,
+                             int64_t C, int64_t H, int64_t W, int p, bool norm_pix) {
   using A = loss_acc_t<P, I>;
   __shared__ A warp_loss[kWarpsPerBlock];
-  extern __shared__ int table[];
-  const int pp = p * p, E = static_cast<int>(C) * pp;
-  int* img_offset = table;  // [E]: element e = (c, i, j) -> its offset from the patch's corner in the image
-  int* pred_index = table + E;  // [E]: -> its index in pred's (i, j, c) row (patchify's nhwpqc)
-  for (int e = threadIdx.x; e < E; e += blockDim.x) {
-    const int c = e / pp, i = (e % pp) / p, j = e % p;
-    img_offset[e] = (c * static_cast<int>(H) + i) * static_cast<int>(W) + j;
-    pred_index[e] = (i * p + j) * static_cast<int>(C) + c;
+  extern __shared__ int img_offset[];  // [E]: element q = (i, j, c) of pred's row -> its offset from the patch's corner
+  const int E = static_cast<int>(C) * p * p;
+  for (int q = threadIdx.x; q < E; q += blockDim.x) {
+    const int c = q % static_cast<int>(C), i = q / static_cast<int>(C) / p, j = q / static_cast<int>(C) % p;
+    img_offset[q] = (c * static_cast<int>(H) + i) * static_cast<int>(W) + j;
   }
   __syncthreads();
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
@@ -318,32 +320,39 @@ __global__ void __launch_bounds__(kThreads)
     const A m = mask[r];
     P* g = dpred ? dpred + r * E : nullptr;
     if (m == 0) {  // a kept patch: not read, no gradient
-      if (g)
-        for (int e = lane; e < E; e += kWarp) g[e] = P(0);
+      if (g) {
+        Vec<P, V> zero;
+        for (int k = 0; k < V; ++k) zero.v[k] = P(0);
+        for (int q = lane * V; q < E; q += kWarp * V) store<V>(g + q, zero);
+      }
       continue;
     }
     const int64_t l = r % L;
     const I* corner = imgs + ((r / L) * C * H + (l / GW) * p) * W + (l % GW) * p;
-    auto pixel = [&](int e) { return A(corner[img_offset[e]]); };
+    auto pixel = [&](int q) { return A(corner[img_offset[q]]); };
     A mean = 0, stdev = 1;
     if (norm_pix) {
       A s = 0;
-      for (int e = lane; e < E; e += kWarp) s += pixel(e);
+      for (int q = lane; q < E; q += kWarp) s += pixel(q);
       mean = warp_sum(s) / A(E);
       A v = 0;
-      for (int e = lane; e < E; e += kWarp) {
-        const A t = pixel(e) - mean;
+      for (int q = lane; q < E; q += kWarp) {
+        const A t = pixel(q) - mean;
         v += t * t;
       }
       stdev = ::sqrt(warp_sum(v) / A(E - 1) + A(kNormPixEps));  // unbiased variance, as the original
     }
     A sq = 0;
-    for (int e = lane; e < E; e += kWarp) {
-      const A t = norm_pix ? (pixel(e) - mean) / stdev : pixel(e);
-      const int q = pred_index[e];
-      const A diff = A(pred[r * E + q]) - t;
-      sq += diff * diff;
-      if (g) g[q] = static_cast<P>(m * diff);
+    for (int q = lane * V; q < E; q += kWarp * V) {
+      const Vec<P, V> x = load<V>(pred + r * E + q);
+      Vec<P, V> d;
+      for (int k = 0; k < V; ++k) {
+        const A t = norm_pix ? (pixel(q + k) - mean) / stdev : pixel(q + k);
+        const A diff = A(x.v[k]) - t;
+        sq += diff * diff;
+        d.v[k] = static_cast<P>(m * diff);
+      }
+      if (g) store<V>(g + q, d);
     }
     loss += m * (warp_sum(sq) / A(E));
   }
@@ -471,14 +480,14 @@ struct Cuda {
     const int64_t blocks = ceil_div(rows, rows_per_block);
     at::Tensor partial = at::empty({std::max<int64_t>(blocks, 1)}, options.dtype(c10::CppTypeToScalarType<A>::value));
     const int64_t E = C * p * p;
-    TORCH_CHECK(C * H * W <= std::numeric_limits<int>::max() && 2 * E * sizeof(int) <= 48 * 1024,
+    TORCH_CHECK(C * H * W <= std::numeric_limits<int>::max() && E <= 6144,
                 "masked_pixel_loss: the native CUDA kernel takes images of fewer than 2^31 pixels and patches of "
                 "at most 6144 values (C*p*p); use another backend");
     if (blocks > 0) {
-      masked_pixel_loss_kernel<P, I><<<static_cast<unsigned>(blocks), kThreads, 2 * E * sizeof(int), stream()>>>(
-          pred, imgs, mask, msum, dpred, partial.data_ptr<A>(), rows, rows_per_block, L, C, H, W, static_cast<int>(p),
-          norm_pix, tiny);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      constexpr int V = vec_width<P, P>();
+      launch_either(blocks, E * sizeof(int), can_vectorize<V>(E, pred, dpred), masked_pixel_loss_kernel<P, I, V>,
+                    masked_pixel_loss_kernel<P, I, 1>, pred, imgs, mask, dpred, partial.data_ptr<A>(),
+                    rows, rows_per_block, L, C, H, W, static_cast<int>(p), norm_pix);
     }
     finish_loss_kernel<A><<<1, kThreads, 0, stream()>>>(partial.data_ptr<A>(), blocks, msum, tiny, loss);
     C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -26,21 +26,21 @@ def _masked_pixel_loss_fwd(
     pred_ptr, img_ptr, mask_ptr, partial_ptr, dpred_ptr,
     n_rows, L, H, W, GW, tiles_per_program, n_programs,
     C: tl.constexpr, PATCH: tl.constexpr, EPS: tl.constexpr, NORM_PIX: tl.constexpr, WITH_GRAD: tl.constexpr,
-    FP64: tl.constexpr, INT64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_IJ: tl.constexpr, BLOCK_C: tl.constexpr,
+    FP64: tl.constexpr, INT64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     acc_dtype = tl.float64 if FP64 else tl.float32
     i_p = tl.program_id(0)
     if INT64:
         i_p = i_p.to(tl.int64)
     P: tl.constexpr = PATCH * PATCH * C
-    # A tile is [rows, pixel (i, j) of the patch, channel]: pred's row is laid out (i, j, c)
-    # (patchify's nhwpqc) while the image holds each channel's rows of pixels contiguously, so each
-    # load gets its own coalesced layout and the compiler transposes between them on chip.
-    o_ij = tl.arange(0, BLOCK_IJ)[None, :, None]
-    o_c = tl.arange(0, BLOCK_C)[None, None, :]
-    m_e = (o_ij < PATCH * PATCH) & (o_c < C)
-    o_pred = o_ij * C + o_c  # [1, BIJ, BC] offset within a pred row
-    o_img = (o_c * H + o_ij // PATCH) * W + o_ij % PATCH  # [1, BIJ, BC] offset from the patch's corner
+    # A tile is [rows, element e of pred's row], in pred's own (i, j, c) order (patchify's nhwpqc):
+    # pred and the gradient, the 2-byte streams, move as contiguous 16-byte vectors; each element's
+    # pixel is gathered from the patch's C * PATCH rows of the image, which the row's neighbouring
+    # lanes read too (the image is read from memory once, the gather is served by the cache).
+    o_e = tl.arange(0, BLOCK_E)[None, :]
+    m_e = o_e < P
+    o_pix = o_e // C
+    o_img = ((o_e % C) * H + o_pix // PATCH) * W + o_pix % PATCH  # [1, BE] offset from the patch's corner
     b_loss = tl.zeros([BLOCK_R], dtype=acc_dtype)
     b_msum = tl.zeros([BLOCK_R], dtype=acc_dtype)
     for i_t in range(tiles_per_program):
@@ -48,25 +48,25 @@ def _masked_pixel_loss_fwd(
         m_r = o_r < n_rows
         b_m = tl.load(mask_ptr + o_r, mask=m_r, other=0.0).to(acc_dtype)  # [BR]
         b_msum += b_m
-        m = (m_r & (b_m != 0))[:, None, None] & m_e  # kept patches are not read
+        m = (m_r & (b_m != 0))[:, None] & m_e  # kept patches are not read
         o_n = o_r // L
         o_l = o_r % L
         o_corner = (o_n * C * H + (o_l // GW) * PATCH) * W + (o_l % GW) * PATCH  # [BR] image offset
-        b_t = tl.load(img_ptr + o_corner[:, None, None] + o_img, mask=m, other=0.0).to(acc_dtype)
-        b_pred = tl.load(pred_ptr + o_r[:, None, None] * P + o_pred, mask=m, other=0.0).to(acc_dtype)
+        b_t = tl.load(img_ptr + o_corner[:, None] + o_img, mask=m, other=0.0).to(acc_dtype)
+        b_pred = tl.load(pred_ptr + o_r[:, None] * P + o_e, mask=m, other=0.0).to(acc_dtype)
         if NORM_PIX:
-            b_mean = tl.sum(tl.sum(b_t, axis=2), axis=1) / P
-            b_c = tl.where(m, b_t - b_mean[:, None, None], 0.0)
-            b_var = tl.sum(tl.sum(b_c * b_c, axis=2), axis=1) / (P - 1)  # unbiased, as torch.var
+            b_mean = tl.sum(b_t, axis=1) / P
+            b_c = tl.where(m, b_t - b_mean[:, None], 0.0)
+            b_var = tl.sum(b_c * b_c, axis=1) / (P - 1)  # unbiased, as torch.var
             # sqrt_rn: correctly rounded (plain sqrt is approximate in fp32 on GPUs); fp32 only
             b_std = tl.sqrt(b_var + EPS) if FP64 else tl.sqrt_rn(b_var + EPS)
-            b_t = b_c / b_std[:, None, None]
+            b_t = b_c / b_std[:, None]
         b_diff = tl.where(m, b_pred - b_t, 0.0)
-        b_loss += b_m * (tl.sum(tl.sum(b_diff * b_diff, axis=2), axis=1) / P)
+        b_loss += b_m * (tl.sum(b_diff * b_diff, axis=1) / P)
         if WITH_GRAD:
-            b_dpred = b_diff * b_m[:, None, None]
-            tl.store(dpred_ptr + o_r[:, None, None] * P + o_pred, b_dpred.to(dpred_ptr.dtype.element_ty),
-                     mask=m_r[:, None, None] & m_e)
+            b_dpred = b_diff * b_m[:, None]
+            tl.store(dpred_ptr + o_r[:, None] * P + o_e, b_dpred.to(dpred_ptr.dtype.element_ty),
+                     mask=m_r[:, None] & m_e)
     tl.store(partial_ptr + i_p, tl.sum(b_loss, axis=0))
     tl.store(partial_ptr + n_programs + i_p, tl.sum(b_msum, axis=0))
 
@@ -82,9 +82,8 @@ def masked_pixel_loss_op(
     L = pred.shape[1]
     fp64 = accumulator_is_fp64(pred, imgs)
     acc = torch.float64 if fp64 else torch.float32
-    block_ij, block_c = triton.next_power_of_2(patch_size**2), triton.next_power_of_2(c)
     # one scalar partial of each sum per program: no need to cap the programs
-    t = row_tiles(n * L, block_ij * block_c, pred.device)
+    t = row_tiles(n * L, pred.shape[2], pred.device)
     partial = torch.empty(2, t.grid[0], dtype=acc, device=pred.device)
     dpred = torch.empty_like(pred) if with_grad else pred.new_empty(0)
     with on_device(pred):
@@ -93,7 +92,7 @@ def masked_pixel_loss_op(
             n * L, L, H, W, W // patch_size, t.tiles_per_program, t.grid[0],
             C=c, PATCH=patch_size, EPS=NORM_PIX_EPS, NORM_PIX=norm_pix, WITH_GRAD=with_grad, FP64=fp64,
             INT64=needs_int64_offsets(pred, imgs),
-            BLOCK_R=t.BLOCK_R, BLOCK_IJ=block_ij, BLOCK_C=block_c, num_warps=t.num_warps,
+            BLOCK_R=t.BLOCK_R, BLOCK_E=t.BLOCK_W, num_warps=t.num_warps,
         )
     msum = partial[1].sum()
     return partial[0].sum() / msum.clamp_min(torch.finfo(acc).tiny), dpred, msum

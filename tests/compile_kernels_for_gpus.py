@@ -64,7 +64,7 @@ CASES = [
             dpred_ptr=f"*{pred}", n_rows="i32", L="i32", H="i32", W="i32", GW="i32", tiles_per_program="i32",
             n_programs="i32"),
        dict(C=3, PATCH=patch, EPS=1e-6, NORM_PIX=norm_pix, WITH_GRAD=grad, FP64=acc == "fp64", INT64=False,
-            BLOCK_R=4, BLOCK_IJ=256, BLOCK_C=4), 8)
+            BLOCK_R=4, BLOCK_E=1024), 8)
       for pred, img, acc, patch, norm_pix, grad in [
           ("bf16", "fp32", "fp32", 16, True, True), ("bf16", "fp32", "fp32", 14, False, False),
           ("fp16", "bf16", "fp32", 16, True, True), ("fp64", "fp64", "fp64", 16, True, True)]],

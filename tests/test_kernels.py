@@ -97,12 +97,15 @@ def test_row_kernels_divide_in_32_bits_at_training_shapes(ptx_widths):
     assert any(r["constexprs"].get("INT64") is True and r["int64_divisions"] > 0 for r in ptx_widths)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14: the loss reads pred and writes its gradient in (i, j, c) order with "
-                   "the 3 channels padded to 4, one element at a time")
-def test_the_loss_kernel_reads_pred_in_16_byte_vectors(ptx_widths):
-    for r in ptx_widths:
-        if r["kernel"] == "_masked_pixel_loss_fwd" and "*bf16" in r["dtypes"].split(","):
-            assert min(map(int, r["ld"])) >= 4 and min(map(int, r["st"])) >= 4, r
+def test_the_loss_kernel_moves_pred_and_its_gradient_in_16_byte_vectors(ptx_widths):
+    """The loss's tile is in pred's own (i, j, c) order: the bf16 prediction and gradient move as
+    16-byte vectors; the fp32 image is gathered 4 bytes at a time (never narrower) from the cache."""
+    rows = [r for r in ptx_widths if r["kernel"] == "_masked_pixel_loss_fwd" and r["dtypes"] == "*bf16,*fp32"
+            and r["constexprs"]["PATCH"] == 16 and r["constexprs"]["WITH_GRAD"]]
+    assert len(rows) == 2, ptx_widths
+    for r in rows:
+        assert max(map(int, r["ld"])) == 16 and min(map(int, r["ld"])) == 4, r
+        assert max(map(int, r["st"])) == 16, r
 
 
 def test_64_bit_offsets_compute_the_same(triton_device, monkeypatch):
