@@ -1,7 +1,8 @@
 // The `fastmae_native` op library: the op schemas, and the CPU kernels (rows in parallel with
 // at::parallel_for, fp32 accumulation for fp16/bf16). The CUDA kernels are a separate library
-// (fastmae_ops_cuda.cu) that registers the same ops for the CUDA device; fake (meta) kernels and
-// autograd are registered from Python (fastmae/ops/native/__init__.py).
+// (fastmae_ops_cuda.cu) that registers the same ops for the CUDA device; their autograd is
+// fastmae_autograd.cpp (built into this library), their fake (meta) kernels are registered from
+// Python (fastmae/ops/native/__init__.py).
 #include "fastmae_ops.h"
 
 #include <ATen/Parallel.h>

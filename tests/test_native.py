@@ -134,6 +134,24 @@ def test_reductions_do_not_depend_on_the_thread_count():
         assert torch.equal(a, b)
 
 
+def test_autograd_is_the_librarys_own(device):
+    """Each differentiable op's backward is a C++ autograd node of the library: no Python runs
+    between the kernels of a native op's forward and backward."""
+    ids_keep, ids_restore, mask = masking(2, 16, 4)
+    ids_keep, ids_restore, mask = ids_keep.to(device), ids_restore.to(device), mask.to(device)
+    x = torch.randn(2, 16, 8, device=device, requires_grad=True)
+    imgs = torch.randn(2, 3, 16, 16, device=device, requires_grad=True)
+    outs = {
+        "GatherVisible": ops.gather_visible(x, ids_keep, backend="native"),
+        "GatherPatches": native.OPS.gather_patches(imgs, ids_keep, 4, imgs.dtype),
+        "EncoderInput": ops.encoder_input(x[:, :4], ids_keep, x[0, :1], x[0], backend="native"),
+        "Unshuffle": ops.unshuffle_with_mask_token(x[:, :5], ids_restore, x[0, 0], None, backend="native"),
+        "MaskedPixelLoss": ops.masked_pixel_loss(x.repeat(1, 1, 6), imgs.detach(), mask, 4, True, backend="native"),
+    }
+    for name, out in outs.items():
+        assert out.grad_fn.name().startswith("torch::autograd::CppNode<") and f"::{name}>" in out.grad_fn.name()
+
+
 def test_loss_does_not_read_kept_patches(device):
     pred, imgs = torch.randn(2, 16, 48), torch.randn(2, 3, 16, 16)
     _, _, mask = masking(2, 16, 4)

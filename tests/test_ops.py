@@ -225,6 +225,39 @@ def test_unshuffle_with_mask_token(backend, dtype, n, L, d, with_pos):
             assert_close(g, w, backward=True)
 
 
+def differentiable_call(op):
+    """(the op's arguments as a function of its differentiable inputs, those inputs)"""
+    n, L, k, d, p = 2, 16, 5, 8, 4
+    _, ids_keep, ids_restore, _ = masking_inputs(n, L, k)
+    x = torch.randn(n, k, d, dtype=torch.bfloat16)
+    return {
+        "gather_visible": (lambda x, pos: (x, ids_keep, pos), [torch.randn(n, L, d, dtype=torch.bfloat16),
+                                                              torch.randn(L, d)]),
+        "encoder_input": (lambda x, cls, pos: (x, ids_keep, cls, pos), [x, torch.randn(1, 1, d), torch.randn(L + 1, d)]),
+        "unshuffle_with_mask_token": (lambda x, tok, pos: (x, ids_restore, tok, pos),
+                                      [torch.randn(n, 1 + k, d, dtype=torch.bfloat16), torch.randn(d),
+                                       torch.randn(L + 1, d)]),
+        "embed_visible_patches": (lambda imgs, w, b: (imgs, ids_keep, w, b),
+                                  [torch.randn(n, 3, 16, 16), torch.randn(d, 3, p, p), torch.randn(d)]),
+    }[op]
+
+
+@pytest.mark.parametrize("op", ["gather_visible", "encoder_input", "unshuffle_with_mask_token", "embed_visible_patches"])
+def test_gradients_for_every_subset_of_inputs_that_need_them(backend, op):
+    """Whichever of an op's inputs need a gradient, those get the reference's and the others none
+    (the backwards skip work by what autograd asks for)."""
+    inputs, leaves = differentiable_call(op)
+    for needed in range(1, 2 ** len(leaves)):
+        ts = [t.clone().requires_grad_(bool(needed >> i & 1)) for i, t in enumerate(leaves)]
+        got = getattr(ops, op)(*inputs(*ts), backend=backend)
+        want = getattr(reference, op)(*inputs(*ts))
+        dy = torch.randn_like(want)
+        wanted = [t for t in ts if t.requires_grad]
+        for g, w in zip(torch.autograd.grad(got, wanted, dy), torch.autograd.grad(want, wanted, dy)):
+            assert g.dtype == w.dtype and g.shape == w.shape
+            assert_close(g, w, backward=True)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n,c,p,h,w,d", cases("embed_visible_patches", "N", "C", "p", "H", "W", "D"))
 def test_embed_visible_patches(backend, dtype, n, c, p, h, w, d):

@@ -95,10 +95,13 @@ def _masked_pixel_loss_backward(ctx, dloss, _dg, _dmsum):
     return g * (2 * dloss / (g.shape[-1] * msum)), None, None, None, None, None
 
 
-def register(ops: FusedOps) -> None:
-    """Fake kernels and autograd for a backend's ops (once per process)."""
+def register(ops: FusedOps, *, autograd: bool = True) -> None:
+    """Fake kernels for a backend's ops, and (unless its library registers its own, as the native
+    one does in C++) their autograd; once per process."""
     for name, spec in FUSED_SPECS.items():
         torch.library.register_fake(getattr(ops, name), spec.fake)
+    if not autograd:
+        return
 
     def gather_visible_backward(ctx, dout):
         (ids_keep,) = ctx.saved_tensors

@@ -86,7 +86,7 @@ def load(target: str, verbose: bool = False) -> str | None:
     if target not in _load_errors:
         try:
             if target == "cpu":
-                build_and_load("fastmae_native", ["fastmae_ops.cpp"], verbose=verbose)
+                build_and_load("fastmae_native", ["fastmae_ops.cpp", "fastmae_autograd.cpp"], verbose=verbose)
                 _attach_ops()
             else:
                 archs = cuda_archs()
@@ -114,7 +114,7 @@ def _attach_ops() -> None:
         unshuffle_backward=native.unshuffle_with_mask_token_backward.default,
         masked_pixel_loss=native.masked_pixel_loss.default,
     )
-    register(ops)
+    register(ops, autograd=False)  # the library's own, in C++ (csrc/fastmae_autograd.cpp)
     _backend = FusedBackend(ops)
 
 
