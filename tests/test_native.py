@@ -6,7 +6,9 @@ and its CUDA kernels too on a GPU. The model's parity with the original on it is
 The CPU library is built (once, into the extension cache) when the backends are listed at
 collection; the CUDA library is compiled here for sm_80 and sm_90 in a separate process (minutes).
 """
+import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -90,10 +92,11 @@ def test_cuda_architectures(monkeypatch):
         build._gencode_flags(["Ampere"])
 
 
-@pytest.mark.slow
-def test_cuda_library_compiles_for_a100_and_h100_and_loads():
+@pytest.fixture(scope="module")
+def cuda_library():
     """nvcc compiles the CUDA kernels for sm_80 and sm_90 and the library loads, GPU or not (minutes
-    on 2 cores the first time; cached after). CUDA_HOME is left to the toolkit search."""
+    on 2 cores the first time; cached after), in a fresh process. CUDA_HOME is left to the toolkit
+    search. -> (its report, its build folder)"""
     if not torch.version.cuda:
         pytest.skip("this PyTorch has no CUDA")
     env = {k: v for k, v in os.environ.items() if k not in ("CUDA_HOME", "CUDA_PATH")}
@@ -101,9 +104,37 @@ def test_cuda_library_compiles_for_a100_and_h100_and_loads():
     result = subprocess.run([sys.executable, "-m", "fastmae.ops.native", "--cuda"], env=env, capture_output=True,
                             text=True, timeout=1500)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    assert "CUDA library fastmae_native_cuda_sm80_sm90 for 8.0;9.0: loaded" in result.stdout
+    return result.stdout, build.build_root() / build.cuda_library_name(["8.0", "9.0"])
+
+
+@pytest.mark.slow
+def test_cuda_library_compiles_for_a100_and_h100_and_loads(cuda_library):
+    report, _ = cuda_library
+    assert "CUDA library fastmae_native_cuda_sm80_sm90 for 8.0;9.0: loaded" in report
     for op in native.OP_NAMES:
-        assert f"fastmae_native::{op}: CPU, CUDA\n" in result.stdout
+        assert f"fastmae_native::{op}: CPU, CUDA\n" in report
+
+
+@pytest.mark.slow
+def test_cuda_kernels_move_rows_in_16_byte_vectors(cuda_library, tmp_path):
+    """Read from the sm_90 PTX: every kernel instantiation that moves rows in V-element vectors (its
+    last template argument) loads and stores 16 bytes at a time; the loss moves bf16 ``pred`` and its
+    gradient so (its fp32 image is gathered 4 bytes at a time)."""
+    _, build_dir = cuda_library
+    script = pathlib.Path(__file__).with_name("compile_native_for_gpus.py")
+    out = tmp_path / "widths.json"
+    result = subprocess.run([sys.executable, str(script), str(build_dir), "--json", str(out)], capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    rows = json.loads(out.read_text())
+    wide = [r for r in rows if r["args"] and r["args"][-1].isdigit() and int(r["args"][-1]) > 1]
+    assert {r["kernel"] for r in wide} >= {"gather_rows_kernel", "scatter_rows_kernel", "gather_patches_kernel",
+                                          "encoder_input_kernel", "unshuffle_kernel", "unshuffle_backward_kernel",
+                                          "masked_pixel_loss_kernel"}
+    for r in wide:
+        assert max(map(int, r["ld"])) == 16 and max(map(int, r["st"])) == 16, r
+    (loss,) = [r for r in wide if r["kernel"] == "masked_pixel_loss_kernel" and r["args"][:2] == ["c10::BFloat16", "float"]]
+    assert min(map(int, loss["ld"])) == 4 and set(map(int, loss["st"])) == {4, 16}, loss  # 4: the block's partial sum
 
 
 # -- registration ------------------------------------------------------------------------------------
