@@ -61,6 +61,10 @@ def row_tiles(n_rows: int, width: int, device: torch.device, *, reducing: bool =
 # 64-bit beyond (with room for the masked lanes of a last tile).
 INT32_OFFSETS_BELOW = 2**30
 
+# Fused multiply-adds, as nvcc compiles PyTorch's own kernels; passed to every launch because Triton
+# 3.10 turns its default off (3.9 warns that it will).
+FP_FUSION = True
+
 
 def needs_int64_offsets(*tensors: torch.Tensor | None) -> bool:
     return any(t is not None and t.numel() >= INT32_OFFSETS_BELOW for t in tensors)

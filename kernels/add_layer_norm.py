@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastmae.kernels._launch import accumulator_is_fp64, on_device, row_tiles
+from fastmae.kernels._launch import FP_FUSION, accumulator_is_fp64, on_device, row_tiles
 
 
 @triton.jit
@@ -127,6 +127,7 @@ def add_layer_norm_op(
             bias if bias is not None else x, h, y, mean, rstd, rows, D, eps, t.tiles_per_program,
             HAS_BRANCH=branch is not None, HAS_W=weight is not None, HAS_B=bias is not None,
             FP64=stats == torch.float64, BLOCK_R=t.BLOCK_R, BLOCK_W=t.BLOCK_W, num_warps=t.num_warps,
+            enable_fp_fusion=FP_FUSION,
         )
     return h, y, mean, rstd
 
@@ -152,6 +153,7 @@ def add_layer_norm_backward_op(
             dx, dbranch, dw_partial, db_partial, rows, D, t.tiles_per_program,
             HAS_DH=dh is not None, HAS_BRANCH=branch_dtype is not None, HAS_W=weight is not None,
             FP64=mean.dtype == torch.float64, BLOCK_R=t.BLOCK_R, BLOCK_W=t.BLOCK_W, num_warps=t.num_warps,
+            enable_fp_fusion=FP_FUSION,
         )
     return dx, dbranch, dw_partial.sum(0), db_partial.sum(0)
 

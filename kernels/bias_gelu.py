@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastmae.kernels._launch import accumulator_is_fp64, on_device, row_tiles
+from fastmae.kernels._launch import FP_FUSION, accumulator_is_fp64, on_device, row_tiles
 
 SQRT1_2 = tl.constexpr(0.7071067811865476)
 INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
@@ -69,7 +69,7 @@ def bias_gelu_op(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     with on_device(x):
         _bias_gelu_fwd[t.grid](x, bias.contiguous(), y, x.numel() // D, D, t.tiles_per_program,
                                FP64=accumulator_is_fp64(x, bias), BLOCK_R=t.BLOCK_R, BLOCK_W=t.BLOCK_W,
-                               num_warps=t.num_warps)
+                               num_warps=t.num_warps, enable_fp_fusion=FP_FUSION)
     return y
 
 
@@ -85,7 +85,8 @@ def bias_gelu_backward_op(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor)
     db_partial = torch.empty(t.grid[0], D, dtype=torch.float64 if fp64 else torch.float32, device=x.device)
     with on_device(x):
         _bias_gelu_bwd[t.grid](dy, x, bias.contiguous(), dx, db_partial, rows, D, t.tiles_per_program,
-                               FP64=fp64, BLOCK_R=t.BLOCK_R, BLOCK_W=t.BLOCK_W, num_warps=t.num_warps)
+                               FP64=fp64, BLOCK_R=t.BLOCK_R, BLOCK_W=t.BLOCK_W, num_warps=t.num_warps,
+                               enable_fp_fusion=FP_FUSION)
     return dx, db_partial.sum(0)
 
 

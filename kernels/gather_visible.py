@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastmae.kernels._launch import accumulator_is_fp64, needs_int64_offsets, on_device, row_tiles
+from fastmae.kernels._launch import FP_FUSION, accumulator_is_fp64, needs_int64_offsets, on_device, row_tiles
 
 
 @triton.jit
@@ -155,7 +155,7 @@ def gather_visible_op(x: torch.Tensor, ids_keep: torch.Tensor, pos_embed: Option
             n * k, k, L, d, t.tiles_per_program,
             HAS_POS=pos_embed is not None, FP64=accumulator_is_fp64(x, pos_embed),
             INT64=needs_int64_offsets(x, out),
-            BLOCK_R=t.BLOCK_R, BLOCK_W=t.BLOCK_W, num_warps=t.num_warps,
+            BLOCK_R=t.BLOCK_R, BLOCK_W=t.BLOCK_W, num_warps=t.num_warps, enable_fp_fusion=FP_FUSION,
         )
     return out
 
@@ -170,7 +170,7 @@ def gather_visible_backward_op(dout: torch.Tensor, ids_keep: torch.Tensor, L: in
         _gather_rows_bwd[t.grid](
             dout, ids_keep.contiguous(), dx, n * L, k, L, d, t.tiles_per_program, INT64=needs_int64_offsets(dx),
             BLOCK_R=t.BLOCK_R, BLOCK_W=t.BLOCK_W, BLOCK_K=min(triton.next_power_of_2(max(k, 1)), 64),
-            num_warps=t.num_warps,
+            num_warps=t.num_warps, enable_fp_fusion=FP_FUSION,
         )
     return dx
 
@@ -190,6 +190,7 @@ def gather_patches_op(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: in
         _gather_patches_fwd[t.grid](
             imgs, ids_keep, out, n * k, k, c, H, W, W // p, t.tiles_per_program,
             P=p, INT64=needs_int64_offsets(imgs, out), BLOCK_R=t.BLOCK_R, BLOCK_W=t.BLOCK_W, num_warps=t.num_warps,
+            enable_fp_fusion=FP_FUSION,
         )
     return out
 
@@ -209,6 +210,6 @@ def encoder_input_op(x: torch.Tensor, ids_keep: torch.Tensor, cls_token: torch.T
             x, ids_keep.contiguous(), cls_token.contiguous(), pos_embed.contiguous(), out,
             n * (k + 1), k, d, t.tiles_per_program,
             FP64=accumulator_is_fp64(x, cls_token, pos_embed), INT64=needs_int64_offsets(x, out, pos_embed),
-            BLOCK_R=t.BLOCK_R, BLOCK_W=t.BLOCK_W, num_warps=t.num_warps,
+            BLOCK_R=t.BLOCK_R, BLOCK_W=t.BLOCK_W, num_warps=t.num_warps, enable_fp_fusion=FP_FUSION,
         )
     return out

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastmae.kernels._launch import accumulator_is_fp64, needs_int64_offsets, on_device, row_tiles
+from fastmae.kernels._launch import FP_FUSION, accumulator_is_fp64, needs_int64_offsets, on_device, row_tiles
 from fastmae.numerics import NORM_PIX_EPS
 
 
@@ -92,7 +92,7 @@ def masked_pixel_loss_op(
             n * L, L, H, W, W // patch_size, t.tiles_per_program, t.grid[0],
             C=c, PATCH=patch_size, EPS=NORM_PIX_EPS, NORM_PIX=norm_pix, WITH_GRAD=with_grad, FP64=fp64,
             INT64=needs_int64_offsets(pred, imgs),
-            BLOCK_R=t.BLOCK_R, BLOCK_E=t.BLOCK_W, num_warps=t.num_warps,
+            BLOCK_R=t.BLOCK_R, BLOCK_E=t.BLOCK_W, num_warps=t.num_warps, enable_fp_fusion=FP_FUSION,
         )
     msum = partial[1].sum()
     return partial[0].sum() / msum.clamp_min(torch.finfo(acc).tiny), dpred, msum

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from fastmae.errors import UsageError
-from fastmae.kernels._launch import on_device
+from fastmae.kernels._launch import FP_FUSION, on_device
 
 
 @triton.jit
@@ -45,5 +45,5 @@ def random_masking_op(noise: torch.Tensor, len_keep: int) -> tuple[torch.Tensor,
     block = triton.next_power_of_2(L)
     with on_device(noise):
         _random_masking[(n,)](noise, ids_keep, ids_restore, mask, L, len_keep, BLOCK_L=block,
-                              num_warps=4 if block <= 1024 else 8)
+                              num_warps=4 if block <= 1024 else 8, enable_fp_fusion=FP_FUSION)
     return ids_keep, ids_restore, mask

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastmae.kernels._launch import INTERPRET, on_device
+from fastmae.kernels._launch import FP_FUSION, INTERPRET, on_device
 
 A = tl.constexpr(-0.75)
 TABLE_WIDTH = tl.constexpr(8)
@@ -135,5 +135,6 @@ def resized_crop_batch(images: list[torch.Tensor], boxes: torch.Tensor, flips: t
     block = triton.next_power_of_2(size * size) if INTERPRET else 256
     grid = (len(images), triton.cdiv(size * size, block))
     with on_device(out):
-        _resized_crop_kernel[grid](table, out, *mean, *std, S=size, BLOCK=block, num_warps=4)
+        _resized_crop_kernel[grid](table, out, *mean, *std, S=size, BLOCK=block, num_warps=4,
+        enable_fp_fusion=FP_FUSION)
     return out

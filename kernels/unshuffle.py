@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastmae.kernels._launch import accumulator_is_fp64, needs_int64_offsets, on_device, row_tiles
+from fastmae.kernels._launch import FP_FUSION, accumulator_is_fp64, needs_int64_offsets, on_device, row_tiles
 
 
 @triton.jit
@@ -104,6 +104,7 @@ def unshuffle_op(
             n * (L + 1), k1 - 1, L, d, t.tiles_per_program,
             HAS_POS=pos_embed is not None, FP64=accumulator_is_fp64(x, mask_token, pos_embed),
             INT64=needs_int64_offsets(out), BLOCK_R=t.BLOCK_R, BLOCK_W=t.BLOCK_W, num_warps=t.num_warps,
+            enable_fp_fusion=FP_FUSION,
         )
     return out
 
@@ -123,5 +124,6 @@ def unshuffle_backward_op(
         _unshuffle_bwd[t.grid](
             dout, ids_restore.contiguous(), dx, partial, n * L1, k1 - 1, L1 - 1, d, t.tiles_per_program,
             FP64=fp64, INT64=needs_int64_offsets(dout), BLOCK_R=t.BLOCK_R, BLOCK_W=t.BLOCK_W, num_warps=t.num_warps,
+            enable_fp_fusion=FP_FUSION,
         )
     return dx, partial.sum(0)

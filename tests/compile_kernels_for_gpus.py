@@ -23,6 +23,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from fastmae.kernels._launch import FP_FUSION  # noqa: E402
 from fastmae.kernels import (  # noqa: E402
     add_layer_norm, bias_gelu, gather_visible, masked_pixel_loss, random_masking, resized_crop, unshuffle,
 )
@@ -125,7 +126,8 @@ def main() -> int:
         for fn, types, constexprs, num_warps in CASES:
             signature = {name: "constexpr" if name in constexprs else types[name] for name in fn.arg_names}
             kernel = triton.compile(ASTSource(fn, signature, constexprs=constexprs, attrs=specialization(fn, types)),
-                                    target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+                                    target=GPUTarget("cuda", arch, 32),
+                                    options={"num_warps": num_warps, "enable_fp_fusion": FP_FUSION})
             dtypes = ",".join(sorted({t for n, t in types.items() if t.startswith("*") and t != "*i64"}))
             rows.append(dict(arch=f"sm_{arch}", kernel=fn.__name__, dtypes=dtypes,
                              constexprs={k: v for k, v in constexprs.items() if k.isupper() and "BLOCK" not in k},
