@@ -1,11 +1,11 @@
 // Autograd of the `fastmae_native` ops, in C++: registered for the Autograd key, so a call and its
 // backward go from the dispatcher to the kernels without entering Python (the Python formulas of
-// fastmae/ops/fused.py, which the Triton backend uses, cost an eager step tens of microseconds of
-// host time per op). The formulas are fused.py's, op for op, so both backends round alike.
+// fastmae/ops/fused.py, which the Triton backend registers, cost an eager step tens of microseconds
+// of host time per op). The formulas are fused.py's, op for op, so both backends round alike
+// (tests/test_native.py runs both on the native kernels and compares the bits).
 //
-// Sizes are kept as SymInts and dtypes as ScalarTypes, so torch.compile traces through these
-// functions with symbolic shapes (a size that a backward kernel takes as an int is specialized
-// there, as the Python formulas' are).
+// Sizes are kept as SymInts (the backward ops take SymInt sizes) and dtypes as ScalarTypes, so
+// torch.compile traces through these functions with symbolic shapes and without specializing them.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -30,8 +30,8 @@ c10::TypedOperatorHandle<Signature> op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
 }
 
-int64_t saved_int(AutogradContext* ctx, const std::string& key) {
-  return ctx->saved_data[key].toSymInt().guard_int(__FILE__, __LINE__);
+c10::SymInt saved_size(AutogradContext* ctx, const std::string& key) {
+  return ctx->saved_data[key].toSymInt();
 }
 
 at::ScalarType saved_dtype(AutogradContext* ctx, const std::string& key) {
@@ -45,9 +45,9 @@ at::Scalar tiny(at::ScalarType dtype) {
   });
 }
 
-Tensor gather_visible_backward(const Tensor& dout, const Tensor& ids_keep, int64_t L, at::ScalarType dtype) {
-  static const auto handle =
-      op<Tensor(const Tensor&, const Tensor&, int64_t, at::ScalarType)>("fastmae_native::gather_visible_backward");
+Tensor gather_visible_backward(const Tensor& dout, const Tensor& ids_keep, const c10::SymInt& L, at::ScalarType dtype) {
+  static const auto handle = op<Tensor(const Tensor&, const Tensor&, c10::SymInt, at::ScalarType)>(
+      "fastmae_native::gather_visible_backward");
   return handle.call(dout, ids_keep, L, dtype);
 }
 
@@ -72,7 +72,7 @@ struct GatherVisible : torch::autograd::Function<GatherVisible> {
     if (!need_x && !need_pos) return {Tensor(), Tensor(), Tensor()};
     const auto x_dtype = saved_dtype(ctx, "x_dtype");
     // with pos_embed to differentiate, dx stays in dout's (wider) dtype for the sum over the batch
-    const Tensor dx = gather_visible_backward(dout, ctx->get_saved_variables()[0], saved_int(ctx, "L"),
+    const Tensor dx = gather_visible_backward(dout, ctx->get_saved_variables()[0], saved_size(ctx, "L"),
                                               need_pos ? dout.scalar_type() : x_dtype);
     return {need_x ? dx.to(x_dtype) : Tensor(), Tensor(),
             need_pos ? dx.sum(0).to(saved_dtype(ctx, "pos_dtype")) : Tensor()};
@@ -133,7 +133,7 @@ struct EncoderInput : torch::autograd::Function<EncoderInput> {
     Tensor dpos;
     if (need_pos) {  // MAE's is fixed; the position rows' gradient is the gather's
       const Tensor drows =
-          gather_visible_backward(rows, ctx->get_saved_variables()[0], saved_int(ctx, "L"), dout.scalar_type()).sum(0);
+          gather_visible_backward(rows, ctx->get_saved_variables()[0], saved_size(ctx, "L"), dout.scalar_type()).sum(0);
       dpos = at::cat({dfirst.unsqueeze(0), drows}).to(saved_dtype(ctx, "pos_dtype"));
     }
     return {dx, Tensor(), need_cls ? dfirst.to(saved_dtype(ctx, "cls_dtype")) : Tensor(), dpos};
@@ -156,10 +156,11 @@ struct Unshuffle : torch::autograd::Function<Unshuffle> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static const auto handle = op<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, int64_t, at::ScalarType)>(
-        "fastmae_native::unshuffle_with_mask_token_backward");
+    static const auto handle =
+        op<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, c10::SymInt, at::ScalarType)>(
+            "fastmae_native::unshuffle_with_mask_token_backward");
     const Tensor& dout = grads[0];
-    auto [dx, dtok] = handle.call(dout, ctx->get_saved_variables()[0], saved_int(ctx, "k1"),
+    auto [dx, dtok] = handle.call(dout, ctx->get_saved_variables()[0], saved_size(ctx, "k1"),
                                   saved_dtype(ctx, "x_dtype"));
     const bool need_pos = ctx->saved_data["has_pos"].toBool() && ctx->needs_input_grad(3);
     return {dx, Tensor(), dtok.to(saved_dtype(ctx, "tok_dtype")),
@@ -176,7 +177,8 @@ struct MaskedPixelLoss : torch::autograd::Function<MaskedPixelLoss> {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [loss, g, msum] = handle.call(pred, imgs, mask, patch_size, norm_pix, with_grad);
     ctx->save_for_backward({g, msum});
-    ctx->mark_non_differentiable({g, msum});
+    ctx->saved_data["with_grad"] = with_grad;
+    ctx->set_materialize_grads(false);  // only the loss has a gradient (g and msum leave detached)
     return {loss, g, msum};
   }
 
@@ -185,10 +187,11 @@ struct MaskedPixelLoss : torch::autograd::Function<MaskedPixelLoss> {
   // in one rounding (PyTorch multiplies fp16/bf16 tensors by a 0-dim fp32 tensor in fp32).
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const Tensor& dloss = grads[0];
+    if (!dloss.defined()) return {Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    TORCH_CHECK(ctx->saved_data["with_grad"].toBool() || !ctx->needs_input_grad(0),
+                "masked_pixel_loss was computed without its gradient (with_grad=False)");
     const auto saved = ctx->get_saved_variables();
     const Tensor &g = saved[0], &msum = saved[1];
-    if (ctx->needs_input_grad(0))
-      TORCH_SYM_CHECK(g.sym_numel().sym_ne(0), "masked_pixel_loss was computed without its gradient (with_grad=False)");
     const Tensor count = msum.to(dloss.scalar_type()).clamp_min(tiny(dloss.scalar_type()));
     return {g * (dloss * 2 / (count * c10::Scalar(g.sym_size(-1)))), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
   }
@@ -215,7 +218,9 @@ Tensor unshuffle_with_mask_token(const Tensor& x, const Tensor& ids_restore, con
 std::tuple<Tensor, Tensor, Tensor> masked_pixel_loss(const Tensor& pred, const Tensor& imgs, const Tensor& mask,
                                                      int64_t patch_size, bool norm_pix, bool with_grad) {
   auto out = MaskedPixelLoss::apply(pred, imgs, mask, patch_size, norm_pix, with_grad);
-  return {out[0], out[1], out[2]};
+  // g and msum are not differentiable: detached rather than marked so (compiled autograd asserts
+  // that a C++ function marks none)
+  return {out[0], out[1].detach(), out[2].detach()};
 }
 
 }  // namespace

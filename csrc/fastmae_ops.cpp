@@ -1,8 +1,9 @@
 // The `fastmae_native` op library: the op schemas, and the CPU kernels (rows in parallel with
 // at::parallel_for, fp32 accumulation for fp16/bf16). The CUDA kernels are a separate library
-// (fastmae_ops_cuda.cu) that registers the same ops for the CUDA device; their autograd is
-// fastmae_autograd.cpp (built into this library), their fake (meta) kernels are registered from
-// Python (fastmae/ops/native/__init__.py).
+// (fastmae_ops_cuda.cu) that registers the same ops for the CUDA device. The ops' autograd, for
+// both devices, is fastmae_autograd.cpp (built into this library); their fake (meta) kernels are
+// registered from Python (fastmae/ops/native/__init__.py). (The backward ops' SymInt sizes reach
+// the kernels as int64_t: the dispatcher converts them.)
 #include "fastmae_ops.h"
 
 #include <ATen/Parallel.h>
@@ -238,11 +239,11 @@ struct Cpu {
 TORCH_LIBRARY(fastmae_native, m) {
   m.def("random_masking(Tensor noise, int len_keep) -> (Tensor, Tensor, Tensor)");
   m.def("gather_visible(Tensor x, Tensor ids_keep, Tensor? pos_embed) -> Tensor");
-  m.def("gather_visible_backward(Tensor dout, Tensor ids_keep, int L, ScalarType dtype) -> Tensor");
+  m.def("gather_visible_backward(Tensor dout, Tensor ids_keep, SymInt L, ScalarType dtype) -> Tensor");
   m.def("gather_patches(Tensor imgs, Tensor ids_keep, int patch_size, ScalarType dtype) -> Tensor");
   m.def("encoder_input(Tensor x, Tensor ids_keep, Tensor cls_token, Tensor pos_embed) -> Tensor");
   m.def("unshuffle_with_mask_token(Tensor x, Tensor ids_restore, Tensor mask_token, Tensor? pos_embed) -> Tensor");
-  m.def("unshuffle_with_mask_token_backward(Tensor dout, Tensor ids_restore, int k1, ScalarType x_dtype) "
+  m.def("unshuffle_with_mask_token_backward(Tensor dout, Tensor ids_restore, SymInt k1, ScalarType x_dtype) "
         "-> (Tensor, Tensor)");
   m.def("masked_pixel_loss(Tensor pred, Tensor imgs, Tensor mask, int patch_size, bool norm_pix, bool with_grad) "
         "-> (Tensor, Tensor, Tensor)");

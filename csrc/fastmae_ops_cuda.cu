@@ -294,7 +294,8 @@ __global__ void sum_partial_rows_kernel(const A* __restrict__ partial, int64_t b
 // -- the loss: one warp per patch, walking pred's row in its own (i, j, c) order (patchify's nhwpqc)
 // so that pred and the gradient, the 2-byte streams, move as V-wide vectors; each element's pixel is
 // gathered from the patch's C * p image rows through a table (the same for every patch, one per
-// block). Three passes (mean, variance, error) read the image, the later two from cache.
+// block). Three passes (mean, variance, error) read the image, the later two from cache; in each, a
+// lane takes the same V consecutive elements.
 
 template <typename P, typename I, int V>
 __global__ void __launch_bounds__(kThreads)
@@ -304,11 +305,14 @@ __global__ void __launch_bounds__(kThreads)
                              int64_t C, int64_t H, int64_t W, int p, bool norm_pix) {
   using A = loss_acc_t<P, I>;
   __shared__ A warp_loss[kWarpsPerBlock];
-  extern __shared__ int img_offset[];  // [E]: element q = (i, j, c) of pred's row -> its offset from the patch's corner
-  const int E = static_cast<int>(C) * p * p;
+  // element q = (i, j, c) of pred's row -> its pixel's offset from the patch's corner, at
+  // [q % V][q / V]: the lanes, each reading element k of its own vector, read consecutive words
+  // (stored by q, lane after lane would read V words apart: a V-way bank conflict)
+  extern __shared__ int img_offset[];
+  const int E = static_cast<int>(C) * p * p, columns = E / V;  // E % V == 0 (launch_either's check)
   for (int q = threadIdx.x; q < E; q += blockDim.x) {
     const int c = q % static_cast<int>(C), i = q / static_cast<int>(C) / p, j = q / static_cast<int>(C) % p;
-    img_offset[q] = (c * static_cast<int>(H) + i) * static_cast<int>(W) + j;
+    img_offset[(q % V) * columns + q / V] = (c * static_cast<int>(H) + i) * static_cast<int>(W) + j;
   }
   __syncthreads();
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
@@ -320,39 +324,44 @@ __global__ void __launch_bounds__(kThreads)
     const A m = mask[r];
     P* g = dpred ? dpred + r * E : nullptr;
     if (m == 0) {  // a kept patch: not read, no gradient
-      if (g) {
-        Vec<P, V> zero;
-        for (int k = 0; k < V; ++k) zero.v[k] = P(0);
-        for (int q = lane * V; q < E; q += kWarp * V) store<V>(g + q, zero);
-      }
+      if (g)
+        for (int q = lane * V; q < E; q += kWarp * V) store<V>(g + q, Vec<P, V>{});
       continue;
     }
     const int64_t l = r % L;
     const I* corner = imgs + ((r / L) * C * H + (l / GW) * p) * W + (l % GW) * p;
-    auto pixel = [&](int q) { return A(corner[img_offset[q]]); };
+    // element k of the vector at column u (elements u*V .. u*V + V-1)
+    auto pixel = [&](int u, int k) { return A(corner[img_offset[k * columns + u]]); };
     A mean = 0, stdev = 1;
     if (norm_pix) {
       A s = 0;
-      for (int q = lane; q < E; q += kWarp) s += pixel(q);
+      for (int u = lane; u < columns; u += kWarp) {
+#pragma unroll
+        for (int k = 0; k < V; ++k) s += pixel(u, k);
+      }
       mean = warp_sum(s) / A(E);
       A v = 0;
-      for (int q = lane; q < E; q += kWarp) {
-        const A t = pixel(q) - mean;
-        v += t * t;
+      for (int u = lane; u < columns; u += kWarp) {
+#pragma unroll
+        for (int k = 0; k < V; ++k) {
+          const A t = pixel(u, k) - mean;
+          v += t * t;
+        }
       }
       stdev = ::sqrt(warp_sum(v) / A(E - 1) + A(kNormPixEps));  // unbiased variance, as the original
     }
     A sq = 0;
-    for (int q = lane * V; q < E; q += kWarp * V) {
-      const Vec<P, V> x = load<V>(pred + r * E + q);
+    for (int u = lane; u < columns; u += kWarp) {
+      const Vec<P, V> x = load<V>(pred + r * E + u * V);
       Vec<P, V> d;
+#pragma unroll
       for (int k = 0; k < V; ++k) {
-        const A t = norm_pix ? (pixel(q + k) - mean) / stdev : pixel(q + k);
+        const A t = norm_pix ? (pixel(u, k) - mean) / stdev : pixel(u, k);
         const A diff = A(x.v[k]) - t;
         sq += diff * diff;
         d.v[k] = static_cast<P>(m * diff);
       }
-      if (g) store<V>(g + q, d);
+      if (g) store<V>(g + u * V, d);
     }
     loss += m * (warp_sum(sq) / A(E));
   }
@@ -364,6 +373,11 @@ __global__ void __launch_bounds__(kThreads)
     partial[blockIdx.x] = s;
   }
 }
+
+// The loss kernel's table (one int per element of a patch) and its per-warp sums fit the 48 KiB of
+// shared memory a block may have without opting in: patches of up to 12,000 values (C*p*p).
+constexpr int64_t kMaxLossPatch = 12000;
+static_assert(kMaxLossPatch * sizeof(int) + kWarpsPerBlock * sizeof(double) <= 48 * 1024);
 
 // loss = sum(partial) / max(msum, tiny): strided sums, then a fixed tree (one block)
 template <typename A>
@@ -480,9 +494,9 @@ struct Cuda {
     const int64_t blocks = ceil_div(rows, rows_per_block);
     at::Tensor partial = at::empty({std::max<int64_t>(blocks, 1)}, options.dtype(c10::CppTypeToScalarType<A>::value));
     const int64_t E = C * p * p;
-    TORCH_CHECK(C * H * W <= std::numeric_limits<int>::max() && E <= 6144,
+    TORCH_CHECK(C * H * W <= std::numeric_limits<int>::max() && E <= kMaxLossPatch,
                 "masked_pixel_loss: the native CUDA kernel takes images of fewer than 2^31 pixels and patches of "
-                "at most 6144 values (C*p*p); use another backend");
+                "at most ", kMaxLossPatch, " values (C*p*p); use another backend");
     if (blocks > 0) {
       constexpr int V = vec_width<P, P>();
       launch_either(blocks, E * sizeof(int), can_vectorize<V>(E, pred, dpred), masked_pixel_loss_kernel<P, I, V>,

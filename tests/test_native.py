@@ -6,6 +6,7 @@ and its CUDA kernels too on a GPU. The model's parity with the original on it is
 The CPU library is built (once, into the extension cache) when the backends are listed at
 collection; the CUDA library is compiled here for sm_80 and sm_90 in a separate process (minutes).
 """
+import contextlib
 import json
 import os
 import pathlib
@@ -16,7 +17,7 @@ import pytest
 import torch
 
 from fastmae import ops
-from fastmae.ops import native, reference, registry
+from fastmae.ops import fused, native, reference, registry
 from fastmae.ops.native import build
 from fastmae.testing import assert_close, backend_cases, fused_opcheck_args, fused_opcheck_cases
 
@@ -25,8 +26,8 @@ f = torch.ops.fastmae_native
 
 @pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 def device(request):
-    """The native kernels of each device here; a library that cannot be built fails the test."""
-    reasons = native.unavailable_reasons(request.param)
+    """The native kernels of each device here, loaded; a library that cannot be built fails the test."""
+    reasons = native.unavailable_reasons(request.param) or native.prepare(request.param)
     assert not reasons, reasons
     with torch.device(request.param):
         yield request.param
@@ -181,6 +182,90 @@ def test_autograd_is_the_librarys_own(device):
     }
     for name, out in outs.items():
         assert out.grad_fn.name().startswith("torch::autograd::CppNode<") and f"::{name}>" in out.grad_fn.name()
+
+
+class FormulaContext:
+    """What torch.library hands a Python autograd formula."""
+
+    def __init__(self, needs_input_grad):
+        self.needs_input_grad = needs_input_grad
+
+    def save_for_backward(self, *tensors):
+        self.saved_tensors = tensors
+
+
+def autograd_cases(device):
+    """(op, its arguments, which of them are differentiable, the gradient of its first output)"""
+    n, L, k, d, p = 3, 16, 5, 24, 4
+    ids_keep, ids_restore, mask = (t.to(device) for t in masking(n, L, k))
+    imgs = torch.randn(n, 3, 16, 16)
+    for x_dtype, param_dtype in [(torch.bfloat16, torch.float32), (torch.float32, torch.float32),
+                                 (torch.float16, torch.float64)]:
+        x, pos = torch.randn(n, L, d, dtype=x_dtype), torch.randn(L, d, dtype=param_dtype)
+        visible, pos1 = torch.randn(n, k, d, dtype=x_dtype), torch.randn(L + 1, d, dtype=param_dtype)
+        latent, token = torch.randn(n, 1 + k, d, dtype=x_dtype), torch.randn(d, dtype=param_dtype)
+        # upstream gradients laid out as a transpose leaves them: not contiguous
+        dy = torch.randn(d, k, n).permute(2, 1, 0).to(torch.promote_types(x_dtype, param_dtype))
+        dy1 = torch.randn(d, k + 1, n).permute(2, 1, 0).to(dy.dtype)
+        dyL = torch.randn(d, L + 1, n).permute(2, 1, 0).to(dy.dtype)
+        yield "gather_visible", [x, ids_keep, pos], [0, 2], dy
+        yield "gather_visible", [x, ids_keep, None], [0], dy.to(x_dtype)
+        yield "encoder_input", [visible, ids_keep, torch.randn(d, dtype=param_dtype), pos1], [0, 2, 3], dy1
+        yield "unshuffle", [latent, ids_restore, token, pos1], [0, 2, 3], dyL
+        yield "unshuffle", [latent, ids_restore, token, None], [0, 2], dyL
+        yield "gather_patches", [imgs.to(param_dtype), ids_keep, p, x_dtype], [0], torch.randn(n, k, 3 * p * p).to(
+            x_dtype)
+        yield ("masked_pixel_loss", [torch.randn(n, L, 3 * p * p, dtype=x_dtype), imgs.to(param_dtype), mask, p, True,
+                                     True], [0], torch.tensor(1024.0, dtype=torch.promote_types(param_dtype, torch.float32)))
+
+
+def test_autograd_is_the_python_formulas_bit_for_bit(device):
+    """The library's C++ autograd and the Python formulas that the Triton backend registers
+    (fastmae/ops/fused.py), both run on the native kernels, give the same bits: for every subset of
+    the differentiable inputs, dtype mixes, without pos_embed, with non-contiguous upstream gradients."""
+    formulas = {op: (backward, setup) for op, backward, setup in fused.autograd_formulas(native.OPS)}
+    for name, args, differentiable, dout in autograd_cases(device):
+        op = getattr(native.OPS, name)
+        backward, setup = formulas[op]
+        args = [a.to(device) if isinstance(a, torch.Tensor) else a for a in args]
+        for needed in range(1, 2 ** len(differentiable)):
+            needs = [i in differentiable and bool(needed >> differentiable.index(i) & 1) for i in range(len(args))]
+            leaves = [a.detach().requires_grad_(need) if need else a for a, need in zip(args, needs)]
+            out = op(*leaves)
+            first = out[0] if isinstance(out, tuple) else out
+            wanted = [t for t, need in zip(leaves, needs) if need]
+            got = torch.autograd.grad(first, wanted, dout.to(device))
+            with torch.no_grad():
+                ctx = FormulaContext(tuple(needs))
+                setup(ctx, tuple(args), op(*args))
+                extra = (None, None) if isinstance(out, tuple) else ()
+                want = [g for g, need in zip(backward(ctx, dout.to(device), *extra), needs) if need]
+            for g, w, leaf in zip(got, want, wanted):
+                assert torch.equal(g, w.to(leaf.dtype)), (name, needs, leaf.dtype)
+
+
+def test_compiled_autograd_traces_the_librarys_autograd(device):
+    """The C++ functions leave no state that compiled autograd refuses (it asserts that a function
+    marks no output non-differentiable)."""
+    compiled_autograd = pytest.importorskip("torch._dynamo.compiled_autograd")
+    ids_keep, ids_restore, mask = (t.to(device) for t in masking(2, 16, 5))
+    x, pos, token = torch.randn(2, 16, 8), torch.randn(16, 8), torch.randn(8)
+    pred, imgs = torch.randn(2, 16, 48), torch.randn(2, 3, 16, 16)
+
+    def grads(enable):
+        leaves = [t.to(device).requires_grad_() for t in (x, pos, token, pred)]
+        with enable():
+            h = ops.gather_visible(leaves[0], ids_keep, leaves[1], backend="native")
+            u = ops.unshuffle_with_mask_token(torch.cat([h[:, :1], h], 1), ids_restore, leaves[2], None,
+                                              backend="native")
+            loss = ops.masked_pixel_loss(leaves[3], imgs.to(device), mask, 4, True, backend="native")
+            (u.square().sum() + loss).backward()
+        return [t.grad for t in leaves]
+
+    eager = grads(contextlib.nullcontext)
+    compiled = grads(lambda: compiled_autograd._enable(torch.compile(backend="aot_eager")))
+    for a, b in zip(compiled, eager):
+        assert_close(a, b, backward=True)
 
 
 def test_loss_does_not_read_kept_patches(device):

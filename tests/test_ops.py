@@ -228,34 +228,51 @@ def test_unshuffle_with_mask_token(backend, dtype, n, L, d, with_pos):
 def differentiable_call(op):
     """(the op's arguments as a function of its differentiable inputs, those inputs)"""
     n, L, k, d, p = 2, 16, 5, 8, 4
-    _, ids_keep, ids_restore, _ = masking_inputs(n, L, k)
-    x = torch.randn(n, k, d, dtype=torch.bfloat16)
+    _, ids_keep, ids_restore, mask = masking_inputs(n, L, k)
+    bf16 = dict(dtype=torch.bfloat16)
     return {
-        "gather_visible": (lambda x, pos: (x, ids_keep, pos), [torch.randn(n, L, d, dtype=torch.bfloat16),
-                                                              torch.randn(L, d)]),
-        "encoder_input": (lambda x, cls, pos: (x, ids_keep, cls, pos), [x, torch.randn(1, 1, d), torch.randn(L + 1, d)]),
+        "gather_visible": (lambda x, pos: (x, ids_keep, pos), [torch.randn(n, L, d, **bf16), torch.randn(L, d)]),
+        "gather_visible without pos": (lambda x: (x, ids_keep, None), [torch.randn(n, L, d, **bf16)]),
+        "encoder_input": (lambda x, cls, pos: (x, ids_keep, cls, pos),
+                          [torch.randn(n, k, d, **bf16), torch.randn(1, 1, d), torch.randn(L + 1, d)]),
         "unshuffle_with_mask_token": (lambda x, tok, pos: (x, ids_restore, tok, pos),
-                                      [torch.randn(n, 1 + k, d, dtype=torch.bfloat16), torch.randn(d),
-                                       torch.randn(L + 1, d)]),
+                                      [torch.randn(n, 1 + k, d, **bf16), torch.randn(d), torch.randn(L + 1, d)]),
+        "unshuffle_with_mask_token without pos": (lambda x, tok: (x, ids_restore, tok, None),
+                                                  [torch.randn(n, 1 + k, d, **bf16), torch.randn(d)]),
         "embed_visible_patches": (lambda imgs, w, b: (imgs, ids_keep, w, b),
                                   [torch.randn(n, 3, 16, 16), torch.randn(d, 3, p, p), torch.randn(d)]),
+        "masked_pixel_loss": (lambda pred: (pred, torch.randn(n, 3, 16, 16), mask, p, True),
+                              [torch.randn(n, L, 3 * p * p, **bf16)]),
     }[op]
 
 
-@pytest.mark.parametrize("op", ["gather_visible", "encoder_input", "unshuffle_with_mask_token", "embed_visible_patches"])
-def test_gradients_for_every_subset_of_inputs_that_need_them(backend, op):
-    """Whichever of an op's inputs need a gradient, those get the reference's and the others none
-    (the backwards skip work by what autograd asks for)."""
-    inputs, leaves = differentiable_call(op)
+@pytest.mark.parametrize("call", ["gather_visible", "gather_visible without pos", "encoder_input",
+                                  "unshuffle_with_mask_token", "unshuffle_with_mask_token without pos",
+                                  "embed_visible_patches", "masked_pixel_loss"])
+def test_gradients_for_every_subset_of_inputs_that_need_them(backend, call):
+    """Whichever of an op's inputs need a gradient, those get the reference's (the backwards skip
+    work by what autograd asks for)."""
+    op = call.split()[0]
+    inputs, leaves = differentiable_call(call)
     for needed in range(1, 2 ** len(leaves)):
         ts = [t.clone().requires_grad_(bool(needed >> i & 1)) for i, t in enumerate(leaves)]
-        got = getattr(ops, op)(*inputs(*ts), backend=backend)
-        want = getattr(reference, op)(*inputs(*ts))
+        args = inputs(*ts)
+        got = getattr(ops, op)(*args, backend=backend)
+        want = getattr(reference, op)(*args)
         dy = torch.randn_like(want)
         wanted = [t for t in ts if t.requires_grad]
         for g, w in zip(torch.autograd.grad(got, wanted, dy), torch.autograd.grad(want, wanted, dy)):
-            assert g.dtype == w.dtype and g.shape == w.shape
             assert_close(g, w, backward=True)
+
+
+@pytest.mark.filterwarnings("ignore:var\\(\\)")  # the reference's, on no patches
+def test_an_empty_batch_has_a_loss_and_a_gradient(backend):
+    pred = torch.randn(0, 16, 48, requires_grad=True)
+    _, _, _, mask = masking_inputs(0, 16, 4)
+    loss = ops.masked_pixel_loss(pred, torch.randn(0, 3, 16, 16), mask, 4, True, backend=backend)
+    assert_close(loss, reference.masked_pixel_loss(pred, torch.randn(0, 3, 16, 16), mask, 4, True))
+    (dpred,) = torch.autograd.grad(loss, pred)
+    assert dpred.shape == pred.shape
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

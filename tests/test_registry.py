@@ -174,8 +174,10 @@ def test_native_cuda_limits_are_declared():
     assert "shared memory" in native.not_supported_reasons("random_masking", long_rows)[0]
     assert not native.not_supported_reasons("random_masking", Inputs(
         "random_masking", "cuda", dims={"N": 2, "L": 196, "K": 49}, dtypes={"noise": torch.float32}))
-    big_patches = Inputs("masked_pixel_loss", "cuda", dims={"N": 1, "C": 3, "H": 96, "W": 96, "p": 48}, dtypes={})
-    assert "C*p*p=6912" in native.not_supported_reasons("masked_pixel_loss", big_patches)[0]
+    big_patches = Inputs("masked_pixel_loss", "cuda", dims={"N": 1, "C": 3, "H": 128, "W": 128, "p": 64}, dtypes={})
+    assert "C*p*p=12288" in native.not_supported_reasons("masked_pixel_loss", big_patches)[0]
+    assert not native.not_supported_reasons("masked_pixel_loss", Inputs(
+        "masked_pixel_loss", "cuda", dims={"N": 1, "C": 3, "H": 96, "W": 96, "p": 48}, dtypes={}))
     assert not native.not_supported_reasons("random_masking", Inputs(
         "random_masking", "cpu", dims={"N": 2, "L": 20000, "K": 5}, dtypes={"noise": torch.float32}))
 

@@ -1,11 +1,14 @@
 """What the fused kernel backends (``triton``: ``kernels/``; ``native``: ``csrc/``) share around their
 ``torch.library`` ops: their fake kernels (for ``torch.compile``: the ops' specs,
-:data:`fastmae.ops.spec.FUSED_SPECS`), the autograd formulas that call each backend's backward
-kernels, and the Python side of the op interface (the visible-patch embedding, the encoder input's
-dtype mixes that the kernels leave to the reference, the loss's gradient switch).
+:data:`fastmae.ops.spec.FUSED_SPECS`), the autograd formulas that call the backward kernels (the
+Triton backend registers them; the native library has the same formulas in C++,
+``csrc/fastmae_autograd.cpp``, and its tests compare the two), and the Python side of the op
+interface (the visible-patch embedding, the encoder input's dtype mixes that the kernels leave to the
+reference, the loss's gradient switch).
 
-A backend describes its ops with :class:`FusedOps`, calls :func:`register` once, and answers the
-op interface through :class:`FusedBackend`.
+A backend describes its ops with :class:`FusedOps`, calls :func:`register_fakes` (and
+:func:`register_autograd` where its library has no autograd of its own) once, and answers the op
+interface through :class:`FusedBackend`.
 """
 from __future__ import annotations
 
@@ -82,6 +85,7 @@ def _unshuffle_setup(ctx, inputs, output):
 def _masked_pixel_loss_setup(ctx, inputs, output):
     _, g, msum = output
     ctx.save_for_backward(g, msum)
+    ctx.with_grad = inputs[5]
 
 
 def _masked_pixel_loss_backward(ctx, dloss, _dg, _dmsum):
@@ -89,19 +93,26 @@ def _masked_pixel_loss_backward(ctx, dloss, _dg, _dmsum):
     # g * 2 / (P * mask.sum()). The whole factor, loss scale included, is formed in fp32 and applied
     # in one rounding (PyTorch multiplies fp16/bf16 tensors by a 0-dim fp32 tensor in fp32).
     g, msum = ctx.saved_tensors
-    if g.numel() == 0 and ctx.needs_input_grad[0]:
+    if not ctx.with_grad and ctx.needs_input_grad[0]:
         raise RuntimeError("masked_pixel_loss was computed without its gradient (with_grad=False)")
     msum = msum.to(dloss.dtype).clamp_min(torch.finfo(dloss.dtype).tiny)
     return g * (2 * dloss / (g.shape[-1] * msum)), None, None, None, None, None
 
 
-def register(ops: FusedOps, *, autograd: bool = True) -> None:
-    """Fake kernels for a backend's ops, and (unless its library registers its own, as the native
-    one does in C++) their autograd; once per process."""
+def register_fakes(ops: FusedOps) -> None:
+    """Fake kernels for a backend's ops (once per process)."""
     for name, spec in FUSED_SPECS.items():
         torch.library.register_fake(getattr(ops, name), spec.fake)
-    if not autograd:
-        return
+
+
+def register_autograd(ops: FusedOps) -> None:
+    """Autograd for a backend's differentiable ops (once per process)."""
+    for op, backward, setup in autograd_formulas(ops):
+        torch.library.register_autograd(op, backward, setup_context=setup)
+
+
+def autograd_formulas(ops: FusedOps) -> list[tuple]:
+    """``(op, backward, setup_context)`` for each differentiable op, calling ``ops``' backward kernels."""
 
     def gather_visible_backward(ctx, dout):
         (ids_keep,) = ctx.saved_tensors
@@ -132,14 +143,13 @@ def register(ops: FusedOps, *, autograd: bool = True) -> None:
         dpos = dout.sum(0).to(ctx.pos_dtype) if ctx.needs_input_grad[3] else None
         return dx, None, dtok.to(ctx.tok_dtype), dpos
 
-    for op, backward, setup in [
+    return [
         (ops.gather_visible, gather_visible_backward, _gather_visible_setup),
         (ops.gather_patches, _gather_patches_backward, _gather_patches_setup),
         (ops.encoder_input, encoder_input_backward, _encoder_input_setup),
         (ops.unshuffle, unshuffle_backward, _unshuffle_setup),
         (ops.masked_pixel_loss, _masked_pixel_loss_backward, _masked_pixel_loss_setup),
-    ]:
-        torch.library.register_autograd(op, backward, setup_context=setup)
+    ]
 
 
 def gemm_input_dtype(x: torch.Tensor) -> torch.dtype:

@@ -20,7 +20,7 @@ from fastmae.kernels.gather_visible import (
 from fastmae.kernels.masked_pixel_loss import masked_pixel_loss_op
 from fastmae.kernels.random_masking import random_masking_op
 from fastmae.kernels.unshuffle import unshuffle_backward_op, unshuffle_op
-from fastmae.ops.fused import FusedBackend, FusedOps, register
+from fastmae.ops.fused import FusedBackend, FusedOps, register_autograd, register_fakes
 
 OPS = FusedOps(
     name="triton", random_masking=random_masking_op, gather_visible=gather_visible_op,
@@ -28,7 +28,8 @@ OPS = FusedOps(
     encoder_input=encoder_input_op, unshuffle=unshuffle_op,
     unshuffle_backward=unshuffle_backward_op, masked_pixel_loss=masked_pixel_loss_op,
 )
-register(OPS)
+register_fakes(OPS)
+register_autograd(OPS)
 _backend = FusedBackend(OPS)
 random_masking = _backend.random_masking
 gather_visible = _backend.gather_visible

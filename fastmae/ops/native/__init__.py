@@ -6,8 +6,9 @@ unavailable, and the C++ side of the kernel benchmarks. Its CPU kernels run on t
 selection never picks it on a CPU, and on CUDA only after ``triton``.
 
 The ops live in the ``torch.ops.fastmae_native`` namespace, defined by the native library
-(``TORCH_LIBRARY``); their fake (meta) kernels and autograd formulas (:mod:`fastmae.ops.fused`,
-shared with the Triton backend) are registered once the library is loaded, so ``torch.compile``
+(``TORCH_LIBRARY``), with their autograd in C++ (``csrc/fastmae_autograd.cpp``: the formulas of
+:mod:`fastmae.ops.fused`, which the Triton backend registers in Python); their fake (meta) kernels,
+shared with the Triton backend, are registered once the library is loaded, so ``torch.compile``
 traces them and ``torch.library.opcheck`` passes.
 
 Neither importing this module nor asking whether it can run (``unavailable_reasons``: the
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from fastmae.ops.fused import FusedBackend, FusedOps, register
+from fastmae.ops.fused import FusedBackend, FusedOps, register_fakes
 from fastmae.ops.native.build import (
     BuildError, build_and_load, cuda_archs, cuda_library_name, find_cuda_home, missing_build_tools,
 )
@@ -48,6 +49,7 @@ def unavailable_reasons(device_type: str) -> list[str]:
 
 # The native CUDA kernels' limits (csrc/fastmae_ops_cuda.cu checks them again before a launch).
 _SHARED_MEMORY = 48 * 1024
+MAX_LOSS_PATCH = 12000  # kMaxLossPatch in csrc/fastmae_ops_cuda.cu
 # the ops whose inputs this backend may refuse, with the dims its reasons read (besides the dtypes)
 LIMITED_OPS = {"random_masking": ("L",), "masked_pixel_loss": ("C", "H", "W", "p")}
 
@@ -65,8 +67,9 @@ def not_supported_reasons(op: str, inputs) -> list[str]:
         image, patch = d["C"] * d["H"] * d["W"], d["C"] * d["p"] * d["p"]
         if image > 2**31 - 1:
             return [f"the native CUDA masked_pixel_loss takes images of under 2^31 values (C*H*W={image})"]
-        if 2 * patch * 4 > _SHARED_MEMORY:
-            return [f"the native CUDA masked_pixel_loss takes patches of at most 6144 values (C*p*p={patch})"]
+        if patch > MAX_LOSS_PATCH:
+            return [f"the native CUDA masked_pixel_loss takes patches of at most {MAX_LOSS_PATCH} values "
+                    f"(C*p*p={patch})"]
     return []
 
 
@@ -114,7 +117,7 @@ def _attach_ops() -> None:
         unshuffle_backward=native.unshuffle_with_mask_token_backward.default,
         masked_pixel_loss=native.masked_pixel_loss.default,
     )
-    register(ops, autograd=False)  # the library's own, in C++ (csrc/fastmae_autograd.cpp)
+    register_fakes(ops)  # (its autograd is the library's own, in C++: csrc/fastmae_autograd.cpp)
     _backend = FusedBackend(ops)
 
 
