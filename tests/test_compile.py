@@ -44,3 +44,18 @@ def test_a_new_batch_size_compiles_without_a_break(kernels, attention, monkeypat
     for n in (2, 3, 4):
         loss, _, _ = compiled(torch.randn(n, 3, 32, 32), noise=torch.rand(n, 64))
         loss.backward()
+
+
+@pytest.mark.parametrize("kernels,attention", [("native", "sdpa"), ("torch", "sdpa_flash")])
+def test_every_size_dynamic_compiles_without_a_break(kernels, attention):
+    """With ``dynamic=True`` the image, patch and sequence sizes are symbolic too; the dims that the
+    backends' limits read are specialized (with guards) where the backend is chosen, instead of
+    breaking the graph there."""
+    model = create_model("mae_vit_tiny_patch4", depth=1, decoder_depth=1, norm_pix_loss=True,
+                         kernel_backend=kernels, attention_backend=attention)
+    imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 64)
+    eager, _, _ = model(imgs, noise=noise)
+    torch._dynamo.reset()
+    compiled, _, _ = torch.compile(model, fullgraph=True, dynamic=True, backend="aot_eager")(imgs, noise=noise)
+    compiled.backward()
+    assert_close(compiled, eager)

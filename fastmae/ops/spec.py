@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ast
 import math
+import operator
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -297,8 +298,10 @@ class Inputs:
     def key(self, dims: tuple[str, ...]) -> tuple:
         """The input class dispatch is cached by: the op, the device type, the dtypes of the tensors
         given (by name) and ``dims`` (those the backends' limits read; a symbolic size under
-        torch.compile is specialized to its value)."""
-        return (self.op, self.device_type, tuple(self.dtypes.items()), tuple((d, int(self.dims[d])) for d in dims))
+        torch.compile is specialized to its value, with a guard: ``operator.index``, which Dynamo
+        specializes where ``int()`` stays symbolic)."""
+        return (self.op, self.device_type, tuple(self.dtypes.items()),
+                tuple((d, operator.index(self.dims[d])) for d in dims))
 
 
 # -- MAE's ops -------------------------------------------------------------------------------------
