@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 import triton
+import triton.language as tl
 
 try:
     from triton import knobs
@@ -68,6 +69,15 @@ FP_FUSION = True
 
 def needs_int64_offsets(*tensors: torch.Tensor | None) -> bool:
     return any(t is not None and t.numel() >= INT32_OFFSETS_BELOW for t in tensors)
+
+
+@triton.jit
+def program_index(INT64: tl.constexpr):
+    """This program's index, in the width of the kernel's offsets (its row numbers derive from it)."""
+    i_p = tl.program_id(0)
+    if INT64:
+        i_p = i_p.to(tl.int64)
+    return i_p
 
 
 def on_device(t: torch.Tensor):

@@ -14,7 +14,7 @@ written in ``dtype`` (the GEMM's under autocast), so that no cast pass follows.
 ids_keep[n, k]]``: the embedding GEMM's (bf16) output read once, the (fp32) encoder input written
 once, instead of a gather of the position rows, an add, the cls token's add and a concatenation.
 
-Fake kernels and autograd: :mod:`fastmae.ops.fused` (shared with the native backend).
+Fake kernels (shared with the native backend) and autograd: :mod:`fastmae.ops.fused`.
 """
 from __future__ import annotations
 
@@ -24,7 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
-from fastmae.kernels._launch import FP_FUSION, accumulator_is_fp64, needs_int64_offsets, on_device, row_tiles
+from fastmae.kernels._launch import (
+    FP_FUSION, accumulator_is_fp64, needs_int64_offsets, on_device, program_index, row_tiles,
+)
 
 
 @triton.jit
@@ -33,9 +35,7 @@ def _gather_rows_fwd(
     n_rows, K, L, D, tiles_per_program,
     HAS_POS: tl.constexpr, FP64: tl.constexpr, INT64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
-    i_p = tl.program_id(0)
-    if INT64:
-        i_p = i_p.to(tl.int64)
+    i_p = program_index(INT64)
     o_d = tl.arange(0, BLOCK_W)
     m_d = o_d < D
     for i_t in range(tiles_per_program):
@@ -58,9 +58,7 @@ def _gather_rows_bwd(
     n_rows, K, L, D, tiles_per_program,
     INT64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    i_p = tl.program_id(0)
-    if INT64:
-        i_p = i_p.to(tl.int64)
+    i_p = program_index(INT64)
     o_d = tl.arange(0, BLOCK_W)
     m_d = o_d < D
     for i_t in range(tiles_per_program):
@@ -87,9 +85,7 @@ def _gather_patches_fwd(
     n_rows, K, C, H, W, GW, tiles_per_program,
     P: tl.constexpr, INT64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
-    i_p = tl.program_id(0)
-    if INT64:
-        i_p = i_p.to(tl.int64)
+    i_p = program_index(INT64)
     o_e = tl.arange(0, BLOCK_W)  # element of the patch, (c, i, j) order
     m_e = o_e < C * P * P
     o_c = o_e // (P * P)
@@ -114,9 +110,7 @@ def _encoder_input_fwd(
     n_rows, K, D, tiles_per_program,
     FP64: tl.constexpr, INT64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
-    i_p = tl.program_id(0)
-    if INT64:
-        i_p = i_p.to(tl.int64)
+    i_p = program_index(INT64)
     o_d = tl.arange(0, BLOCK_W)
     m_d = o_d < D
     b_cls = tl.load(cls_ptr + o_d, mask=m_d, other=0.0)

@@ -17,7 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
-from fastmae.kernels._launch import FP_FUSION, accumulator_is_fp64, needs_int64_offsets, on_device, row_tiles
+from fastmae.kernels._launch import (
+    FP_FUSION, accumulator_is_fp64, needs_int64_offsets, on_device, program_index, row_tiles,
+)
 from fastmae.numerics import NORM_PIX_EPS
 
 
@@ -29,9 +31,7 @@ def _masked_pixel_loss_fwd(
     FP64: tl.constexpr, INT64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     acc_dtype = tl.float64 if FP64 else tl.float32
-    i_p = tl.program_id(0)
-    if INT64:
-        i_p = i_p.to(tl.int64)
+    i_p = program_index(INT64)
     P: tl.constexpr = PATCH * PATCH * C
     # A tile is [rows, element e of pred's row], in pred's own (i, j, c) order (patchify's nhwpqc):
     # pred and the gradient, the 2-byte streams, move as contiguous vectors (16 bytes where a row's

@@ -19,7 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
-from fastmae.kernels._launch import FP_FUSION, accumulator_is_fp64, needs_int64_offsets, on_device, row_tiles
+from fastmae.kernels._launch import (
+    FP_FUSION, accumulator_is_fp64, needs_int64_offsets, on_device, program_index, row_tiles,
+)
 
 
 @triton.jit
@@ -28,9 +30,7 @@ def _unshuffle_fwd(
     n_rows, K, L, D, tiles_per_program,
     HAS_POS: tl.constexpr, FP64: tl.constexpr, INT64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
-    i_p = tl.program_id(0)
-    if INT64:
-        i_p = i_p.to(tl.int64)
+    i_p = program_index(INT64)
     o_d = tl.arange(0, BLOCK_W)
     m_d = o_d < D
     b_tok = tl.load(tok_ptr + o_d, mask=m_d, other=0.0)
@@ -60,9 +60,7 @@ def _unshuffle_bwd(
     n_rows, K, L, D, tiles_per_program,
     FP64: tl.constexpr, INT64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
-    i_p = tl.program_id(0)
-    if INT64:
-        i_p = i_p.to(tl.int64)
+    i_p = program_index(INT64)
     o_d = tl.arange(0, BLOCK_W)
     m_d = o_d < D
     b_dtok = tl.zeros([BLOCK_W], dtype=tl.float64 if FP64 else tl.float32)

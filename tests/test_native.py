@@ -202,6 +202,7 @@ def autograd_cases(device):
     for x_dtype, param_dtype in [(torch.bfloat16, torch.float32), (torch.float32, torch.float32),
                                  (torch.float16, torch.float64)]:
         x, pos = torch.randn(n, L, d, dtype=x_dtype), torch.randn(L, d, dtype=param_dtype)
+        acc_dtype = torch.promote_types(param_dtype, torch.float32)  # the loss's
         visible, pos1 = torch.randn(n, k, d, dtype=x_dtype), torch.randn(L + 1, d, dtype=param_dtype)
         latent, token = torch.randn(n, 1 + k, d, dtype=x_dtype), torch.randn(d, dtype=param_dtype)
         # upstream gradients laid out as a transpose leaves them: not contiguous
@@ -213,10 +214,10 @@ def autograd_cases(device):
         yield "encoder_input", [visible, ids_keep, torch.randn(d, dtype=param_dtype), pos1], [0, 2, 3], dy1
         yield "unshuffle", [latent, ids_restore, token, pos1], [0, 2, 3], dyL
         yield "unshuffle", [latent, ids_restore, token, None], [0, 2], dyL
-        yield "gather_patches", [imgs.to(param_dtype), ids_keep, p, x_dtype], [0], torch.randn(n, k, 3 * p * p).to(
-            x_dtype)
-        yield ("masked_pixel_loss", [torch.randn(n, L, 3 * p * p, dtype=x_dtype), imgs.to(param_dtype), mask, p, True,
-                                     True], [0], torch.tensor(1024.0, dtype=torch.promote_types(param_dtype, torch.float32)))
+        dpatches = torch.randn(n, k, 3 * p * p, dtype=x_dtype)
+        yield "gather_patches", [imgs.to(param_dtype), ids_keep, p, x_dtype], [0], dpatches
+        pred, loss_scale = torch.randn(n, L, 3 * p * p, dtype=x_dtype), torch.tensor(1024.0, dtype=acc_dtype)
+        yield "masked_pixel_loss", [pred, imgs.to(param_dtype), mask, p, True, True], [0], loss_scale
 
 
 def test_autograd_is_the_python_formulas_bit_for_bit(device):
