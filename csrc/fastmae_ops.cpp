@@ -184,18 +184,19 @@ struct Cpu {
   }
 
   template <typename P, typename I>
-  static void masked_pixel_loss(const P* pred, const I* imgs, const loss_acc_t<P, I>* mask,
-                                const loss_acc_t<P, I>* msum, loss_acc_t<P, I>* loss, P* dpred, int64_t N, int64_t L,
-                                int64_t C, int64_t H, int64_t W, int64_t p, bool norm_pix, const at::TensorOptions&) {
+  static void masked_pixel_loss(const P* pred, const I* imgs, const loss_acc_t<P, I>* mask, loss_acc_t<P, I>* msum,
+                                loss_acc_t<P, I>* loss, P* dpred, int64_t N, int64_t L, int64_t C, int64_t H, int64_t W,
+                                int64_t p, bool norm_pix, const at::TensorOptions&) {
     using A = loss_acc_t<P, I>;
     const int64_t E = p * p * C, GW = W / p, rows = N * L, chunks = ceil_div(rows, kRowsPerChunk);
-    std::vector<A> partial(chunks);
+    std::vector<A> partial(chunks), partial_mask(chunks);  // per chunk: the loss, the mask's sum
     at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
       std::vector<A> target(E);
       for (int64_t c = begin; c < end; ++c) {
-        A sum = 0;
+        A sum = 0, msum_chunk = 0;
         for (int64_t r = c * kRowsPerChunk; r < std::min(rows, (c + 1) * kRowsPerChunk); ++r) {
           const A m = mask[r];
+          msum_chunk += m;
           P* g = dpred ? dpred + r * E : nullptr;
           if (m == 0) {  // a kept patch: not read, no gradient
             if (g) std::fill(g, g + E, P(0));
@@ -225,11 +226,16 @@ struct Cpu {
           sum += m * (sq / A(E));
         }
         partial[c] = sum;
+        partial_mask[c] = msum_chunk;
       }
     });
-    A total = 0;
-    for (A v : partial) total += v;
-    *loss = total / std::max(*msum, std::numeric_limits<A>::min());
+    A total = 0, count = 0;
+    for (int64_t c = 0; c < chunks; ++c) {
+      total += partial[c];
+      count += partial_mask[c];
+    }
+    *msum = count;
+    *loss = total / std::max(count, std::numeric_limits<A>::min());
   }
 };
 

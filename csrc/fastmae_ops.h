@@ -273,7 +273,8 @@ std::tuple<at::Tensor, at::Tensor> unshuffle_with_mask_token_backward(const at::
 // (else an empty tensor), g = mask * (pred - target) in pred's dtype, computed in the same pass:
 // d loss / d pred is g * 2 / (p*p*C * mask.sum()), one scale in the backward (where the loss scale of
 // fp16 training joins it before anything is rounded: g itself is of the size of the pixels, never
-// subnormal), which takes the mask's sum from here. Kept patches (mask 0) are not read.
+// subnormal), which takes the mask's sum from here (summed in the same pass, not in a launch of its
+// own). Kept patches (mask 0) are not read.
 template <class Dev>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_pixel_loss(const at::Tensor& pred_, const at::Tensor& imgs_,
                                                                  const at::Tensor& mask_, int64_t patch_size,
@@ -291,7 +292,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_pixel_loss(const at::Tenso
   const bool fp64 = pred.scalar_type() == at::kDouble || imgs.scalar_type() == at::kDouble;
   const auto acc = fp64 ? at::kDouble : at::kFloat;
   const at::Tensor mask = mask_.to(acc).contiguous();
-  const at::Tensor msum = mask.sum();
+  at::Tensor msum = at::empty({}, pred.options().dtype(acc));
   at::Tensor loss = at::empty({}, pred.options().dtype(acc));
   at::Tensor dpred = with_grad ? at::empty_like(pred) : at::empty({0}, pred.options());
   dispatch_float(pred.scalar_type(), "masked_pixel_loss", [&](auto pt) {

@@ -295,7 +295,8 @@ __global__ void sum_partial_rows_kernel(const A* __restrict__ partial, int64_t b
 // so that pred and the gradient, the 2-byte streams, move as V-wide vectors; each element's pixel is
 // gathered from the patch's C * p image rows through a table (the same for every patch, one per
 // block). Three passes (mean, variance, error) read the image, the later two from cache; in each, a
-// lane takes the same V consecutive elements.
+// lane takes the same V consecutive elements. The mask's sum comes from the same pass: partial[b] is
+// block b's loss, partial[blocks + b] its mask sum.
 
 template <typename P, typename I, int V>
 __global__ void __launch_bounds__(kThreads)
@@ -304,7 +305,7 @@ __global__ void __launch_bounds__(kThreads)
                              loss_acc_t<P, I>* __restrict__ partial, int64_t rows, int64_t rows_per_block, int64_t L,
                              int64_t C, int64_t H, int64_t W, int p, bool norm_pix) {
   using A = loss_acc_t<P, I>;
-  __shared__ A warp_loss[kWarpsPerBlock];
+  __shared__ A warp_loss[kWarpsPerBlock], warp_mask[kWarpsPerBlock];
   // element q = (i, j, c) of pred's row -> its pixel's offset from the patch's corner, at
   // [q % V][q / V]: the lanes, each reading element k of its own vector, read consecutive words
   // (stored by q, lane after lane would read V words apart: a V-way bank conflict)
@@ -319,9 +320,10 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t GW = W / p;
   const int64_t first = int64_t(blockIdx.x) * rows_per_block;
   const int64_t last = first + rows_per_block < rows ? first + rows_per_block : rows;
-  A loss = 0;  // this warp's rows, in order
+  A loss = 0, msum = 0;  // this warp's rows, in order
   for (int64_t r = first + warp; r < last; r += kWarpsPerBlock) {  // row n*L + l
     const A m = mask[r];
+    msum += m;
     P* g = dpred ? dpred + r * E : nullptr;
     if (m == 0) {  // a kept patch: not read, no gradient
       if (g)
@@ -365,34 +367,52 @@ __global__ void __launch_bounds__(kThreads)
     }
     loss += m * (warp_sum(sq) / A(E));
   }
-  if (lane == 0) warp_loss[warp] = loss;
+  if (lane == 0) {
+    warp_loss[warp] = loss;
+    warp_mask[warp] = msum;
+  }
   __syncthreads();
   if (threadIdx.x == 0) {
-    A s = 0;
-    for (int w = 0; w < kWarpsPerBlock; ++w) s += warp_loss[w];
+    A s = 0, ms = 0;
+    for (int w = 0; w < kWarpsPerBlock; ++w) {
+      s += warp_loss[w];
+      ms += warp_mask[w];
+    }
     partial[blockIdx.x] = s;
+    partial[gridDim.x + blockIdx.x] = ms;
   }
 }
 
 // The loss kernel's table (one int per element of a patch) and its per-warp sums fit the 48 KiB of
 // shared memory a block may have without opting in: patches of up to 12,000 values (C*p*p).
 constexpr int64_t kMaxLossPatch = 12000;
-static_assert(kMaxLossPatch * sizeof(int) + kWarpsPerBlock * sizeof(double) <= 48 * 1024);
+static_assert(kMaxLossPatch * sizeof(int) + 2 * kWarpsPerBlock * sizeof(double) <= 48 * 1024);
 
-// loss = sum(partial) / max(msum, tiny): strided sums, then a fixed tree (one block)
+// msum = the mask's partial sums' total, loss = the losses' total / max(msum, tiny): strided sums,
+// then a fixed tree (one block)
 template <typename A>
-__global__ void finish_loss_kernel(const A* __restrict__ partial, int64_t blocks, const A* __restrict__ msum, A tiny,
+__global__ void finish_loss_kernel(const A* __restrict__ partial, int64_t blocks, A tiny, A* __restrict__ msum,
                                    A* __restrict__ loss) {
-  __shared__ A s[kThreads];
-  A v = 0;
-  for (int64_t b = threadIdx.x; b < blocks; b += kThreads) v += partial[b];
-  s[threadIdx.x] = v;
+  __shared__ A s[2][kThreads];
+  A v = 0, m = 0;
+  for (int64_t b = threadIdx.x; b < blocks; b += kThreads) {
+    v += partial[b];
+    m += partial[blocks + b];
+  }
+  s[0][threadIdx.x] = v;
+  s[1][threadIdx.x] = m;
   __syncthreads();
   for (int stride = kThreads / 2; stride > 0; stride /= 2) {
-    if (threadIdx.x < stride) s[threadIdx.x] += s[threadIdx.x + stride];
+    if (threadIdx.x < stride) {
+      s[0][threadIdx.x] += s[0][threadIdx.x + stride];
+      s[1][threadIdx.x] += s[1][threadIdx.x + stride];
+    }
     __syncthreads();
   }
-  if (threadIdx.x == 0) *loss = s[0] / (*msum > tiny ? *msum : tiny);
+  if (threadIdx.x == 0) {
+    *msum = s[1][0];
+    *loss = s[0][0] / (s[1][0] > tiny ? s[1][0] : tiny);
+  }
 }
 
 // Reductions use at most about this many blocks (partials), whatever the batch: the row ranges
@@ -483,16 +503,15 @@ struct Cuda {
   }
 
   template <typename P, typename I>
-  static void masked_pixel_loss(const P* pred, const I* imgs, const loss_acc_t<P, I>* mask,
-                                const loss_acc_t<P, I>* msum, loss_acc_t<P, I>* loss, P* dpred, int64_t N, int64_t L,
-                                int64_t C, int64_t H, int64_t W, int64_t p, bool norm_pix,
-                                const at::TensorOptions& options) {
+  static void masked_pixel_loss(const P* pred, const I* imgs, const loss_acc_t<P, I>* mask, loss_acc_t<P, I>* msum,
+                                loss_acc_t<P, I>* loss, P* dpred, int64_t N, int64_t L, int64_t C, int64_t H, int64_t W,
+                                int64_t p, bool norm_pix, const at::TensorOptions& options) {
     using A = loss_acc_t<P, I>;
     const A tiny = std::numeric_limits<A>::min();
     const int64_t rows = N * L;
     const int64_t rows_per_block = kWarpsPerBlock * std::max<int64_t>(1, ceil_div(rows, kWarpsPerBlock * kMaxPartials));
     const int64_t blocks = ceil_div(rows, rows_per_block);
-    at::Tensor partial = at::empty({std::max<int64_t>(blocks, 1)}, options.dtype(c10::CppTypeToScalarType<A>::value));
+    at::Tensor partial = at::empty({std::max<int64_t>(2 * blocks, 1)}, options.dtype(c10::CppTypeToScalarType<A>::value));
     const int64_t E = C * p * p;
     TORCH_CHECK(C * H * W <= std::numeric_limits<int>::max() && E <= kMaxLossPatch,
                 "masked_pixel_loss: the native CUDA kernel takes images of fewer than 2^31 pixels and patches of "
@@ -503,7 +522,7 @@ struct Cuda {
                     masked_pixel_loss_kernel<P, I, 1>, pred, imgs, mask, dpred, partial.data_ptr<A>(),
                     rows, rows_per_block, L, C, H, W, static_cast<int>(p), norm_pix);
     }
-    finish_loss_kernel<A><<<1, kThreads, 0, stream()>>>(partial.data_ptr<A>(), blocks, msum, tiny, loss);
+    finish_loss_kernel<A><<<1, kThreads, 0, stream()>>>(partial.data_ptr<A>(), blocks, tiny, msum, loss);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 };
