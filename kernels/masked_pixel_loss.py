@@ -8,8 +8,9 @@ same pass also writes ``g = mask * (pred - target)`` (zeros for kept rows), so t
 values of the size of the pixels, not of the gradient: an fp16 gradient, tiny until the loss scale
 multiplies it, would lose its small entries to underflow if it were rounded before that.)
 Per-row losses, and the mask (the count of removed patches, the mean's denominator), are summed per
-program in a fixed order, and the per-program partial sums by one ``torch.sum``: the result is
-deterministic, and the mask is read once, by this pass (the backward takes its sum from here).
+program in a fixed order, and the per-program partial sums by one more kernel, which also divides:
+two launches in all, the result is deterministic, and the mask is read once, by this pass (the
+backward takes its sum from here).
 """
 from __future__ import annotations
 
@@ -72,6 +73,23 @@ def _masked_pixel_loss_fwd(
     tl.store(partial_ptr + n_programs + i_p, tl.sum(b_msum, axis=0))
 
 
+@triton.jit
+def _finish_loss(partial_ptr, loss_ptr, msum_ptr, n_programs, TINY: tl.constexpr, FP64: tl.constexpr, BLOCK: tl.constexpr):
+    """One program: msum = the mask's partial sums' total, loss = the losses' total / max(msum, tiny)
+    (TINY: the accumulator's smallest normal number, as the reference's ``clamp_min``)."""
+    acc_dtype = tl.float64 if FP64 else tl.float32
+    b_loss = tl.zeros([BLOCK], dtype=acc_dtype)
+    b_msum = tl.zeros([BLOCK], dtype=acc_dtype)
+    for start in range(0, n_programs, BLOCK):
+        o = start + tl.arange(0, BLOCK)
+        b_loss += tl.load(partial_ptr + o, mask=o < n_programs, other=0.0)
+        b_msum += tl.load(partial_ptr + n_programs + o, mask=o < n_programs, other=0.0)
+    loss = tl.sum(b_loss, axis=0)
+    msum = tl.sum(b_msum, axis=0)
+    tl.store(loss_ptr, loss / tl.maximum(msum, tl.full([], TINY, acc_dtype)))
+    tl.store(msum_ptr, msum)
+
+
 @torch.library.custom_op("fastmae::masked_pixel_loss", mutates_args=())
 def masked_pixel_loss_op(
     pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, patch_size: int, norm_pix: bool, with_grad: bool
@@ -86,6 +104,8 @@ def masked_pixel_loss_op(
     # one scalar partial of each sum per program: no need to cap the programs
     t = row_tiles(n * L, pred.shape[2], pred.device)
     partial = torch.empty(2, t.grid[0], dtype=acc, device=pred.device)
+    loss = torch.empty((), dtype=acc, device=pred.device)
+    msum = torch.empty((), dtype=acc, device=pred.device)
     dpred = torch.empty_like(pred) if with_grad else pred.new_empty(0)
     with on_device(pred):
         _masked_pixel_loss_fwd[t.grid](
@@ -95,5 +115,6 @@ def masked_pixel_loss_op(
             INT64=needs_int64_offsets(pred, imgs),
             BLOCK_R=t.BLOCK_R, BLOCK_E=t.BLOCK_W, num_warps=t.num_warps, enable_fp_fusion=FP_FUSION,
         )
-    msum = partial[1].sum()
-    return partial[0].sum() / msum.clamp_min(torch.finfo(acc).tiny), dpred, msum
+        _finish_loss[(1,)](partial, loss, msum, t.grid[0], TINY=torch.finfo(acc).tiny, FP64=fp64, BLOCK=1024,
+                           enable_fp_fusion=FP_FUSION)
+    return loss, dpred, msum

@@ -69,6 +69,10 @@ CASES = [
       for pred, img, acc, patch, norm_pix, grad in [
           ("bf16", "fp32", "fp32", 16, True, True), ("bf16", "fp32", "fp32", 14, False, False),
           ("fp16", "bf16", "fp32", 16, True, True), ("fp64", "fp64", "fp64", 16, True, True)]],
+    *[(masked_pixel_loss._finish_loss,
+       dict(partial_ptr=f"*{acc}", loss_ptr=f"*{acc}", msum_ptr=f"*{acc}", n_programs="i32"),
+       dict(TINY=tiny, FP64=acc == "fp64", BLOCK=1024), 4)
+      for acc, tiny in [("fp32", 1.1754943508222875e-38), ("fp64", 2.2250738585072014e-308)]],
     *[(add_layer_norm._add_layer_norm_fwd,
        dict(x_ptr="*fp32", branch_ptr=f"*{branch}", w_ptr="*fp32", b_ptr="*fp32", h_ptr="*fp32", y_ptr=f"*{y}",
             mean_ptr="*fp32", rstd_ptr="*fp32", n_rows="i32", D="i32", eps="fp32", tiles_per_program="i32"),
