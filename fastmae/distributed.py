@@ -13,6 +13,7 @@ and while doing what (:func:`peers_report`).
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
@@ -163,4 +164,9 @@ def barrier() -> None:
 
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
+        # A DDP wrapper left in a reference cycle would otherwise be collected after the process
+        # group is destroyed: its reducer then drops the group's last reference, and gloo's destructor
+        # joins its worker threads holding the GIL while a worker may need it to free a tensor
+        # (a hang at exit seen with torch 2.11). Collected here, the group outlives it.
+        gc.collect()
         dist.destroy_process_group()

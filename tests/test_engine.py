@@ -49,6 +49,14 @@ def join(rank: int, world_size: int, port: int):
 def train(rank: int, world_size: int, batch_size: int, accum_iter: int, out: str, port: int, mode: str = "eager",
           sharding: str = "ddp", bf16: bool = False) -> None:
     dist, model = join(rank, world_size, port)
+    try:
+        train_and_save(dist, model, batch_size, accum_iter, out, mode, sharding, bf16)
+    finally:  # once the DDP wrapper is gone with train_and_save's frame (see distributed.cleanup)
+        cleanup()
+
+
+def train_and_save(dist, model, batch_size: int, accum_iter: int, out: str, mode: str, sharding: str,
+                   bf16: bool) -> None:
     if sharding == "fsdp":
         shard_model(model, torch.device("cpu"))
     # SGD: Adam turns rounding noise in near-zero gradients into full-size steps, which would hide
@@ -71,7 +79,6 @@ def train(rank: int, world_size: int, batch_size: int, accum_iter: int, out: str
     params = [(p.full_tensor() if sharding == "fsdp" else p).detach().clone() for p in model.parameters()]
     if dist.is_main:
         torch.save({"params": params, "losses": losses}, out)
-    cleanup()
 
 
 def free_port() -> int:
@@ -181,6 +188,13 @@ def test_progress_shows_the_epochs_and_the_runs_time_left():
 def stop_on_rank_0(rank: int, world_size: int, out: str, port: int) -> None:
     """Rank 0 alone gets a stop signal after its 3rd step; both ranks must stop at the same step."""
     dist, model = join(rank, world_size, port)
+    try:
+        stop_and_save(dist, model, rank, out)
+    finally:
+        cleanup()
+
+
+def stop_and_save(dist, model, rank: int, out: str) -> None:
     step = TrainStep(torch.nn.parallel.DistributedDataParallel(model), torch.optim.SGD(model.parameters(), lr=0.1),
                      lambda m, x, y: m(x)[0], accum_iter=2)
     loader = TorchvisionLoader(ShapesDataset(IMAGES, image_size=40, transform=pretrain_transform(32)), batch_size=2,
@@ -197,7 +211,6 @@ def stop_on_rank_0(rank: int, world_size: int, out: str, port: int) -> None:
     except StopRequested as e:
         stopped = (e.batch, int(e.signum))
     torch.save({"stopped": stopped, "checkpoints": checkpoints}, f"{out}.{rank}")
-    cleanup()
 
 
 def test_ranks_agree_on_a_stop_signal_that_one_of_them_got(tmp_path):
