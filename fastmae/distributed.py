@@ -17,7 +17,9 @@ import gc
 import json
 import os
 import subprocess
+import sys
 import time
+import traceback
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -163,10 +165,18 @@ def barrier() -> None:
 
 
 def cleanup() -> None:
+    """Destroy the process group, once what the job no longer needs is freed: called in a
+    ``finally``, it also frees the locals of the frames an exception in flight holds (its traceback
+    still prints, without them)."""
     if dist.is_available() and dist.is_initialized():
-        # A DDP wrapper left in a reference cycle would otherwise be collected after the process
-        # group is destroyed: its reducer then drops the group's last reference, and gloo's destructor
-        # joins its worker threads holding the GIL while a worker may need it to free a tensor
-        # (a hang at exit seen with torch 2.11). Collected here, the group outlives it.
+        # The group must outlive every DDP wrapper: one freed after it leaves its reducer with the
+        # group's last reference, and gloo's destructor then joins its worker threads holding the
+        # GIL while a worker may need the GIL to free a tensor (a hang at exit, seen with torch
+        # 2.11). So first the frames of an exception in flight, then reference cycles; a caller must
+        # not keep a wrapper alive itself.
+        error = sys.exc_info()[1]
+        while error is not None:
+            traceback.clear_frames(error.__traceback__)
+            error = error.__cause__ or error.__context__
         gc.collect()
         dist.destroy_process_group()

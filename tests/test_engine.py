@@ -185,6 +185,43 @@ def test_progress_shows_the_epochs_and_the_runs_time_left():
     assert lines and "eta 0:05 (run 1:02:05)" in lines[0]
 
 
+def test_cleanup_frees_the_ddp_wrapper_an_exception_holds_before_destroying_the_group(monkeypatch):
+    """A job that fails keeps its DDP wrapper alive in the exception's frames; the process group must
+    still outlive it (a reducer holding the group's last reference hangs gloo's destructor)."""
+    import weakref
+
+    import torch.distributed as torch_dist
+
+    torch_dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    wrapper = None
+    freed_first = []
+    destroy = torch_dist.destroy_process_group
+
+    def destroy_and_record():
+        freed_first.append(wrapper() is None)
+        destroy()
+
+    monkeypatch.setattr(torch_dist, "destroy_process_group", destroy_and_record)
+
+    def fail():
+        nonlocal wrapper
+        ddp = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 4))
+        ddp(torch.ones(2, 4)).sum().backward()
+        wrapper = weakref.ref(ddp)
+        raise RuntimeError("the step failed")
+
+    try:
+        with pytest.raises(RuntimeError, match="the step failed"):
+            try:
+                fail()
+            finally:
+                cleanup()
+    finally:
+        if torch_dist.is_initialized():
+            destroy()
+    assert freed_first == [True]
+
+
 def stop_on_rank_0(rank: int, world_size: int, out: str, port: int) -> None:
     """Rank 0 alone gets a stop signal after its 3rd step; both ranks must stop at the same step."""
     dist, model = join(rank, world_size, port)
