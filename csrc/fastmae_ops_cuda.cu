@@ -379,7 +379,7 @@ __global__ void __launch_bounds__(kThreads)
       ms += warp_mask[w];
     }
     partial[blockIdx.x] = s;
-    partial[gridDim.x + blockIdx.x] = ms;
+    partial[gridDim.x + blockIdx.x] = ms;  // gridDim.x: the launch's `blocks`, as finish_loss_kernel reads them
   }
 }
 

@@ -74,7 +74,8 @@ def _masked_pixel_loss_fwd(
 
 
 @triton.jit
-def _finish_loss(partial_ptr, loss_ptr, msum_ptr, n_programs, TINY: tl.constexpr, FP64: tl.constexpr, BLOCK: tl.constexpr):
+def _finish_loss(partial_ptr, loss_ptr, msum_ptr, n_programs,
+                 TINY: tl.constexpr, FP64: tl.constexpr, BLOCK: tl.constexpr):
     """One program: msum = the mask's partial sums' total, loss = the losses' total / max(msum, tiny)
     (TINY: the accumulator's smallest normal number, as the reference's ``clamp_min``)."""
     acc_dtype = tl.float64 if FP64 else tl.float32
@@ -86,7 +87,9 @@ def _finish_loss(partial_ptr, loss_ptr, msum_ptr, n_programs, TINY: tl.constexpr
         b_msum += tl.load(partial_ptr + n_programs + o, mask=o < n_programs, other=0.0)
     loss = tl.sum(b_loss, axis=0)
     msum = tl.sum(b_msum, axis=0)
-    tl.store(loss_ptr, loss / tl.maximum(msum, tl.full([], TINY, acc_dtype)))
+    count = tl.maximum(msum, tl.full([], TINY, acc_dtype))
+    # correctly rounded, as torch's division (fp32 `/` is an approximate division on GPUs)
+    tl.store(loss_ptr, loss / count if FP64 else tl.math.div_rn(loss, count))
     tl.store(msum_ptr, msum)
 
 

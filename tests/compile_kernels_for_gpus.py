@@ -19,6 +19,7 @@ import sys
 
 assert os.environ.get("TRITON_INTERPRET", "0") != "1", "the interpreter replaces the compiler: unset TRITON_INTERPRET"
 
+import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
@@ -72,7 +73,7 @@ CASES = [
     *[(masked_pixel_loss._finish_loss,
        dict(partial_ptr=f"*{acc}", loss_ptr=f"*{acc}", msum_ptr=f"*{acc}", n_programs="i32"),
        dict(TINY=tiny, FP64=acc == "fp64", BLOCK=1024), 4)
-      for acc, tiny in [("fp32", 1.1754943508222875e-38), ("fp64", 2.2250738585072014e-308)]],
+      for acc, tiny in [("fp32", torch.finfo(torch.float32).tiny), ("fp64", torch.finfo(torch.float64).tiny)]],
     *[(add_layer_norm._add_layer_norm_fwd,
        dict(x_ptr="*fp32", branch_ptr=f"*{branch}", w_ptr="*fp32", b_ptr="*fp32", h_ptr="*fp32", y_ptr=f"*{y}",
             mean_ptr="*fp32", rstd_ptr="*fp32", n_rows="i32", D="i32", eps="fp32", tiles_per_program="i32"),
@@ -96,9 +97,10 @@ CASES = [
 ]
 
 
-# integer arguments that are multiples of 16 at ViT-L/16 batch 256 (D=1024, H=W=224, N*L=50176),
-# which Triton's launcher marks divisible by 16 (L=196, K=49 and the grid width 14 are not)
-DIVISIBLE_INTS = ("D", "H", "W", "n_rows")
+# integer arguments that are multiples of 16 at ViT-L/16 batch 256 (D=1024, H=W=224, N*L=50176, and
+# the loss's 12544 programs), which Triton's launcher marks divisible by 16 (L=196, K=49 and the grid
+# width 14 are not)
+DIVISIBLE_INTS = ("D", "H", "W", "n_rows", "n_programs")
 ACCESS = re.compile(r"\b(ld|st)\.global(?:\.[a-z]+)*?(?:\.v(\d))?\.b(\d+)\b")
 # fp32 -> bf16/fp16 conversions and their rounding (rn: to nearest even, as torch's .to())
 # 64-bit integer divisions and remainders (tens of instructions each on a GPU)
