@@ -54,15 +54,22 @@ pack
 run 90 python -m fastmae.ops.native build --cuda 2>&1 | tail -n 20 | tee "$OUT/native-build.txt"
 pack
 
-# every test that runs a kernel, the model or the training step on the GPU (the CPU-only ones are CI's)
+# every test that runs a kernel, the model or the training step on the GPU (the CPU-only ones are CI's),
+# the ops' first and the compiler's last; each test's outcome goes to gpu-tests-full.txt as it ends, so
+# that a run stopped at its time limit still says what passed and what failed
 xdist=$(python -c "import xdist" 2>/dev/null && echo "-n 8")
 # (not test_native.py's sm_80 + sm_90 build and its PTX: CI's; the library above is this GPU's)
-run 150 python -m pytest tests/test_step.py tests/test_ops.py tests/test_kernels.py tests/test_native.py \
-  tests/test_parity.py tests/test_attention.py tests/test_model.py tests/test_compile.py tests/test_nvjpeg.py \
+run 150 python -m pytest tests/test_ops.py tests/test_kernels.py tests/test_native.py tests/test_parity.py \
+  tests/test_step.py tests/test_attention.py tests/test_model.py tests/test_nvjpeg.py tests/test_compile.py \
   --deselect tests/test_native.py::test_cuda_library_compiles_for_a100_and_h100_and_loads \
   --deselect tests/test_native.py::test_cuda_kernels_move_rows_in_16_byte_vectors \
-  -q -p no:cacheprovider $xdist -rfE 2>&1 \
-  | tail -n 60 | tee "$OUT/gpu-tests.txt"
+  -v -p no:cacheprovider $xdist -rfE --durations=15 >"$OUT/gpu-tests-full.txt" 2>&1
+tests_rc=$?
+{
+  grep -E "^(FAILED|ERROR) |^=+ .*(passed|failed|error)" "$OUT/gpu-tests-full.txt" | tail -n 60
+  [ "$tests_rc" -eq 124 ] && echo "stopped at its time limit after $(grep -cE " (PASSED|FAILED|ERROR|SKIPPED)" \
+    "$OUT/gpu-tests-full.txt") outcomes (FAILED/ERROR above; each test's in gpu-tests-full.txt)"
+} | tee "$OUT/gpu-tests.txt"
 pack
 
 # the pretraining step against the original: ViT-L at the paper's per-GPU batch and at a GPU-filling one
