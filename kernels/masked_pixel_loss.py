@@ -36,9 +36,9 @@ def _masked_pixel_loss_fwd(
     P: tl.constexpr = PATCH * PATCH * C
     # A tile is [rows, element e of pred's row], in pred's own (i, j, c) order (patchify's nhwpqc):
     # pred and the gradient, the 2-byte streams, move as contiguous vectors (16 bytes where a row's
-    # bytes are a multiple of 16, as at p=16; 8 at p=14); each element's
-    # pixel is gathered from the patch's C * PATCH rows of the image, which the row's neighbouring
-    # lanes read too (the image is read from memory once, the gather is served by the cache).
+    # bytes are a multiple of 16, as at p=16; 8 at p=14); each element's pixel is gathered from the
+    # patch's C * PATCH rows of the image, which the row's neighbouring lanes read too (the image is
+    # read from memory once, the gather is served by the cache).
     o_e = tl.arange(0, BLOCK_E)[None, :]
     m_e = o_e < P
     o_pix = o_e // C

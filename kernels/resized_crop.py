@@ -136,5 +136,5 @@ def resized_crop_batch(images: list[torch.Tensor], boxes: torch.Tensor, flips: t
     grid = (len(images), triton.cdiv(size * size, block))
     with on_device(out):
         _resized_crop_kernel[grid](table, out, *mean, *std, S=size, BLOCK=block, num_warps=4,
-        enable_fp_fusion=FP_FUSION)
+                                   enable_fp_fusion=FP_FUSION)
     return out
