@@ -10,10 +10,6 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
-#include <ATen/Dispatch.h>
-#include <ATen/TensorOperators.h>
-
-#include <limits>
 #include <optional>
 #include <string>
 
@@ -36,13 +32,6 @@ c10::SymInt saved_size(AutogradContext* ctx, const std::string& key) {
 
 at::ScalarType saved_dtype(AutogradContext* ctx, const std::string& key) {
   return ctx->saved_data[key].toScalarType();
-}
-
-// torch.finfo(dtype).tiny
-at::Scalar tiny(at::ScalarType dtype) {
-  return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "tiny", [] {
-    return at::Scalar(std::numeric_limits<scalar_t>::min());
-  });
 }
 
 Tensor gather_visible_backward(const Tensor& dout, const Tensor& ids_keep, const c10::SymInt& L, at::ScalarType dtype) {
@@ -183,17 +172,16 @@ struct MaskedPixelLoss : torch::autograd::Function<MaskedPixelLoss> {
   }
 
   // the forward wrote g = mask * (pred - target) and summed the mask: d loss / d pred =
-  // g * 2 / (P * mask.sum()). The whole factor, loss scale included, is formed in fp32 and applied
-  // in one rounding (PyTorch multiplies fp16/bf16 tensors by a 0-dim fp32 tensor in fp32).
+  // g * 2 / (P * mask.sum()), the loss scale in dloss; one kernel, as fastmae/ops/fused.py's formula
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto handle =
+        op<Tensor(const Tensor&, const Tensor&, const Tensor&)>("fastmae_native::masked_pixel_loss_backward");
     const Tensor& dloss = grads[0];
     if (!dloss.defined()) return {Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
     TORCH_CHECK(ctx->saved_data["with_grad"].toBool() || !ctx->needs_input_grad(0),
                 "masked_pixel_loss was computed without its gradient (with_grad=False)");
     const auto saved = ctx->get_saved_variables();
-    const Tensor &g = saved[0], &msum = saved[1];
-    const Tensor count = msum.to(dloss.scalar_type()).clamp_min(tiny(dloss.scalar_type()));
-    return {g * (dloss * 2 / (count * c10::Scalar(g.sym_size(-1)))), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    return {handle.call(saved[0], dloss, saved[1]), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
 

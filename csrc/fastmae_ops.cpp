@@ -237,6 +237,14 @@ struct Cpu {
     *msum = count;
     *loss = total / std::max(count, std::numeric_limits<A>::min());
   }
+
+  template <typename P, typename A>
+  static void scale_loss_grad(const P* g, const A* dloss, const A* msum, P* dpred, int64_t n, int64_t E) {
+    const A factor = loss_grad_factor(*dloss, *msum, E);
+    at::parallel_for(0, n, 1 << 15, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) dpred[i] = to<P>(A(g[i]) * factor);
+    });
+  }
 };
 
 }  // namespace
@@ -253,6 +261,7 @@ TORCH_LIBRARY(fastmae_native, m) {
         "-> (Tensor, Tensor)");
   m.def("masked_pixel_loss(Tensor pred, Tensor imgs, Tensor mask, int patch_size, bool norm_pix, bool with_grad) "
         "-> (Tensor, Tensor, Tensor)");
+  m.def("masked_pixel_loss_backward(Tensor g, Tensor dloss, Tensor msum) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastmae_native, CPU, m) {
@@ -265,4 +274,5 @@ TORCH_LIBRARY_IMPL(fastmae_native, CPU, m) {
   m.impl("unshuffle_with_mask_token", TORCH_FN(fastmae::unshuffle_with_mask_token<Cpu>));
   m.impl("unshuffle_with_mask_token_backward", TORCH_FN(fastmae::unshuffle_with_mask_token_backward<Cpu>));
   m.impl("masked_pixel_loss", TORCH_FN(fastmae::masked_pixel_loss<Cpu>));
+  m.impl("masked_pixel_loss_backward", TORCH_FN(fastmae::masked_pixel_loss_backward<Cpu>));
 }

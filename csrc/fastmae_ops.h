@@ -309,4 +309,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_pixel_loss(const at::Tenso
   return {loss, dpred, msum};
 }
 
+// The backward's factor, 2 * dloss / (E * max(msum, tiny)), as every implementation forms it (the
+// Triton kernel too): a NaN count stays NaN, as the reference's clamp_min keeps it.
+template <typename A>
+C10_HOST_DEVICE inline A loss_grad_factor(A dloss, A msum, int64_t E) {
+  const A tiny = std::numeric_limits<A>::min();
+  const A count = msum < tiny ? tiny : msum;
+  return (A(2) * dloss) / (count * A(E));
+}
+
+// -> d loss / d pred = g * (2 * dloss / (E * max(msum, tiny))), E = p*p*C (g's last dim), in g's dtype:
+// the factor formed in the accumulator dtype (fp64 when any input is fp64, else fp32) and each element
+// rounded once. One launch where ATen's formula would take five; and on CUDA, ATen's g * factor
+// rounds a factor held in device memory to g's dtype before multiplying (without a loss scale, fp16's
+// factor at MAE sizes is near its smallest subnormal).
+template <class Dev>
+at::Tensor masked_pixel_loss_backward(const at::Tensor& g_, const at::Tensor& dloss_, const at::Tensor& msum_) {
+  TORCH_CHECK(g_.dim() == 3 && dloss_.dim() == 0 && msum_.dim() == 0,
+              "masked_pixel_loss_backward: g must be [N, L, p*p*C], dloss and msum 0-dim");
+  const c10::OptionalDeviceGuard guard(g_.device());
+  const at::Tensor g = g_.contiguous();
+  const bool fp64 = g.scalar_type() == at::kDouble || dloss_.scalar_type() == at::kDouble ||
+                    msum_.scalar_type() == at::kDouble;
+  const auto acc = fp64 ? at::kDouble : at::kFloat;
+  const at::Tensor dloss = dloss_.to(acc), msum = msum_.to(acc);
+  at::Tensor dpred = at::empty_like(g);
+  if (g.numel() == 0) return dpred;
+  dispatch_float(g.scalar_type(), "masked_pixel_loss_backward", [&](auto gt) {
+    using P = typename decltype(gt)::type;
+    const auto scale = [&](auto at_) {
+      using A = typename decltype(at_)::type;
+      Dev::template scale_loss_grad<P, A>(g.data_ptr<P>(), dloss.data_ptr<A>(), msum.data_ptr<A>(), dpred.data_ptr<P>(),
+                                          g.numel(), g.size(2));
+    };
+    if (fp64) scale(Tag<double>{});
+    else if constexpr (!std::is_same_v<P, double>) scale(Tag<float>{});
+  });
+  return dpred;
+}
+
 }  // namespace fastmae

@@ -415,6 +415,23 @@ __global__ void finish_loss_kernel(const A* __restrict__ partial, int64_t blocks
   }
 }
 
+// d loss / d pred: one elementwise pass, V elements per thread and access; the factor is formed by
+// every thread from the two 0-dim tensors (cached loads) rather than read on the host.
+template <typename P, typename A, int V>
+__global__ void __launch_bounds__(kThreads)
+    scale_loss_grad_kernel(const P* __restrict__ g, const A* __restrict__ dloss, const A* __restrict__ msum,
+                           P* __restrict__ dpred, int64_t n, int64_t E) {
+  const A factor = loss_grad_factor(*dloss, *msum, E);
+  const int64_t stride = int64_t(gridDim.x) * kThreads * V;
+  for (int64_t i = (int64_t(blockIdx.x) * kThreads + threadIdx.x) * V; i < n; i += stride) {
+    const Vec<P, V> a = load<V>(g + i);
+    Vec<P, V> b;
+#pragma unroll
+    for (int k = 0; k < V; ++k) b.v[k] = to<P>(A(a.v[k]) * factor);
+    store<V>(dpred + i, b);
+  }
+}
+
 // Reductions use at most about this many blocks (partials), whatever the batch: the row ranges
 // depend on the shapes only, so the sums are the same on every run and every GPU.
 constexpr int64_t kMaxPartials = 2048;
@@ -525,6 +542,15 @@ struct Cuda {
     finish_loss_kernel<A><<<1, kThreads, 0, stream()>>>(partial.data_ptr<A>(), blocks, tiny, msum, loss);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
+
+  template <typename P, typename A>
+  static void scale_loss_grad(const P* g, const A* dloss, const A* msum, P* dpred, int64_t n, int64_t E) {
+    constexpr int V = vec_width<P, P>();
+    // a few waves of full blocks, each thread looping over the rest (n may pass 2^31)
+    const int64_t blocks = std::min<int64_t>(ceil_div(n, kThreads * V), 65536);
+    launch_either(blocks, 0, can_vectorize<V>(n, g, dpred), scale_loss_grad_kernel<P, A, V>,
+                  scale_loss_grad_kernel<P, A, 1>, g, dloss, msum, dpred, n, E);
+  }
 };
 
 }  // namespace
@@ -540,4 +566,5 @@ TORCH_LIBRARY_IMPL(fastmae_native, CUDA, m) {
   m.impl("unshuffle_with_mask_token", TORCH_FN(fastmae::unshuffle_with_mask_token<Cuda>));
   m.impl("unshuffle_with_mask_token_backward", TORCH_FN(fastmae::unshuffle_with_mask_token_backward<Cuda>));
   m.impl("masked_pixel_loss", TORCH_FN(fastmae::masked_pixel_loss<Cuda>));
+  m.impl("masked_pixel_loss_backward", TORCH_FN(fastmae::masked_pixel_loss_backward<Cuda>));
 }

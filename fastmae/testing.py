@@ -73,7 +73,7 @@ def expected_backends(family: str, device_type: str) -> set[str]:
 # outputs, autograd registration), from their specs: each op with its optional inputs given and in
 # fp32, then without them and in bf16 (float64 for random_masking, whose noise Triton takes in 32 bits
 # at most: the native kernels take it).
-OPCHECK_DIMS = {"N": 2, "L": 16, "L1": 17, "D": 24, "C": 3, "H": 16, "W": 16, "p": 4}  # L1: 1 + L
+OPCHECK_DIMS = {"N": 2, "L": 16, "L1": 17, "D": 24, "C": 3, "H": 16, "W": 16, "p": 4, "P": 48}  # L1: 1 + L, P: p*p*C
 OPCHECK_VARIANTS = (
     dict(dtype=torch.float32, optional=True,
          values={"dtype": torch.bfloat16, "x_dtype": torch.bfloat16, "norm_pix": True, "with_grad": True}),

@@ -3,10 +3,11 @@
 Each program reads rows ``n*L + l`` of ``pred`` [N, L, P] (P = p*p*C) and the matching patch of
 ``imgs`` [N, C, H, W] directly, in the target's ``nhwpqc`` layout; the normalized target lives only
 in registers. Rows whose mask is 0 are not read at all. When the prediction needs a gradient, the
-same pass also writes ``g = mask * (pred - target)`` (zeros for kept rows), so the backward is only
-``g * (2 * grad_loss / (P * mask.sum()))``: the loss's inputs are never read twice. (``g`` holds
-values of the size of the pixels, not of the gradient: an fp16 gradient, tiny until the loss scale
-multiplies it, would lose its small entries to underflow if it were rounded before that.)
+same pass also writes ``g = mask * (pred - target)`` (zeros for kept rows), so the backward is one
+elementwise pass, ``g * (2 * grad_loss / (P * mask.sum()))``: the loss's inputs are never read
+twice. (``g`` holds values of the size of the pixels, not of the gradient: an fp16 gradient, tiny
+until the loss scale multiplies it, would lose its small entries to underflow if it were rounded
+before that.)
 Per-row losses, and the mask (the count of removed patches, the mean's denominator), are summed per
 program in a fixed order, and the per-program partial sums by one more kernel, which also divides:
 two launches in all, the result is deterministic, and the mask is read once, by this pass (the
@@ -19,7 +20,8 @@ import triton
 import triton.language as tl
 
 from fastmae.kernels._launch import (
-    FP_FUSION, accumulator_is_fp64, needs_int64_offsets, on_device, program_index, row_tiles,
+    FP_FUSION, INTERPRET, INTERPRET_TILE_ELEMENTS, TILE_ELEMENTS, accumulator_is_fp64, needs_int64_offsets, on_device,
+    program_index, row_tiles,
 )
 from fastmae.numerics import NORM_PIX_EPS
 
@@ -121,3 +123,37 @@ def masked_pixel_loss_op(
         _finish_loss[(1,)](partial, loss, msum, t.grid[0], TINY=torch.finfo(acc).tiny, FP64=fp64, BLOCK=1024,
                            enable_fp_fusion=FP_FUSION)
     return loss, dpred, msum
+
+
+@triton.jit
+def _masked_pixel_loss_bwd(g_ptr, dloss_ptr, msum_ptr, dpred_ptr, n_elements, P,
+                           TINY: tl.constexpr, FP64: tl.constexpr, INT64: tl.constexpr, BLOCK: tl.constexpr):
+    """dpred = g * (2 * dloss / (P * max(msum, tiny))): the factor formed in the accumulator dtype by
+    every program (two scalar loads), each element rounded once, to g's dtype."""
+    acc_dtype = tl.float64 if FP64 else tl.float32
+    msum = tl.load(msum_ptr).to(acc_dtype)
+    count = tl.where(msum < TINY, TINY, msum)  # NaN stays NaN, as the reference's clamp_min
+    twice = 2 * tl.load(dloss_ptr).to(acc_dtype)
+    denominator = count * P  # P converted to the accumulator dtype (exactly: P < 2^24)
+    factor = twice / denominator if FP64 else tl.math.div_rn(twice, denominator)
+    o = program_index(INT64) * BLOCK + tl.arange(0, BLOCK)
+    m = o < n_elements
+    b_g = tl.load(g_ptr + o, mask=m, other=0.0).to(acc_dtype)
+    tl.store(dpred_ptr + o, (b_g * factor).to(dpred_ptr.dtype.element_ty), mask=m)
+
+
+@torch.library.custom_op("fastmae::masked_pixel_loss_backward", mutates_args=())
+def masked_pixel_loss_backward_op(g: torch.Tensor, dloss: torch.Tensor, msum: torch.Tensor) -> torch.Tensor:
+    """d loss / d pred from the forward's ``g`` and ``mask.sum()`` and the loss's gradient ``dloss``
+    (the loss scale of fp16 training included, applied before anything is rounded): one pass."""
+    g = g.contiguous()
+    fp64 = accumulator_is_fp64(g, dloss, msum)
+    dpred = torch.empty_like(g)
+    block = INTERPRET_TILE_ELEMENTS if INTERPRET else TILE_ELEMENTS
+    with on_device(g):
+        _masked_pixel_loss_bwd[(max(1, triton.cdiv(g.numel(), block)),)](
+            g, dloss, msum, dpred, g.numel(), g.shape[-1],
+            TINY=torch.finfo(torch.float64 if fp64 else torch.float32).tiny, FP64=fp64,
+            INT64=needs_int64_offsets(g), BLOCK=block, num_warps=8, enable_fp_fusion=FP_FUSION,
+        )
+    return dpred

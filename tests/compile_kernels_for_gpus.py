@@ -74,6 +74,11 @@ CASES = [
        dict(partial_ptr=f"*{acc}", loss_ptr=f"*{acc}", msum_ptr=f"*{acc}", n_programs="i32"),
        dict(TINY=tiny, FP64=acc == "fp64", BLOCK=1024), 4)
       for acc, tiny in [("fp32", torch.finfo(torch.float32).tiny), ("fp64", torch.finfo(torch.float64).tiny)]],
+    *[(masked_pixel_loss._masked_pixel_loss_bwd,
+       dict(g_ptr=f"*{g}", dloss_ptr=f"*{acc}", msum_ptr=f"*{acc}", dpred_ptr=f"*{g}", n_elements="i32", P="i32"),
+       dict(TINY=torch.finfo(torch.float64 if acc == "fp64" else torch.float32).tiny, FP64=acc == "fp64", INT64=False,
+            BLOCK=4096), 8)
+      for g, acc in [("bf16", "fp32"), ("fp16", "fp32"), ("fp64", "fp64")]],
     *[(add_layer_norm._add_layer_norm_fwd,
        dict(x_ptr="*fp32", branch_ptr=f"*{branch}", w_ptr="*fp32", b_ptr="*fp32", h_ptr="*fp32", y_ptr=f"*{y}",
             mean_ptr="*fp32", rstd_ptr="*fp32", n_rows="i32", D="i32", eps="fp32", tiles_per_program="i32"),
@@ -97,10 +102,10 @@ CASES = [
 ]
 
 
-# integer arguments that are multiples of 16 at ViT-L/16 batch 256 (D=1024, H=W=224, N*L=50176, and
-# the loss's 12544 programs), which Triton's launcher marks divisible by 16 (L=196, K=49 and the grid
-# width 14 are not)
-DIVISIBLE_INTS = ("D", "H", "W", "n_rows", "n_programs")
+# integer arguments that are multiples of 16 at ViT-L/16 batch 256 (D=1024, H=W=224, N*L=50176, the
+# loss's 12544 programs, its P=768 and its gradient's N*L*P elements), which Triton's launcher marks
+# divisible by 16 (L=196, K=49 and the grid width 14 are not)
+DIVISIBLE_INTS = ("D", "H", "W", "n_rows", "n_programs", "n_elements", "P")
 ACCESS = re.compile(r"\b(ld|st)\.global(?:\.[a-z]+)*?(?:\.v(\d))?\.b(\d+)\b")
 # fp32 -> bf16/fp16 conversions and their rounding (rn: to nearest even, as torch's .to())
 # 64-bit integer divisions and remainders (tens of instructions each on a GPU)

@@ -66,8 +66,10 @@ def ptx_widths(tmp_path_factory):
 
 
 # kernels that stream contiguous rows (D wide, or an image row of a patch): 16-byte loads and stores
+# (and the loss's backward, one elementwise pass over the gradient)
 CONTIGUOUS = {"_gather_rows_fwd", "_gather_rows_bwd", "_gather_patches_fwd", "_encoder_input_fwd", "_unshuffle_fwd",
-              "_unshuffle_bwd", "_add_layer_norm_fwd", "_add_layer_norm_bwd", "_bias_gelu_fwd", "_bias_gelu_bwd"}
+              "_unshuffle_bwd", "_masked_pixel_loss_bwd", "_add_layer_norm_fwd", "_add_layer_norm_bwd",
+              "_bias_gelu_fwd", "_bias_gelu_bwd"}
 
 
 def test_kernels_compile_for_a100_and_h100_with_16_byte_accesses(ptx_widths):

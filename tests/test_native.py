@@ -120,7 +120,7 @@ def test_cuda_library_compiles_for_a100_and_h100_and_loads(cuda_library):
 def test_cuda_kernels_move_rows_in_16_byte_vectors(cuda_library, tmp_path):
     """Read from the sm_90 PTX: every kernel instantiation that moves rows in V-element vectors (its
     last template argument) loads and stores 16 bytes at a time; the loss moves bf16 ``pred`` and its
-    gradient so (its fp32 image is gathered 4 bytes at a time)."""
+    gradient so (its fp32 image is gathered 4 bytes at a time), as does its backward's scale."""
     _, build_dir = cuda_library
     script = pathlib.Path(__file__).with_name("compile_native_for_gpus.py")
     out = tmp_path / "widths.json"
@@ -131,7 +131,7 @@ def test_cuda_kernels_move_rows_in_16_byte_vectors(cuda_library, tmp_path):
     wide = [r for r in rows if r["args"] and r["args"][-1].isdigit() and int(r["args"][-1]) > 1]
     assert {r["kernel"] for r in wide} >= {"gather_rows_kernel", "scatter_rows_kernel", "gather_patches_kernel",
                                           "encoder_input_kernel", "unshuffle_kernel", "unshuffle_backward_kernel",
-                                          "masked_pixel_loss_kernel"}
+                                          "masked_pixel_loss_kernel", "scale_loss_grad_kernel"}
     for r in wide:
         assert max(map(int, r["ld"])) == 16 and max(map(int, r["st"])) == 16, r
     (loss,) = [r for r in wide if r["kernel"] == "masked_pixel_loss_kernel" and r["args"][:2] == ["c10::BFloat16", "float"]]
@@ -192,6 +192,9 @@ class FormulaContext:
 
     def save_for_backward(self, *tensors):
         self.saved_tensors = tensors
+
+    def set_materialize_grads(self, value):
+        self.materialize_grads = value
 
 
 def autograd_cases(device):

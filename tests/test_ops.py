@@ -541,6 +541,62 @@ def test_masked_pixel_loss_fp16_gradient_under_a_loss_scale(backend):
     assert_close(got / want.abs().max(), want / want.abs().max(), backward=True)
 
 
+def fused_ops(backend: str):
+    """The backend's torch.library ops (fastmae.ops.fused.FusedOps), its library loaded."""
+    module = next(b for b in BACKENDS["kernels"] if b.name == backend).module
+    assert not getattr(module, "prepare", lambda _: [])(torch.get_default_device().type)
+    return module.OPS
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # fp16 / tiny: inf, as wanted
+@pytest.mark.parametrize("g_dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_masked_pixel_loss_backward_rounds_each_element_once(backend, g_dtype):
+    """The loss's backward kernel: g * (2 * dloss / (P * max(msum, tiny))), the factor formed in fp32
+    (fp64 for fp64) and each element rounded once to g's dtype, whatever ATen's rules for mixed
+    dtypes on the device. Sizes no vector width divides, a transposed g, an empty batch; a loss
+    scale; an fp16 factor below fp16's normal range (no scale); no removed patch (the count clamps
+    to tiny); a NaN count stays NaN, as the reference's."""
+    fused = fused_ops(backend)
+    acc = torch.promote_types(g_dtype, torch.float32)
+    gs = [torch.randn(3, 7, 75).to(g_dtype), torch.randn(2, 75, 9).to(g_dtype).transpose(1, 2),
+          torch.randn(0, 7, 75).to(g_dtype)]
+    for g in gs:
+        for dloss, msum in [(1.0, 15.0), (65536.0, 37632.0), (1.0, 37632.0), (1.0, 0.0), (2.0, float("nan"))]:
+            dloss, msum = torch.tensor(dloss, dtype=acc), torch.tensor(msum, dtype=acc)
+            got = fused.masked_pixel_loss_backward(g, dloss, msum)
+            factor = 2 * dloss / (msum.clamp_min(torch.finfo(acc).tiny) * g.shape[-1])
+            want = (g.to(acc) * factor).to(g_dtype)
+            if backend == "triton" and INTERPRET and g_dtype == torch.bfloat16:
+                # the interpreter truncates to bf16 where a GPU rounds (tests/test_kernels.py reads the PTX)
+                torch.testing.assert_close(got, want, rtol=2**-7, atol=0, equal_nan=True)
+            else:
+                torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+
+
+def test_masked_pixel_loss_backward_is_one_op(backend):
+    """d loss / d pred is one op of the backend's library (one launch): not the few ATen ops that
+    would scale g on the host's orders."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func.name())
+            return func(*args, **(kwargs or {}))
+
+    _, _, _, mask = masking_inputs(2, 16, 4)
+    pred = torch.randn(2, 16, 48, dtype=torch.bfloat16, requires_grad=True)
+    loss = ops.masked_pixel_loss(pred, torch.randn(2, 3, 16, 16), mask, 4, True, backend=backend)
+    scale = torch.tensor(1024.0)
+    with Record() as record:
+        torch.autograd.grad(loss, pred, scale)
+    launched = [name for name in record.ops if name != "aten::detach"]  # a view: no launch
+    assert [name.split("::")[1] for name in launched] == ["masked_pixel_loss_backward"], record.ops
+
+
 @pytest.mark.parametrize("dtype", [torch.bool, torch.uint8, torch.int64])
 def test_a_boolean_or_integer_mask_is_taken_as_float(backend, dtype):
     n, c, p, h, w = 2, 3, 4, 16, 16

@@ -41,6 +41,7 @@ class FusedOps:
     unshuffle: LibraryOp
     unshuffle_backward: LibraryOp
     masked_pixel_loss: LibraryOp  # -> (loss, mask * (pred - target) and mask.sum() for the backward)
+    masked_pixel_loss_backward: LibraryOp
 
 
 # -- autograd ------------------------------------------------------------------------------------
@@ -86,17 +87,7 @@ def _masked_pixel_loss_setup(ctx, inputs, output):
     _, g, msum = output
     ctx.save_for_backward(g, msum)
     ctx.with_grad = inputs[5]
-
-
-def _masked_pixel_loss_backward(ctx, dloss, _dg, _dmsum):
-    # the forward wrote g = mask * (pred - target) and summed the mask: d loss / d pred =
-    # g * 2 / (P * mask.sum()). The whole factor, loss scale included, is formed in fp32 and applied
-    # in one rounding (PyTorch multiplies fp16/bf16 tensors by a 0-dim fp32 tensor in fp32).
-    g, msum = ctx.saved_tensors
-    if not ctx.with_grad and ctx.needs_input_grad[0]:
-        raise RuntimeError("masked_pixel_loss was computed without its gradient (with_grad=False)")
-    msum = msum.to(dloss.dtype).clamp_min(torch.finfo(dloss.dtype).tiny)
-    return g * (2 * dloss / (g.shape[-1] * msum)), None, None, None, None, None
+    ctx.set_materialize_grads(False)  # g and msum get no gradient: no zeros of g's size to fill
 
 
 def register_fakes(ops: FusedOps) -> None:
@@ -137,6 +128,18 @@ def autograd_formulas(ops: FusedOps) -> list[tuple]:
             dpos = torch.cat([dfirst[None], drows]).to(ctx.pos_dtype)
         return dx, None, dfirst.to(ctx.cls_dtype) if need_cls else None, dpos
 
+    def masked_pixel_loss_backward(ctx, dloss, _dg, _dmsum):
+        # the forward wrote g = mask * (pred - target) and summed the mask: d loss / d pred =
+        # g * 2 / (P * mask.sum()), the loss scale in dloss. One kernel forms the factor in fp32 and
+        # rounds each element once; ATen's g * factor would launch five ops, and on CUDA it rounds
+        # a factor held on the device to g's dtype first (to nothing, at fp16's floor, without a scale).
+        if dloss is None:
+            return None, None, None, None, None, None
+        g, msum = ctx.saved_tensors
+        if not ctx.with_grad and ctx.needs_input_grad[0]:
+            raise RuntimeError("masked_pixel_loss was computed without its gradient (with_grad=False)")
+        return ops.masked_pixel_loss_backward(g, dloss, msum), None, None, None, None, None
+
     def unshuffle_backward(ctx, dout):
         (ids_restore,) = ctx.saved_tensors
         dx, dtok = ops.unshuffle_backward(dout, ids_restore, ctx.k1, ctx.x_dtype)
@@ -148,7 +151,7 @@ def autograd_formulas(ops: FusedOps) -> list[tuple]:
         (ops.gather_patches, _gather_patches_backward, _gather_patches_setup),
         (ops.encoder_input, encoder_input_backward, _encoder_input_setup),
         (ops.unshuffle, unshuffle_backward, _unshuffle_setup),
-        (ops.masked_pixel_loss, _masked_pixel_loss_backward, _masked_pixel_loss_setup),
+        (ops.masked_pixel_loss, masked_pixel_loss_backward, _masked_pixel_loss_setup),
     ]
 
 

@@ -438,6 +438,10 @@ FUSED_SPECS: dict[str, OpSpec] = {s.name: s for s in (
            # the loss; g = mask * (pred - target) (when with_grad) and mask.sum() for the backward
            outputs=(*_MASKED_PIXEL_LOSS.outputs, Output(("N", "L", "p * p * C"), "pred", when="with_grad"),
                     *_MASKED_PIXEL_LOSS.outputs)),
+    OpSpec("masked_pixel_loss_backward",
+           # the forward's g and mask.sum(), the loss's gradient -> d loss / d pred, in g's dtype
+           params=(Tensor("g", ("N", "L", "P")), Tensor("dloss", ()), Tensor("msum", ())),
+           outputs=(Output(("N", "L", "P"), "g"),)),
 )}
 
 
@@ -475,7 +479,7 @@ def example_inputs(spec: OpSpec, dims: dict, *, dtype: torch.dtype = torch.float
             if param.any_shape:
                 shape = [math.prod(shape)]
             grad = param.differentiable if isinstance(param.differentiable, bool) else values.get(param.differentiable)
-            args.append(torch.randn(*shape).to(dtype).requires_grad_(requires_grad and bool(grad)))
+            args.append(torch.randn(shape).to(dtype).requires_grad_(requires_grad and bool(grad)))
     return args
 
 

@@ -17,7 +17,7 @@ from fastmae.kernels.bias_gelu import bias_gelu_op as bias_gelu
 from fastmae.kernels.gather_visible import (
     encoder_input_op, gather_patches_op, gather_visible_backward_op, gather_visible_op,
 )
-from fastmae.kernels.masked_pixel_loss import masked_pixel_loss_op
+from fastmae.kernels.masked_pixel_loss import masked_pixel_loss_backward_op, masked_pixel_loss_op
 from fastmae.kernels.random_masking import random_masking_op
 from fastmae.kernels.unshuffle import unshuffle_backward_op, unshuffle_op
 from fastmae.ops.fused import FusedBackend, FusedOps, register_autograd, register_fakes
@@ -27,6 +27,7 @@ OPS = FusedOps(
     gather_visible_backward=gather_visible_backward_op, gather_patches=gather_patches_op,
     encoder_input=encoder_input_op, unshuffle=unshuffle_op,
     unshuffle_backward=unshuffle_backward_op, masked_pixel_loss=masked_pixel_loss_op,
+    masked_pixel_loss_backward=masked_pixel_loss_backward_op,
 )
 register_fakes(OPS)
 register_autograd(OPS)

@@ -32,7 +32,8 @@ from fastmae.ops.native.build import (
 NAMESPACE = "fastmae_native"
 # the library's ops (torch.ops.fastmae_native.*), as csrc/fastmae_ops.cpp defines them
 OP_NAMES = ("random_masking", "gather_visible", "gather_visible_backward", "gather_patches", "encoder_input",
-            "unshuffle_with_mask_token", "unshuffle_with_mask_token_backward", "masked_pixel_loss")
+            "unshuffle_with_mask_token", "unshuffle_with_mask_token_backward", "masked_pixel_loss",
+            "masked_pixel_loss_backward")
 
 
 def unavailable_reasons(device_type: str) -> list[str]:
@@ -116,6 +117,7 @@ def _attach_ops() -> None:
         unshuffle=native.unshuffle_with_mask_token.default,
         unshuffle_backward=native.unshuffle_with_mask_token_backward.default,
         masked_pixel_loss=native.masked_pixel_loss.default,
+        masked_pixel_loss_backward=native.masked_pixel_loss_backward.default,
     )
     register_fakes(ops)  # (its autograd is the library's own, in C++: csrc/fastmae_autograd.cpp)
     _backend = FusedBackend(ops)
