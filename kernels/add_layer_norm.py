@@ -181,12 +181,19 @@ def _setup(ctx, inputs, output):
     ctx.x_dtype, ctx.branch_dtype = x.dtype, branch.dtype if branch is not None else None
     ctx.w_dtype = weight.dtype if weight is not None else None
     ctx.b_dtype = bias.dtype if bias is not None else None
+    # An output without a gradient stays None rather than a tensor of zeros: mean and rstd never have
+    # one, nor has h where nothing reads it (the final norm's residual): no fills, no zeros to read.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dh, dy, _dmean, _drstd):
     h, weight, mean, rstd = ctx.saved_tensors
     if ctx.branch_dtype is None:
         dh = None  # without a branch the op's h is empty: x's other uses carry their own gradient
+    if dh is None and dy is None:
+        return None, None, None, None, None, None
+    if dy is None:  # only the residual is read on (rare): the norm's part of the gradient is zero
+        dy = torch.zeros_like(h)
     dx, dbranch, dw, db = add_layer_norm_backward_op(dy, dh, h, weight, mean, rstd, ctx.x_dtype, ctx.branch_dtype)
     return (dx, dbranch if ctx.branch_dtype is not None else None,
             dw.to(ctx.w_dtype) if ctx.w_dtype is not None else None,

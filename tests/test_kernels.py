@@ -53,6 +53,34 @@ def test_opcheck_layer_ops(triton_device, case):
     torch.library.opcheck(op, args)
 
 
+def test_backward_fills_no_zero_gradients(triton_device):
+    """An eager backward of the MAE model on the Triton kernels launches no fill of zeros: the outputs
+    that get no gradient (the loss's g and mask sum, add_layer_norm's statistics, the final norm's
+    residual) stay None in the autograd formulas instead of being materialized, one of them of the
+    prediction's size and one of the residual stream's (then read by the kernel)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from fastmae.models import mae_vit_tiny_patch4
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func.name())
+            return func(*args, **(kwargs or {}))
+
+    model = mae_vit_tiny_patch4(norm_pix_loss=True, kernel_backend="triton")
+    with torch.autocast(triton_device, dtype=torch.bfloat16):
+        loss, _, _ = model(torch.randn(2, 3, 32, 32))
+    with Record() as record:
+        loss.backward()
+    assert "fastmae::add_layer_norm_backward" in record.ops and "fastmae::masked_pixel_loss_backward" in record.ops
+    fills = [op for op in record.ops if op.split("::")[1].split(".")[0] in ("zeros", "zeros_like", "fill_", "zero_")]
+    assert not fills, fills
+
+
 @pytest.fixture(scope="module")
 def ptx_widths(tmp_path_factory):
     """Every Triton kernel lowered to PTX and assembled for sm_80 and sm_90 on this machine, GPU or

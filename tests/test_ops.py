@@ -379,6 +379,27 @@ def test_add_layer_norm(backend, dtype, branch_dtype, shape, autocast):
         assert_close((g / w.abs().max()).to(low), (w / w.abs().max()).to(low), backward=True)
 
 
+@pytest.mark.parametrize("branch_dtype", [torch.float32, torch.bfloat16])
+def test_add_layer_norm_with_one_output_read(backend, branch_dtype):
+    """Only the norm read on (the final norm: its residual h goes nowhere), or only the residual: the
+    output without a gradient contributes nothing (the fused backend passes no tensor of zeros)."""
+    x = torch.randn(3, 17, 40, requires_grad=True)
+    branch = torch.randn(3, 17, 40, dtype=branch_dtype, requires_grad=True)
+    weight, bias = torch.randn(40, requires_grad=True), torch.randn(40, requires_grad=True)
+    inputs = (x, branch, weight, bias)
+    got = ops.add_layer_norm(x, branch, weight, bias, 1e-6, backend=backend)
+    want = reference.add_layer_norm(x, branch, weight, bias, 1e-6)
+    for read in (1, 0):  # y alone, then h alone
+        g = torch.autograd.grad(got[read], inputs, torch.ones_like(want[read]), retain_graph=True, allow_unused=True)
+        w = torch.autograd.grad(want[read], inputs, torch.ones_like(want[read]), retain_graph=True, allow_unused=True)
+        for a, b in zip(g, w):
+            if a is None and b is None:
+                continue
+            b = torch.zeros_like(a) if b is None else b  # h alone: the weight and bias get zeros, or None
+            a = torch.zeros_like(b) if a is None else a
+            assert_close(a / b.abs().max().clamp_min(1), b / b.abs().max().clamp_min(1), backward=True)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(*b, d) for b, d in cases("bias_gelu", "B", "D")])
 def test_bias_gelu(backend, dtype, shape):
