@@ -34,6 +34,17 @@ at::ScalarType saved_dtype(AutogradContext* ctx, const std::string& key) {
   return ctx->saved_data[key].toScalarType();
 }
 
+// The native ops have first derivatives only. A backward asked to build a graph (create_graph=True)
+// through a gradient that requires one fails here, naming the op, instead of returning a gradient
+// that silently has none; otherwise it runs without recording (no warnings from the kernels, which
+// have no autograd of their own).
+void first_derivative_only(const variable_list& grads, const char* name) {
+  if (!at::GradMode::is_enabled()) return;
+  for (const Tensor& g : grads)
+    TORCH_CHECK(!g.defined() || !g.requires_grad(), name, ": the native kernels have no second derivative "
+                "(a backward with create_graph=True through this op); use backend='torch'");
+}
+
 Tensor gather_visible_backward(const Tensor& dout, const Tensor& ids_keep, const c10::SymInt& L, at::ScalarType dtype) {
   static const auto handle = op<Tensor(const Tensor&, const Tensor&, c10::SymInt, at::ScalarType)>(
       "fastmae_native::gather_visible_backward");
@@ -55,6 +66,8 @@ struct GatherVisible : torch::autograd::Function<GatherVisible> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    first_derivative_only(grads, "gather_visible");
+    const at::NoGradGuard no_grad;
     const Tensor& dout = grads[0];
     const bool need_x = ctx->needs_input_grad(0);
     const bool need_pos = ctx->saved_data["has_pos"].toBool() && ctx->needs_input_grad(2);
@@ -83,6 +96,8 @@ struct GatherPatches : torch::autograd::Function<GatherPatches> {
 
   // Images rarely need a gradient; this path is plain PyTorch (scatter the rows, fold the patches).
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    first_derivative_only(grads, "embed_visible_patches");
+    const at::NoGradGuard no_grad;
     const Tensor& dpatches = grads[0];
     const auto shape = ctx->saved_data["shape"].toSymIntVector();
     const c10::SymInt &n = shape[0], &c = shape[1], &H = shape[2], &W = shape[3];
@@ -113,6 +128,8 @@ struct EncoderInput : torch::autograd::Function<EncoderInput> {
   // what the original's add, expand and cat give back: the rows after the first to x (in its
   // dtype), the first row summed over the batch to the cls token
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    first_derivative_only(grads, "encoder_input");
+    const at::NoGradGuard no_grad;
     const Tensor& dout = grads[0];
     const bool need_x = ctx->needs_input_grad(0), need_cls = ctx->needs_input_grad(2),
                need_pos = ctx->needs_input_grad(3);
@@ -145,6 +162,8 @@ struct Unshuffle : torch::autograd::Function<Unshuffle> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    first_derivative_only(grads, "unshuffle_with_mask_token");
+    const at::NoGradGuard no_grad;
     static const auto handle =
         op<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, c10::SymInt, at::ScalarType)>(
             "fastmae_native::unshuffle_with_mask_token_backward");
@@ -174,11 +193,13 @@ struct MaskedPixelLoss : torch::autograd::Function<MaskedPixelLoss> {
   // the forward wrote g = mask * (pred - target) and summed the mask: d loss / d pred =
   // g * 2 / (P * mask.sum()), the loss scale in dloss; one kernel, as fastmae/ops/fused.py's formula
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    first_derivative_only(grads, "masked_pixel_loss");
+    const at::NoGradGuard no_grad;
     static const auto handle =
         op<Tensor(const Tensor&, const Tensor&, const Tensor&)>("fastmae_native::masked_pixel_loss_backward");
     const Tensor& dloss = grads[0];
-    if (!dloss.defined()) return {Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
-    TORCH_CHECK(ctx->saved_data["with_grad"].toBool() || !ctx->needs_input_grad(0),
+    if (!dloss.defined() || !ctx->needs_input_grad(0)) return {Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    TORCH_CHECK(ctx->saved_data["with_grad"].toBool(),
                 "masked_pixel_loss was computed without its gradient (with_grad=False)");
     const auto saved = ctx->get_saved_variables();
     return {handle.call(saved[0], dloss, saved[1]), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};

@@ -327,6 +327,8 @@ template <class Dev>
 at::Tensor masked_pixel_loss_backward(const at::Tensor& g_, const at::Tensor& dloss_, const at::Tensor& msum_) {
   TORCH_CHECK(g_.dim() == 3 && dloss_.dim() == 0 && msum_.dim() == 0,
               "masked_pixel_loss_backward: g must be [N, L, p*p*C], dloss and msum 0-dim");
+  TORCH_CHECK(dloss_.device() == g_.device() && msum_.device() == g_.device(),
+              "masked_pixel_loss_backward: g, dloss and msum must be on one device (the kernel reads all three)");
   const c10::OptionalDeviceGuard guard(g_.device());
   const at::Tensor g = g_.contiguous();
   const bool fp64 = g.scalar_type() == at::kDouble || dloss_.scalar_type() == at::kDouble ||

@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from fastmae.kernels._launch import FP_FUSION, accumulator_is_fp64, on_device, row_tiles
 
@@ -190,17 +191,17 @@ def _backward(ctx, dh, dy, _dmean, _drstd):
     h, weight, mean, rstd = ctx.saved_tensors
     if ctx.branch_dtype is None:
         dh = None  # without a branch the op's h is empty: x's other uses carry their own gradient
-    if dh is None and dy is None:
-        return None, None, None, None, None, None
-    if dy is None:  # only the residual is read on (rare): the norm's part of the gradient is zero
-        dy = torch.zeros_like(h)
+    if dy is None:  # only the residual is read on (rare): the sum's gradient passes to both inputs
+        if dh is None:
+            return None, None, None, None, None, None
+        return dh.to(ctx.x_dtype), dh.to(ctx.branch_dtype), None, None, None, None
     dx, dbranch, dw, db = add_layer_norm_backward_op(dy, dh, h, weight, mean, rstd, ctx.x_dtype, ctx.branch_dtype)
     return (dx, dbranch if ctx.branch_dtype is not None else None,
             dw.to(ctx.w_dtype) if ctx.w_dtype is not None else None,
             db.to(ctx.b_dtype) if ctx.b_dtype is not None else None, None, None)
 
 
-add_layer_norm_op.register_autograd(_backward, setup_context=_setup)
+add_layer_norm_op.register_autograd(once_differentiable(_backward), setup_context=_setup)
 
 
 def add_layer_norm(x, branch, weight, bias, eps, out_dtype=None):

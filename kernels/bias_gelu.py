@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from fastmae.kernels._launch import FP_FUSION, accumulator_is_fp64, on_device, row_tiles
 
@@ -112,4 +113,4 @@ def _backward(ctx, dy):
     return dx, db.to(bias.dtype)
 
 
-bias_gelu_op.register_autograd(_backward, setup_context=_setup)
+bias_gelu_op.register_autograd(once_differentiable(_backward), setup_context=_setup)

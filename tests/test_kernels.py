@@ -2,6 +2,7 @@
 fused backends' reads past 2^31 elements. (Numerical agreement with the reference is in test_ops.py,
 for every backend.)"""
 import json
+import math
 import os
 import pathlib
 import subprocess
@@ -167,6 +168,15 @@ def test_64_bit_offsets_compute_the_same(triton_device, monkeypatch):
         assert torch.equal(a, b)
 
 
+def reserve(*shape, dtype=torch.float32):
+    """An uninitialized tensor whose pages the OS commits only where written; skipped on a host that
+    refuses to reserve that much (no overcommit, or too little memory and swap)."""
+    try:
+        return torch.empty(shape, dtype=dtype)
+    except RuntimeError as e:
+        pytest.skip(f"cannot reserve {math.prod(shape) * dtype.itemsize / 2**30:.1f} GiB: {e}")
+
+
 @pytest.mark.parametrize("backend", [b for b, device in (c.values[0] for c in backend_cases("kernels", with_reference=False))
                                      if device == "cpu"])
 def test_gathers_read_past_2_31_elements(backend):
@@ -179,7 +189,7 @@ def test_gathers_read_past_2_31_elements(backend):
     module = registry._find("kernels", backend).module
     assert not getattr(module, "prepare", lambda _: [])("cpu")
     n, L, d = 2, 2**20 + 3, 1024
-    x = torch.empty(n, L, d, dtype=torch.bfloat16)
+    x = reserve(n, L, d, dtype=torch.bfloat16)
     ids = torch.tensor([[0, 5, L - 1], [L - 1, 7, L - 2]])
     rows = torch.randn(n, 3, d).to(torch.bfloat16)
     for i in range(n):
@@ -187,7 +197,7 @@ def test_gathers_read_past_2_31_elements(backend):
     assert torch.equal(module.OPS.gather_visible(x, ids, None), rows)
     del x
     p, H, W = 16, 32768, 32784
-    imgs = torch.empty(n, 1, H, W)
+    imgs = reserve(n, 1, H, W)
     grid_w = W // p
     ids = torch.tensor([[0, 3, H // p * grid_w - 1], [H // p * grid_w - 1, grid_w + 1, 2]])
     patches = torch.randn(n, 3, p * p)

@@ -594,6 +594,34 @@ def test_masked_pixel_loss_backward_rounds_each_element_once(backend, g_dtype):
                 torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
 
 
+def test_fused_ops_have_first_derivatives_only(backend):
+    """A second differentiation through a fused op raises, naming the problem, instead of silently
+    giving no gradient (the reference, plain PyTorch, has them all)."""
+    _, ids_keep, _, mask = masking_inputs(2, 16, 4)
+    pred = torch.randn(2, 16, 48, requires_grad=True)
+    scale = torch.tensor(2.0, requires_grad=True)
+    loss = ops.masked_pixel_loss(pred, torch.randn(2, 3, 16, 16), mask, 4, True, backend=backend)
+    with pytest.raises(RuntimeError, match="differentiate twice|no second derivative"):
+        (dpred,) = torch.autograd.grad(loss, pred, scale, create_graph=True)
+        dpred.sum().backward()
+    x = torch.randn(2, 16, 8, requires_grad=True)
+    out = ops.gather_visible(x, ids_keep, backend=backend)
+    dout = torch.randn_like(out, requires_grad=True)
+    with pytest.raises(RuntimeError, match="differentiate twice|no second derivative"):
+        (dx,) = torch.autograd.grad(out, x, dout, create_graph=True)
+        dx.sum().backward()
+
+
+def test_loss_op_without_its_gradient_backpropagates_past_it(backend):
+    """The loss's library op called with with_grad=False, in a graph that needs no gradient of pred:
+    its backward has nothing to compute (it used to fail on the native backend's empty g)."""
+    _, _, _, mask = masking_inputs(2, 16, 4)
+    imgs = torch.randn(2, 3, 16, 16, requires_grad=True)
+    loss, _, _ = fused_ops(backend).masked_pixel_loss(torch.randn(2, 16, 48), imgs, mask, 4, True, False)
+    (loss * 2).backward()
+    assert imgs.grad is None
+
+
 def test_masked_pixel_loss_backward_is_one_op(backend):
     """d loss / d pred is one op of the backend's library (one launch): not the few ATen ops that
     would scale g on the host's orders."""

@@ -17,6 +17,7 @@ from typing import Union
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from fastmae.ops import reference
 from fastmae.ops.spec import FUSED_SPECS
@@ -133,10 +134,10 @@ def autograd_formulas(ops: FusedOps) -> list[tuple]:
         # g * 2 / (P * mask.sum()), the loss scale in dloss. One kernel forms the factor in fp32 and
         # rounds each element once; ATen's g * factor would launch five ops, and on CUDA it rounds
         # a factor held on the device to g's dtype first (to nothing, at fp16's floor, without a scale).
-        if dloss is None:
+        if dloss is None or not ctx.needs_input_grad[0]:
             return None, None, None, None, None, None
         g, msum = ctx.saved_tensors
-        if not ctx.with_grad and ctx.needs_input_grad[0]:
+        if not ctx.with_grad:
             raise RuntimeError("masked_pixel_loss was computed without its gradient (with_grad=False)")
         return ops.masked_pixel_loss_backward(g, dloss, msum), None, None, None, None, None
 
@@ -146,12 +147,14 @@ def autograd_formulas(ops: FusedOps) -> list[tuple]:
         dpos = dout.sum(0).to(ctx.pos_dtype) if ctx.needs_input_grad[3] else None
         return dx, None, dtok.to(ctx.tok_dtype), dpos
 
+    # First derivatives only: a second differentiation through one of these raises (PyTorch's
+    # once_differentiable error) instead of silently getting no gradient.
     return [
-        (ops.gather_visible, gather_visible_backward, _gather_visible_setup),
-        (ops.gather_patches, _gather_patches_backward, _gather_patches_setup),
-        (ops.encoder_input, encoder_input_backward, _encoder_input_setup),
-        (ops.unshuffle, unshuffle_backward, _unshuffle_setup),
-        (ops.masked_pixel_loss, masked_pixel_loss_backward, _masked_pixel_loss_setup),
+        (ops.gather_visible, once_differentiable(gather_visible_backward), _gather_visible_setup),
+        (ops.gather_patches, once_differentiable(_gather_patches_backward), _gather_patches_setup),
+        (ops.encoder_input, once_differentiable(encoder_input_backward), _encoder_input_setup),
+        (ops.unshuffle, once_differentiable(unshuffle_backward), _unshuffle_setup),
+        (ops.masked_pixel_loss, once_differentiable(masked_pixel_loss_backward), _masked_pixel_loss_setup),
     ]
 
 
