@@ -7,6 +7,7 @@ bf16 keeps 8 bits of mantissa: its tolerances are those of one or two roundings 
 from __future__ import annotations
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastmae.errors import UsageError
 from fastmae.ops.registry import BACKENDS
@@ -39,6 +40,19 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """``max |actual - expected| / max |expected|`` in float64."""
     a, e = actual.detach().double(), expected.detach().double()
     return ((a - e).abs().max() / e.abs().max().clamp_min(1e-30)).item()
+
+
+class RecordOps(TorchDispatchMode):
+    """A context that records the name of every op dispatched while it is active (``ops``, e.g.
+    ``"aten::mm"``, ``"fastmae::masked_pixel_loss_backward"``): what a call asks the device to run."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.name())
+        return func(*args, **(kwargs or {}))
 
 
 REFERENCE_BACKEND = "torch"  # what every other backend of a family is compared with

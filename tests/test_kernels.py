@@ -13,7 +13,7 @@ import torch
 
 from fastmae import ops
 from fastmae.ops import reference
-from fastmae.testing import assert_close, backend_cases, fused_opcheck_args, fused_opcheck_cases
+from fastmae.testing import RecordOps, assert_close, backend_cases, fused_opcheck_args, fused_opcheck_cases
 
 
 def masking(n, L, k):
@@ -60,23 +60,12 @@ def test_backward_fills_no_zero_gradients(triton_device):
     that get no gradient (the loss's g and mask sum, add_layer_norm's statistics, the final norm's
     residual) stay None in the autograd formulas instead of being materialized, one of them of the
     prediction's size and one of the residual stream's (then read by the kernel)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from fastmae.models import mae_vit_tiny_patch4
-
-    class Record(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(func.name())
-            return func(*args, **(kwargs or {}))
 
     model = mae_vit_tiny_patch4(norm_pix_loss=True, kernel_backend="triton")
     with torch.autocast(triton_device, dtype=torch.bfloat16):
         loss, _, _ = model(torch.randn(2, 3, 32, 32))
-    with Record() as record:
+    with RecordOps() as record:
         loss.backward()
     assert "fastmae::add_layer_norm_backward" in record.ops and "fastmae::masked_pixel_loss_backward" in record.ops
     fills = [op for op in record.ops if op.split("::")[1].split(".")[0] in ("zeros", "zeros_like", "fill_", "zero_")]

@@ -8,7 +8,7 @@ from fastmae.kernels._launch import INTERPRET
 from fastmae.ops import reference
 from fastmae.ops.registry import BACKENDS
 from fastmae.ops.spec import FUSED_SPECS, SPECS, bad_inputs, example_inputs
-from fastmae.testing import FORWARD, assert_close, expected_backends
+from fastmae.testing import FORWARD, RecordOps, assert_close, expected_backends
 
 
 
@@ -625,22 +625,11 @@ def test_loss_op_without_its_gradient_backpropagates_past_it(backend):
 def test_masked_pixel_loss_backward_is_one_op(backend):
     """d loss / d pred is one op of the backend's library (one launch): not the few ATen ops that
     would scale g on the host's orders."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Record(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(func.name())
-            return func(*args, **(kwargs or {}))
-
     _, _, _, mask = masking_inputs(2, 16, 4)
     pred = torch.randn(2, 16, 48, dtype=torch.bfloat16, requires_grad=True)
     loss = ops.masked_pixel_loss(pred, torch.randn(2, 3, 16, 16), mask, 4, True, backend=backend)
     scale = torch.tensor(1024.0)
-    with Record() as record:
+    with RecordOps() as record:
         torch.autograd.grad(loss, pred, scale)
     launched = [name for name in record.ops if name != "aten::detach"]  # a view: no launch
     assert [name.split("::")[1] for name in launched] == ["masked_pixel_loss_backward"], record.ops
