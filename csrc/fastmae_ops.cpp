@@ -235,7 +235,7 @@ struct Cpu {
       count += partial_mask[c];
     }
     *msum = count;
-    *loss = total / std::max(count, std::numeric_limits<A>::min());
+    *loss = total / clamp_count(count);
   }
 
   template <typename P, typename A>

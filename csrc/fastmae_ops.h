@@ -309,13 +309,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_pixel_loss(const at::Tenso
   return {loss, dpred, msum};
 }
 
+// The loss's denominator, max(mask sum, tiny), as the reference's clamp_min: a NaN sum stays NaN
+// (kernels/masked_pixel_loss.py's _clamp_count is the same).
+template <typename A>
+C10_HOST_DEVICE inline A clamp_count(A msum) {
+  const A tiny = std::numeric_limits<A>::min();
+  return msum < tiny ? tiny : msum;
+}
+
 // The backward's factor, 2 * dloss / (E * max(msum, tiny)), as every implementation forms it (the
-// Triton kernel too): a NaN count stays NaN, as the reference's clamp_min keeps it.
+// Triton kernel too).
 template <typename A>
 C10_HOST_DEVICE inline A loss_grad_factor(A dloss, A msum, int64_t E) {
-  const A tiny = std::numeric_limits<A>::min();
-  const A count = msum < tiny ? tiny : msum;
-  return (A(2) * dloss) / (count * A(E));
+  return (A(2) * dloss) / (clamp_count(msum) * A(E));
 }
 
 // -> d loss / d pred = g * (2 * dloss / (E * max(msum, tiny))), E = p*p*C (g's last dim), in g's dtype:

@@ -391,7 +391,7 @@ static_assert(kMaxLossPatch * sizeof(int) + 2 * kWarpsPerBlock * sizeof(double) 
 // msum = the mask's partial sums' total, loss = the losses' total / max(msum, tiny): strided sums,
 // then a fixed tree (one block)
 template <typename A>
-__global__ void finish_loss_kernel(const A* __restrict__ partial, int64_t blocks, A tiny, A* __restrict__ msum,
+__global__ void finish_loss_kernel(const A* __restrict__ partial, int64_t blocks, A* __restrict__ msum,
                                    A* __restrict__ loss) {
   __shared__ A s[2][kThreads];
   A v = 0, m = 0;
@@ -411,7 +411,7 @@ __global__ void finish_loss_kernel(const A* __restrict__ partial, int64_t blocks
   }
   if (threadIdx.x == 0) {
     *msum = s[1][0];
-    *loss = s[0][0] / (s[1][0] > tiny ? s[1][0] : tiny);
+    *loss = s[0][0] / clamp_count(s[1][0]);
   }
 }
 
@@ -524,7 +524,6 @@ struct Cuda {
                                 loss_acc_t<P, I>* loss, P* dpred, int64_t N, int64_t L, int64_t C, int64_t H, int64_t W,
                                 int64_t p, bool norm_pix, const at::TensorOptions& options) {
     using A = loss_acc_t<P, I>;
-    const A tiny = std::numeric_limits<A>::min();
     const int64_t rows = N * L;
     const int64_t rows_per_block = kWarpsPerBlock * std::max<int64_t>(1, ceil_div(rows, kWarpsPerBlock * kMaxPartials));
     const int64_t blocks = ceil_div(rows, rows_per_block);
@@ -539,14 +538,14 @@ struct Cuda {
                     masked_pixel_loss_kernel<P, I, 1>, pred, imgs, mask, dpred, partial.data_ptr<A>(),
                     rows, rows_per_block, L, C, H, W, static_cast<int>(p), norm_pix);
     }
-    finish_loss_kernel<A><<<1, kThreads, 0, stream()>>>(partial.data_ptr<A>(), blocks, tiny, msum, loss);
+    finish_loss_kernel<A><<<1, kThreads, 0, stream()>>>(partial.data_ptr<A>(), blocks, msum, loss);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 
   template <typename P, typename A>
   static void scale_loss_grad(const P* g, const A* dloss, const A* msum, P* dpred, int64_t n, int64_t E) {
     constexpr int V = vec_width<P, P>();
-    // a few waves of full blocks, each thread looping over the rest (n may pass 2^31)
+    // at most 65,536 blocks, each thread looping on over the rest (n may pass 2^31)
     const int64_t blocks = std::min<int64_t>(ceil_div(n, kThreads * V), 65536);
     launch_either(blocks, 0, can_vectorize<V>(n, g, dpred), scale_loss_grad_kernel<P, A, V>,
                   scale_loss_grad_kernel<P, A, 1>, g, dloss, msum, dpred, n, E);

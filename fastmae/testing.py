@@ -55,6 +55,15 @@ class RecordOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def fused_ops(backend: str, device_type: str | None = None):
+    """A fused backend's ``torch.library`` ops (:class:`fastmae.ops.fused.FusedOps`), its library
+    loaded for ``device_type`` (default: the default device's)."""
+    module = next(b for b in BACKENDS["kernels"] if b.name == backend).module
+    reasons = getattr(module, "prepare", lambda _: [])(device_type or torch.get_default_device().type)
+    assert not reasons, reasons
+    return module.OPS
+
+
 REFERENCE_BACKEND = "torch"  # what every other backend of a family is compared with
 
 

@@ -76,10 +76,16 @@ def _masked_pixel_loss_fwd(
 
 
 @triton.jit
+def _clamp_count(msum, TINY: tl.constexpr):
+    """The loss's denominator, max(mask sum, TINY) (the accumulator's smallest normal number), as the
+    reference's ``clamp_min``: a NaN sum stays NaN (csrc/fastmae_ops.h's clamp_count is the same)."""
+    return tl.where(msum < TINY, TINY, msum)
+
+
+@triton.jit
 def _finish_loss(partial_ptr, loss_ptr, msum_ptr, n_programs,
                  TINY: tl.constexpr, FP64: tl.constexpr, BLOCK: tl.constexpr):
-    """One program: msum = the mask's partial sums' total, loss = the losses' total / max(msum, tiny)
-    (TINY: the accumulator's smallest normal number, as the reference's ``clamp_min``)."""
+    """One program: msum = the mask's partial sums' total, loss = the losses' total / max(msum, tiny)."""
     acc_dtype = tl.float64 if FP64 else tl.float32
     b_loss = tl.zeros([BLOCK], dtype=acc_dtype)
     b_msum = tl.zeros([BLOCK], dtype=acc_dtype)
@@ -89,7 +95,7 @@ def _finish_loss(partial_ptr, loss_ptr, msum_ptr, n_programs,
         b_msum += tl.load(partial_ptr + n_programs + o, mask=o < n_programs, other=0.0)
     loss = tl.sum(b_loss, axis=0)
     msum = tl.sum(b_msum, axis=0)
-    count = tl.maximum(msum, tl.full([], TINY, acc_dtype))
+    count = _clamp_count(msum, TINY)
     # correctly rounded, as torch's division (fp32 `/` is an approximate division on GPUs)
     tl.store(loss_ptr, loss / count if FP64 else tl.math.div_rn(loss, count))
     tl.store(msum_ptr, msum)
@@ -132,9 +138,8 @@ def _masked_pixel_loss_bwd(g_ptr, dloss_ptr, msum_ptr, dpred_ptr, n_elements, P,
     every program (two scalar loads), each element rounded once, to g's dtype."""
     acc_dtype = tl.float64 if FP64 else tl.float32
     msum = tl.load(msum_ptr).to(acc_dtype)
-    count = tl.where(msum < TINY, TINY, msum)  # NaN stays NaN, as the reference's clamp_min
     twice = 2 * tl.load(dloss_ptr).to(acc_dtype)
-    denominator = count * P  # P converted to the accumulator dtype (exactly: P < 2^24)
+    denominator = _clamp_count(msum, TINY) * P  # P converted to the accumulator dtype (exactly: P < 2^24)
     factor = twice / denominator if FP64 else tl.math.div_rn(twice, denominator)
     o = program_index(INT64) * BLOCK + tl.arange(0, BLOCK)
     m = o < n_elements

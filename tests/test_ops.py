@@ -8,7 +8,7 @@ from fastmae.kernels._launch import INTERPRET
 from fastmae.ops import reference
 from fastmae.ops.registry import BACKENDS
 from fastmae.ops.spec import FUSED_SPECS, SPECS, bad_inputs, example_inputs
-from fastmae.testing import FORWARD, RecordOps, assert_close, expected_backends
+from fastmae.testing import FORWARD, RecordOps, assert_close, expected_backends, fused_ops
 
 
 
@@ -560,13 +560,6 @@ def test_masked_pixel_loss_fp16_gradient_under_a_loss_scale(backend):
     # nothing flushed to zero (entries at fp16's subnormal floor may round either way)
     assert ((got == 0) & (want.abs() > 1e-6)).sum() == 0
     assert_close(got / want.abs().max(), want / want.abs().max(), backward=True)
-
-
-def fused_ops(backend: str):
-    """The backend's torch.library ops (fastmae.ops.fused.FusedOps), its library loaded."""
-    module = next(b for b in BACKENDS["kernels"] if b.name == backend).module
-    assert not getattr(module, "prepare", lambda _: [])(torch.get_default_device().type)
-    return module.OPS
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # fp16 / tiny: inf, as wanted
