@@ -100,7 +100,7 @@ def measure(benchmark, fn, *, rounds: int | None = None, calls_per_round: int = 
         sync()
 
     # with the device timed too, fewer host rounds: the run's time budget goes to both
-    default_rounds = (20 if device_time else 50) if ON_GPU else 5
+    default_rounds = (10 if device_time else 50) if ON_GPU else 5
     benchmark.pedantic(run, rounds=rounds or default_rounds, warmup_rounds=3 if ON_GPU else 1, iterations=1)
     median = benchmark.stats.stats.median / calls_per_round
     benchmark.extra_info.update(

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # One run on a GPU machine, most important first, each step under its own time limit and all of them
-# within BUDGET seconds (default 540): the GPU tests, the training step side by side with the
-# original, the step's profile (eager and graphed), a short pretraining run, the host's cost per
-# step, then the kernel and other suites. Results in $OUT.
+# within BUDGET seconds (default 540): the GPU tests, the MAE kernels at ViT-L/16 batch 256, the
+# training step side by side with the original, the step's profile (eager and graphed), a short
+# pretraining run, the host's cost per step, then the other suites. Results in $OUT; a suite stopped
+# at its limit leaves the rows it finished in bench-<suite>.rows.jsonl (its JSON comes at its end).
 #   OUT=/tmp/results bash benchmarks/run_gpu.sh
 # ARCHIVE=path.tar.gz also packs $OUT into one file after every step (for a runner that brings back
 # few files, or only what was written before it was stopped). SUITES overrides the benchmark suites
-# run at the end ("kernels:75 speedup:60 attention:30 data:90"); E2E the e2e cases (preset:batch,...).
+# run at the end ("kernels:75 speedup:60 attention:30 data:90"; kernels there: the rows not run
+# before, ViT-B's, the host's per op, the PTX table); E2E the e2e cases (preset:batch,...).
 set -uo pipefail
 BUDGET=${BUDGET:-540}
 # limit SECONDS: the step's own limit, or what is left of the budget (0: skip the step)
@@ -20,6 +22,16 @@ export PYTHONUNBUFFERED=1
 # one compilation cache for every step: the e2e suite's compiled step is the profile's
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/fastmae-inductor-cache}
 pack() { [ -n "${ARCHIVE:-}" ] && tar czf "$ARCHIVE" -C "$OUT" . ; return 0; }
+# bench NAME SECONDS ARGS...: one benchmark run into bench-NAME.json, its console table in
+# bench-NAME.txt; stopped at its limit, the rows it finished stay in bench-NAME.rows.jsonl
+bench() {
+  local name=$1 t=$2 rows="$OUT/bench-$1.rows.jsonl"; shift 2
+  rm -f "$rows" "$OUT/bench-$name.json"
+  run "$t" env FASTMAE_BENCH_ROWS="$rows" python -m pytest "$@" --benchmark-only -q -p no:cacheprovider \
+    --benchmark-json "$OUT/bench-$name.json" --benchmark-columns=median,iqr,rounds 2>&1 | tail -n 40 >"$OUT/bench-$name.txt"
+  [ -s "$OUT/bench-$name.json" ] && rm -f "$rows"
+  pack
+}
 
 # fastmae/kernels and fastmae/csrc are links to kernels/ and csrc/: put back where a copy of the tree
 # lost them (or turned them into text files)
@@ -72,12 +84,12 @@ tests_rc=$?
 } | tee "$OUT/gpu-tests.txt"
 pack
 
+# the MAE kernels at ViT-L/16 batch 256, bf16: both fused backends and the reference, device-timed
+bench kernels-vit_l16 100 benchmarks/test_bench_kernels.py -k vit_l16
+
 # the pretraining step against the original: ViT-L at the paper's per-GPU batch and at a GPU-filling one
 export FASTMAE_BENCH_E2E=${E2E:-mae_vit_large_patch16:64,mae_vit_large_patch16:256}
-run 200 python -m pytest \
-  benchmarks/test_bench_e2e.py -k training_step --benchmark-only -q -p no:cacheprovider \
-  --benchmark-json "$OUT/bench-e2e.json" --benchmark-columns=median,iqr,rounds 2>&1 | tail -n 40 >"$OUT/bench-e2e.txt"
-pack
+bench e2e 200 benchmarks/test_bench_e2e.py -k training_step
 
 # where the step's time goes: the eager step (what ran before the compiled one) and the default one
 for variant in "eager:--no-compile" "graphed:"; do
@@ -96,16 +108,17 @@ rm -rf "$OUT/pretrain"
 pack
 
 # the host's cost per step (a model of ViT-L's depth with tiny widths): original, reference, graphed
-run 90 python -m pytest benchmarks/test_bench_e2e.py -k host_cost --benchmark-only -q -p no:cacheprovider \
-  --benchmark-json "$OUT/bench-host.json" --benchmark-columns=median,iqr,rounds 2>&1 | tail -n 20 >"$OUT/bench-host.txt"
-pack
+bench host 90 benchmarks/test_bench_e2e.py -k host_cost
 
 # one JSON per suite, each under its own time limit, so that a slow suite cannot cost the others
 for suite in ${SUITES:-kernels:75 speedup:60 attention:30 data:90}; do
   name=${suite%%:*}
-  run "${suite##*:}" python -m pytest "benchmarks/test_bench_$name.py" --benchmark-only -q -p no:cacheprovider \
-    --benchmark-json "$OUT/bench-$name.json" --benchmark-columns=median,iqr,rounds 2>&1 | tail -n 40 >"$OUT/bench-$name.txt"
-  pack
+  if [ "$name" = kernels ]; then
+    bench "$name" "${suite##*:}" benchmarks/test_bench_kernels.py -k "not vit_l16"  # ViT-L's rows ran above
+  else
+    bench "$name" "${suite##*:}" "benchmarks/test_bench_$name.py"
+  fi
 done
-python benchmarks/summarize.py "$OUT"/bench-*.json --png "$OUT/chart.png" | tee "$OUT/summary.md"
+shopt -s nullglob
+python benchmarks/summarize.py "$OUT"/bench-*.json "$OUT"/bench-*.rows.jsonl --png "$OUT/chart.png" | tee "$OUT/summary.md"
 pack

@@ -3,6 +3,9 @@ a PNG chart: the visible-only speedup per preset (measured, predicted by FLOPs, 
 kernels' achieved bandwidth.
 
     python benchmarks/summarize.py bench.json [more.json ...] [--png chart.png]
+
+A ``.jsonl`` file (``FASTMAE_BENCH_ROWS``, one passed benchmark per line) stands in for the JSON of
+a suite stopped before it ended.
 """
 from __future__ import annotations
 
@@ -18,7 +21,10 @@ def results(paths: list[str]) -> list[dict]:
     out = []
     for path in paths:
         try:
-            benchmarks = json.load(open(path))["benchmarks"]
+            if path.endswith(".jsonl"):  # the rows a suite stopped at its time limit had finished (conftest.py)
+                benchmarks = [json.loads(line) for line in open(path) if line.strip()]
+            else:
+                benchmarks = json.load(open(path))["benchmarks"]
         except (OSError, ValueError, KeyError) as e:  # a suite stopped before it wrote its results
             print(f"skipping {path}: no pytest-benchmark results in it ({e})", file=sys.stderr)
             continue
