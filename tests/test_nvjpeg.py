@@ -68,6 +68,18 @@ def test_whole_image_boxes_and_every_flip(triton_device):
     torch.testing.assert_close(got[1], got[0].flip(-1))  # same image, same box: the flip alone
 
 
+def test_boxes_and_flips_stay_on_the_host(monkeypatch):
+    """The kernel's launch table is filled on the host from the boxes and flips: sent to the images'
+    device first, they would come back with a copy that waits for the device's queue."""
+    import fastmae.kernels.resized_crop as kernel
+
+    seen = {}
+    monkeypatch.setattr(kernel, "resized_crop_batch", lambda images, boxes, flips, *args: seen.update(boxes=boxes, flips=flips))
+    images = [torch.empty(3, 16, 16, dtype=torch.uint8, device="meta")]  # a device other than the host's
+    resized_crop(images, torch.tensor([[0, 0, 16, 16]]), torch.tensor([True]), 8, IMAGENET_MEAN, IMAGENET_STD)
+    assert seen["boxes"].device == seen["flips"].device == CPU
+
+
 @pytest.mark.parametrize("bad,message", [
     (dict(boxes=torch.tensor([[0, 0, 17, 16]])), "not inside its 16 x 16 pixels"),
     (dict(boxes=torch.tensor([[0, 0, 0, 16]])), "not inside"),

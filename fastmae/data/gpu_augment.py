@@ -99,5 +99,4 @@ def resized_crop(images: list[torch.Tensor], boxes: torch.Tensor, flips: torch.T
 
     out = torch.empty(len(images), 3, size, size, dtype=dtype, device=device)
     images = [img.contiguous() for img in images]
-    return resized_crop_batch(images, boxes.to(device, torch.int32), flips.to(device, torch.int32), size,
-                              tuple(map(float, mean)), tuple(map(float, std)), out)
+    return resized_crop_batch(images, boxes, flips, size, tuple(map(float, mean)), tuple(map(float, std)), out)
