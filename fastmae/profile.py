@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from collections import Counter
 from dataclasses import dataclass, field
 
 from fastmae.cli import cli_main, logger
@@ -95,13 +96,22 @@ def summarize(events, device_type: str) -> list[StepProfile]:
         sync_us = sum(e.time_range.elapsed_us() for e in inside if e.name == SYNC_RANGE)
         by_category = dict.fromkeys(CATEGORIES, 0.0)
         if device_type == "cuda":
-            # each kernel is attached to the host event that launched it (an op's launch, or a CUDA
-            # graph's): its own name first, then the ops it ran in, say what it is
+            # the profiler attaches a kernel to the op it was launched in: its own name first, then
+            # the ops it ran in, say what it is
+            in_step = [k for k in kernels if start <= k.time_range.start < end]
+            attached = Counter()
             for e in inside:
                 for k in e.kernels:
                     by_category[categorize([k.name] + _chain(e))] += k.duration / 1e3
-            in_step = [(k.time_range.start, k.time_range.end) for k in kernels if start <= k.time_range.start < end]
-            busy = _union_ms(in_step)
+                    attached[k.name, k.duration] += 1
+            # a CUDA graph's kernels belong to no op (a replay is not one): their names alone
+            for k in in_step:
+                key = (k.name, k.time_range.elapsed_us())
+                if attached[key]:
+                    attached[key] -= 1
+                else:
+                    by_category[categorize([k.name])] += key[1] / 1e3
+            busy = _union_ms([(k.time_range.start, k.time_range.end) for k in in_step])
             launches = sum(e.name in LAUNCHES for e in inside)
             step_ms = (end - start) / 1e3
             other = max(step_ms - busy, 0.0)

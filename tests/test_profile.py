@@ -2,7 +2,7 @@
 step on the CPU whose parts add up to the step."""
 import pytest
 
-from fastmae.profile import CATEGORIES, categorize, cli
+from fastmae.profile import CATEGORIES, categorize, cli, summarize
 
 
 @pytest.mark.parametrize("names, category", [
@@ -40,3 +40,33 @@ def test_profile_of_the_default_step_on_the_cpu(tmp_path, capsys):
         parts = sum(float(cell.split()[0]) for cell in cells[5:])
         assert parts == pytest.approx(step_ms, rel=1e-3, abs=0.05)  # the categories and the host's work add up
         assert int(cells[4]) > 100  # ops dispatched
+
+
+def test_gpu_step_counts_an_ops_kernels_and_a_cuda_graphs():
+    """On a GPU the profiler attaches a kernel to the op that launched it; a CUDA graph's replay is
+    no op, so its kernels belong to nothing and are categorized by their names."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import Interval, Kernel
+
+    def event(name, start, end, device=DeviceType.CPU, kernels=(), parent=None):
+        return SimpleNamespace(name=name, device_type=device, time_range=Interval(start, end), kernels=list(kernels),
+                               cpu_parent=parent)
+
+    step = event("ProfilerStep#0", 0, 1000)
+    linear = event("aten::linear", 10, 20)
+    mm = event("aten::mm", 11, 19, kernels=[Kernel("ampere_bf16_s16816gemm", "cuda", 100.0)], parent=linear)
+    launches = [event("cudaLaunchKernel", 12, 13, parent=mm), event("cudaGraphLaunch", 30, 40)]
+    kernels = [event("ampere_bf16_s16816gemm", 50, 150, DeviceType.CUDA),  # mm's
+               event("nvjet_tst_128x256_64x4_2x1_v_bz_coopB_TNN", 200, 500, DeviceType.CUDA),  # the graph's
+               event("triton_poi_fused__to_copy_12", 500, 550, DeviceType.CUDA),
+               event("_masked_pixel_loss_fwd", 600, 620, DeviceType.CUDA),
+               event("ampere_bf16_s16816gemm", 1100, 1200, DeviceType.CUDA)]  # after the step
+    (p,) = summarize([step, linear, mm, *launches, *kernels], "cuda")
+    assert p.by_category["GEMM"] == pytest.approx(0.4)  # 100 us launched by aten::mm + 300 us in the graph
+    assert p.by_category["casts"] == pytest.approx(0.05)
+    assert p.by_category["MAE ops"] == pytest.approx(0.02)
+    assert p.busy_ms == pytest.approx(0.47) and p.step_ms == pytest.approx(1.0)
+    assert sum(p.by_category.values()) == pytest.approx(p.busy_ms)  # every kernel in the step counted once
+    assert p.launches == 2
