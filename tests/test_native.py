@@ -70,6 +70,31 @@ def test_a_failed_build_is_the_reason(monkeypatch):
         ops.gather_visible(torch.randn(1, 4, 2), torch.zeros(1, 2, dtype=torch.long), backend="native")
 
 
+def test_a_killed_builds_lock_file_does_not_hang_the_next_load(tmp_path, caplog):
+    """torch 2.11's build holds a lock file whose existence blocks every other load; a builder
+    killed while holding it (SIGKILL here, a preempted job's SIGTERM alike) left it, and the next load
+    waited forever. fastmae's own lock around the build dies with its holder and clears torch's."""
+    from types import SimpleNamespace
+
+    from torch.utils.file_baton import FileBaton
+
+    old_torch = SimpleNamespace(FileBaton=FileBaton)
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import pathlib, sys, time, types\n"
+        "from fastmae.ops.native.build import _no_stale_lock\n"
+        "d = pathlib.Path(sys.argv[1])\n"
+        "with _no_stale_lock(d, types.SimpleNamespace(FileBaton=None)):\n"
+        "    (d / 'lock').touch()\n"  # torch's, taken by the build this process runs
+        "    print('building', flush=True)\n"
+        "    time.sleep(120)\n"), str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "building\n"
+    holder.kill()
+    holder.wait()
+    with build._no_stale_lock(tmp_path, old_torch):
+        assert FileBaton(str(tmp_path / "lock")).try_acquire()  # torch's first step, where it would wait
+    assert "left by a build that was killed" in caplog.text
+
+
 def test_a_wrong_cuda_home_is_named(monkeypatch, tmp_path):
     if not torch.version.cuda:
         pytest.skip("this PyTorch has no CUDA")

@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -183,6 +184,35 @@ def _summary(error: Exception) -> str:
     return " | ".join((errors or lines[-3:])[:4])
 
 
+@contextmanager
+def _no_stale_lock(directory: Path, cpp_extension):
+    """Held around ``cpp_extension.load`` in ``directory``. Where torch's lock there is a file whose
+    existence blocks (``FileBaton``: torch 2.11; 2.15 holds an ``flock`` instead), a build killed
+    before its cleanup (SIGTERM, SIGKILL, a preempted job) leaves it behind, and every later load,
+    cached or not, waits on it forever without a word. This lock is an ``flock``, which the kernel
+    releases when its process dies: torch's lock file found while holding it was left by a dead
+    process, and is removed."""
+    if not hasattr(cpp_extension, "FileBaton"):
+        yield
+        return
+    import fcntl
+
+    with open(directory / "fastmae.lock", "a") as held:
+        try:
+            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.info("fastmae native library: waiting for another process's build in %s", directory)
+            fcntl.flock(held, fcntl.LOCK_EX)
+        try:
+            stale = directory / "lock"
+            if stale.exists():
+                logger.warning("fastmae native library: removing %s, left by a build that was killed", stale)
+                stale.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(held, fcntl.LOCK_UN)
+
+
 def build_and_load(name: str, sources: list[str], *, cuda_home: Path | None = None, archs: list[str] | None = None,
                    verbose: bool = False) -> Path:
     """Builds (or finds up to date in the cache) the library ``name`` from ``csrc/sources`` and
@@ -204,16 +234,17 @@ def build_and_load(name: str, sources: list[str], *, cuda_home: Path | None = No
                 "checking the cached build" if built else "building (minutes, once)", directory)
     start = time.perf_counter()
     try:
-        cpp_extension.load(
-            name, [str(csrc / s) for s in sources],
-            extra_cflags=["-O3", "-fopenmp"],  # OpenMP: at::parallel_for runs the rows on all cores
-            extra_ldflags=["-fopenmp"],
-            extra_cuda_cflags=cuda_flags,
-            extra_include_paths=[str(csrc)],
-            build_directory=str(directory),
-            is_python_module=False,
-            verbose=verbose,
-        )
+        with _no_stale_lock(directory, cpp_extension):
+            cpp_extension.load(
+                name, [str(csrc / s) for s in sources],
+                extra_cflags=["-O3", "-fopenmp"],  # OpenMP: at::parallel_for runs the rows on all cores
+                extra_ldflags=["-fopenmp"],
+                extra_cuda_cflags=cuda_flags,
+                extra_include_paths=[str(csrc)],
+                build_directory=str(directory),
+                is_python_module=False,
+                verbose=verbose,
+            )
     except Exception as e:  # noqa: BLE001 - a compiler, linker or loader failure of any kind
         raise BuildError(
             f"building {name} failed: {_summary(e)} (full log: python -m fastmae.ops.native build --verbose)"
