@@ -36,6 +36,8 @@ def figures(info: dict) -> str:
     parts = []
     if info.get("gbps") is not None:
         parts.append(f"{info['gbps']:.0f} GB/s ({info['fraction_of_copy_bandwidth']:.0%} of copy)")
+    if info.get("design_fraction_of_copy_bandwidth") is not None:
+        parts.append(f"{info['design_fraction_of_copy_bandwidth']:.0%} of copy over the bytes its kernels move")
     if info.get("tflops") is not None:
         parts.append(f"{info['tflops']:.3g} TFLOP/s")
     if info.get("images_per_sec") is not None:
