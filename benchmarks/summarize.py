@@ -185,4 +185,7 @@ if __name__ == "__main__":
     infos = results(args.json)
     print(table(infos))
     if args.png:
-        chart(infos, args.png)
+        try:
+            chart(infos, args.png)
+        except ImportError as e:  # the table above is the result; the chart is an extra
+            print(f"no chart: {e} (pip install matplotlib)", file=sys.stderr)
