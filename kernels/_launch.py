@@ -80,6 +80,15 @@ def program_index(INT64: tl.constexpr):
     return i_p
 
 
+@triton.jit
+def div_rn(a, b):
+    """fp32 ``a / b`` correctly rounded, as PyTorch's and the native kernels' divisions: a kernel's
+    fp32 ``/`` compiles to an approximate division on GPUs (a division by a constant to a
+    multiplication by an approximate reciprocal), which the interpreter's numpy does not show. ``b``
+    is broadcast to ``a``'s shape."""
+    return tl.math.div_rn(a, b + tl.zeros_like(a))
+
+
 def on_device(t: torch.Tensor):
     """Triton launches on the current CUDA device: make it the tensor's."""
     return torch.cuda.device(t.device) if t.is_cuda else nullcontext()

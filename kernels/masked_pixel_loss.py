@@ -20,10 +20,19 @@ import triton
 import triton.language as tl
 
 from fastmae.kernels._launch import (
-    FP_FUSION, INTERPRET, INTERPRET_TILE_ELEMENTS, TILE_ELEMENTS, accumulator_is_fp64, needs_int64_offsets, on_device,
-    program_index, row_tiles,
+    FP_FUSION, INTERPRET, INTERPRET_TILE_ELEMENTS, TILE_ELEMENTS, accumulator_is_fp64, div_rn, needs_int64_offsets,
+    on_device, program_index, row_tiles,
 )
 from fastmae.numerics import NORM_PIX_EPS
+
+
+@triton.jit
+def _div(a, b, FP64: tl.constexpr):
+    """a / b correctly rounded (fp64's `/` is)."""
+    if FP64:
+        return a / b
+    else:
+        return div_rn(a, b)
 
 
 @triton.jit
@@ -59,14 +68,14 @@ def _masked_pixel_loss_fwd(
         b_t = tl.load(img_ptr + o_corner[:, None] + o_img, mask=m, other=0.0).to(acc_dtype)
         b_pred = tl.load(pred_ptr + o_r[:, None] * P + o_e, mask=m, other=0.0).to(acc_dtype)
         if NORM_PIX:
-            b_mean = tl.sum(b_t, axis=1) / P
+            b_mean = _div(tl.sum(b_t, axis=1), P, FP64)
             b_c = tl.where(m, b_t - b_mean[:, None], 0.0)
-            b_var = tl.sum(b_c * b_c, axis=1) / (P - 1)  # unbiased, as torch.var
+            b_var = _div(tl.sum(b_c * b_c, axis=1), P - 1, FP64)  # unbiased, as torch.var
             # sqrt_rn: correctly rounded (plain sqrt is approximate in fp32 on GPUs); fp32 only
             b_std = tl.sqrt(b_var + EPS) if FP64 else tl.sqrt_rn(b_var + EPS)
-            b_t = b_c / b_std[:, None]
+            b_t = _div(b_c, b_std[:, None], FP64)
         b_diff = tl.where(m, b_pred - b_t, 0.0)
-        b_loss += b_m * (tl.sum(b_diff * b_diff, axis=1) / P)
+        b_loss += b_m * _div(tl.sum(b_diff * b_diff, axis=1), P, FP64)
         if WITH_GRAD:
             b_dpred = b_diff * b_m[:, None]
             tl.store(dpred_ptr + o_r[:, None] * P + o_e, b_dpred.to(dpred_ptr.dtype.element_ty),

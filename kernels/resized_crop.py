@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastmae.kernels._launch import FP_FUSION, INTERPRET, on_device
+from fastmae.kernels._launch import FP_FUSION, INTERPRET, div_rn, on_device
 
 A = tl.constexpr(-0.75)
 TABLE_WIDTH = tl.constexpr(8)
@@ -86,8 +86,9 @@ def _resized_crop_kernel(
     oy = o // S
     ox = o % S
     ox = tl.where(flip, S - 1 - ox, ox)  # the flip of the resized crop
-    y, ty = _source(oy, h.to(tl.float32) / S, h)
-    x, tx = _source(ox, w.to(tl.float32) / S, w)
+    # the scales correctly rounded, as PyTorch computes them (on the host)
+    y, ty = _source(oy, div_rn(h.to(tl.float32), S), h)
+    x, tx = _source(ox, div_rn(w.to(tl.float32), S), w)
     wy0, wy1, wy2, wy3 = _cubic_weights(ty)
     wx0, wx1, wx2, wx3 = _cubic_weights(tx)
     # neighbours clamped to the crop, then placed in the image
@@ -108,12 +109,13 @@ def _resized_crop_kernel(
         v += _row(channel, r2, c0, c1, c2, c3, wx0, wx1, wx2, wx3, mask) * wy2
         v += _row(channel, r3, c0, c1, c2, c3, wx0, wx1, wx2, wx3, mask) * wy3
         v = _round_half_even(tl.minimum(tl.maximum(v, 0.0), 255.0))
+        v = div_rn(v, 255.0)
         if c == 0:
-            v = (v / 255.0 - mean0) / std0
+            v = div_rn(v - mean0, std0)
         elif c == 1:
-            v = (v / 255.0 - mean1) / std1
+            v = div_rn(v - mean1, std1)
         else:
-            v = (v / 255.0 - mean2) / std2
+            v = div_rn(v - mean2, std2)
         tl.store(out + c * S * S, v.to(out_ptr.dtype.element_ty), mask=mask)
 
 

@@ -6,8 +6,9 @@ Each kernel is compiled as Triton specializes it at ViT-L/16 batch 256 (pointers
 and the arguments that are multiples of 16 there: D, H, W, n_rows), and its PTX is read for the width
 of its global loads and stores: 16 bytes (``ld.global.v4.b32``) is what a bandwidth-bound kernel
 needs on its contiguous rows; for the rounding of its conversions from fp32 to bf16/fp16 (``rn``,
-to nearest even, as PyTorch rounds: the Triton interpreter truncates instead); and for 64-bit integer
-divisions (none where the tensors allow 32-bit offsets).
+to nearest even, as PyTorch rounds: the Triton interpreter truncates instead); for 64-bit integer
+divisions (none where the tensors allow 32-bit offsets); and for fp32 divisions and square roots
+that are not correctly rounded (the interpreter's numpy rounds every one correctly).
 
     python tests/compile_kernels_for_gpus.py [--json PATH]   # prints the table of access widths
 """
@@ -111,6 +112,10 @@ ACCESS = re.compile(r"\b(ld|st)\.global(?:\.[a-z]+)*?(?:\.v(\d))?\.b(\d+)\b")
 # 64-bit integer divisions and remainders (tens of instructions each on a GPU)
 INT64_DIVISION = re.compile(r"\b(?:div|rem)\.[su]64\b")
 NARROWING = re.compile(r"\bcvt\.(r[nzmp])(?:\.[a-z]+)*?\.(bf16|f16)(?:x2)?\.f32\b")
+# fp32 divisions, reciprocals and square roots that are not correctly rounded (torch's are, on a GPU
+# too): a kernel's `/` compiles to div.full.f32 (2 ulp), a division by a constant to a multiplication
+# by an approximate reciprocal, tl.sqrt to sqrt.approx
+APPROXIMATE = re.compile(r"\b(?:div\.(?:approx|full)|rcp\.approx|sqrt\.approx|rsqrt\.approx)(?:\.ftz)?\.f32\b")
 
 
 def specialization(fn, types: dict) -> dict:
@@ -143,14 +148,15 @@ def main() -> int:
             rows.append(dict(arch=f"sm_{arch}", kernel=fn.__name__, dtypes=dtypes,
                              constexprs={k: v for k, v in constexprs.items() if k.isupper() and "BLOCK" not in k},
                              **access_widths(kernel.asm["ptx"]), narrowing=narrowing_roundings(kernel.asm["ptx"]),
-                             int64_divisions=len(INT64_DIVISION.findall(kernel.asm["ptx"]))))
+                             int64_divisions=len(INT64_DIVISION.findall(kernel.asm["ptx"])),
+                             approximate_fp32=len(APPROXIMATE.findall(kernel.asm["ptx"]))))
     print("| arch | kernel | pointers | specialization | global loads (bytes: count) | global stores (bytes: count) "
-          "| fp32 -> 16-bit conversions (rounding: count) | 64-bit integer div/rem |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+          "| fp32 -> 16-bit conversions (rounding: count) | 64-bit integer div/rem | approximate fp32 div/sqrt |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         spec = " ".join(f"{k}={v}" for k, v in r["constexprs"].items())
         print(f"| {r['arch']} | {r['kernel']} | {r['dtypes']} | {spec} | {_fmt(r['ld'])} | {_fmt(r['st'])} "
-              f"| {_fmt(r['narrowing'])} | {r['int64_divisions']} |")
+              f"| {_fmt(r['narrowing'])} | {r['int64_divisions']} | {r['approximate_fp32']} |")
     if "--json" in sys.argv:
         with open(sys.argv[sys.argv.index("--json") + 1], "w") as f:
             json.dump(rows, f, indent=1)

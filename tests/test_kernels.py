@@ -111,6 +111,17 @@ def test_compiled_kernels_round_to_nearest_even_into_16_bit_floats(ptx_widths):
         assert all(k.startswith("rn.") for k in r["narrowing"]), r
 
 
+def test_compiled_kernels_divide_as_pytorch_does(ptx_widths):
+    """A GPU runs every fp32 division and square root of the MAE kernels and the crop correctly
+    rounded, as PyTorch's and the native kernels' (the interpreter's numpy always does, so only the
+    PTX can show a kernel's `/` compiled to an approximate division): the loss's per-patch
+    normalization and mean, the crop's scales and normalization. Only LayerNorm's statistics are
+    approximate, as in PyTorch's own CUDA LayerNorm (rsqrtf)."""
+    for r in ptx_widths:
+        if r["kernel"] not in ("_add_layer_norm_fwd", "_add_layer_norm_bwd"):
+            assert r["approximate_fp32"] == 0, r
+
+
 def test_row_kernels_divide_in_32_bits_at_training_shapes(ptx_widths):
     """Where every tensor allows 32-bit offsets (ViT-L/16 batch 256), the row kernels find a row's
     sample and position without a 64-bit integer division; past 2^30 elements they switch to 64 bits."""

@@ -34,10 +34,12 @@ def draw(images, scale=(0.2, 1.0)):
 
 
 def assert_within_a_rounding_step(actual, expected):
+    """Each value within one uint8 step, and at most 1 in 1,000 that far (a few in a small batch: the
+    straddled ties are rare but random, and a GPU's fused multiply-adds straddle others)."""
     tol = FORWARD[expected.dtype]
     diff = (actual.double() - expected.double()).abs()
     off = diff > tol["atol"] + tol["rtol"] * expected.double().abs()
-    assert off.float().mean() < 1e-3, f"{int(off.sum())} of {off.numel()} values differ"
+    assert int(off.sum()) <= max(4, 1e-3 * off.numel()), f"{int(off.sum())} of {off.numel()} values differ"
     assert diff.max() <= STEP * 1.01 + tol["atol"] + tol["rtol"] * expected.double().abs().max()
 
 
