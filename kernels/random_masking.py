@@ -1,8 +1,9 @@
 """Masking in one kernel: per-row sort of the noise -> ids_keep, ids_restore, mask.
 
 One program per sample sorts its row of noise (padded to a power of two) as 64-bit keys: the noise's
-float bits mapped to an order-preserving integer in the high half, the position in the low half.
-Sorting the keys sorts the noise with ties broken by position, i.e. ``argsort(noise, stable=True)``.
+float bits mapped to an order-preserving integer in the high half (-0.0 as +0.0, every NaN after
++inf), the position in the low half. Sorting the keys sorts the noise with ties broken by position,
+i.e. ``argsort(noise, stable=True)``.
 """
 from __future__ import annotations
 
@@ -20,7 +21,9 @@ def _random_masking(noise_ptr, keep_ptr, restore_ptr, mask_ptr, L, len_keep, BLO
     o_l = tl.arange(0, BLOCK_L)
     m_l = o_l < L
     b_noise = tl.load(noise_ptr + i_n * L + o_l, mask=m_l, other=0.0).to(tl.float32)
-    b_bits = b_noise.to(tl.int32, bitcast=True)
+    # as argsort orders them: -0.0 ties +0.0, and every NaN, of either sign, comes after +inf
+    b_noise = tl.where(b_noise == 0.0, 0.0, b_noise)
+    b_bits = tl.where(b_noise != b_noise, 0x7FC00000, b_noise.to(tl.int32, bitcast=True))
     # negative floats order backwards in their magnitude bits: flip them
     b_key = tl.where(b_bits < 0, b_bits ^ 0x7FFFFFFF, b_bits).to(tl.int64)
     b_key = (b_key << 32) | o_l.to(tl.int64)

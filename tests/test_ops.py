@@ -145,6 +145,19 @@ def test_random_masking(backend, n, L):
                 assert g.dtype == w.dtype and torch.equal(g, w)
 
 
+def test_random_masking_orders_special_noise_as_argsort(backend):
+    """Noise a caller may pass (torch.rand draws none of it): -0.0 ties +0.0 (broken by position), NaN
+    of either sign sorts after +inf, as torch.argsort(stable=True) orders them."""
+    nan = float("nan")
+    noise = torch.tensor([[0.0, -0.0, 0.5, -nan, float("inf"), nan, -0.0, float("-inf"), 0.0, -1.0, nan],
+                          [-nan, -0.0, 0.0, 1.0, -0.0, 0.25, -nan, 0.0, -2.0, 0.25, 3.0]])
+    assert torch.signbit(noise[0, 3]) and torch.signbit(noise[0, 1])
+    for len_keep in (0, 4, 11):
+        got = ops.random_masking(noise, len_keep, backend=backend)
+        for g, w in zip(got, reference.random_masking(noise, len_keep)):
+            assert torch.equal(g, w), (len_keep, g, w)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n,L,d", cases("gather_visible", "N", "L", "D"))
 @pytest.mark.parametrize("with_pos", [False, True])
