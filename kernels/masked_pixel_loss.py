@@ -53,7 +53,10 @@ def _masked_pixel_loss_fwd(
     o_e = tl.arange(0, BLOCK_E)[None, :]
     m_e = o_e < P
     o_pix = o_e // C
-    o_img = ((o_e % C) * H + o_pix // PATCH) * W + o_pix % PATCH  # [1, BE] offset from the patch's corner
+    o_c = o_e % C
+    if INT64:
+        o_c = o_c.to(tl.int64)  # a single image may pass 2^31 elements
+    o_img = (o_c * H + o_pix // PATCH) * W + o_pix % PATCH  # [1, BE] offset from the patch's corner
     b_loss = tl.zeros([BLOCK_R], dtype=acc_dtype)
     b_msum = tl.zeros([BLOCK_R], dtype=acc_dtype)
     for i_t in range(tiles_per_program):
