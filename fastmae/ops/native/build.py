@@ -203,6 +203,11 @@ def _no_stale_lock(directory: Path, cpp_extension):
         except BlockingIOError:
             logger.info("fastmae native library: waiting for another process's build in %s", directory)
             fcntl.flock(held, fcntl.LOCK_EX)
+        except OSError as e:  # a file system without flock (some NFS mounts): torch's lock alone, as before
+            logger.warning("fastmae native library: cannot lock %s (%s); a build killed there may leave torch's "
+                           "lock file behind, which then has to be deleted by hand", held.name, e)
+            yield
+            return
         try:
             stale = directory / "lock"
             if stale.exists():
