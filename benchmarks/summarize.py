@@ -179,7 +179,7 @@ def chart(infos: list[dict], path: str) -> None:
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("json", nargs="+")
+    p.add_argument("json", nargs="*")
     p.add_argument("--png", help="also draw the chart here (needs matplotlib)")
     args = p.parse_args()
     infos = results(args.json)

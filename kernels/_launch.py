@@ -82,7 +82,7 @@ def program_index(INT64: tl.constexpr):
 
 @triton.jit
 def div_rn(a, b):
-    """fp32 ``a / b`` correctly rounded, as PyTorch's and the native kernels' divisions: a kernel's
+    """fp32 ``a / b`` correctly rounded, as the native kernels and PyTorch on a CPU divide: a kernel's
     fp32 ``/`` compiles to an approximate division on GPUs (a division by a constant to a
     multiplication by an approximate reciprocal), which the interpreter's numpy does not show. ``b``
     is broadcast to ``a``'s shape."""

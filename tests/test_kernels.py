@@ -113,8 +113,8 @@ def test_compiled_kernels_round_to_nearest_even_into_16_bit_floats(ptx_widths):
 
 def test_compiled_kernels_divide_as_pytorch_does(ptx_widths):
     """A GPU runs every fp32 division and square root of the MAE kernels and the crop correctly
-    rounded, as PyTorch's and the native kernels' (the interpreter's numpy always does, so only the
-    PTX can show a kernel's `/` compiled to an approximate division): the loss's per-patch
+    rounded, as the native kernels and PyTorch on a CPU (the interpreter's numpy always does, so only
+    the PTX can show a kernel's `/` compiled to an approximate division): the loss's per-patch
     normalization and mean, the crop's scales and normalization. Only LayerNorm's statistics are
     approximate, as in PyTorch's own CUDA LayerNorm (rsqrtf)."""
     for r in ptx_widths:

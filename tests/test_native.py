@@ -73,7 +73,8 @@ def test_a_failed_build_is_the_reason(monkeypatch):
 def test_a_killed_builds_lock_file_does_not_hang_the_next_load(tmp_path, caplog):
     """torch 2.11's build holds a lock file whose existence blocks every other load; a builder
     killed while holding it (SIGKILL here, a preempted job's SIGTERM alike) left it, and the next load
-    waited forever. fastmae's own lock around the build dies with its holder and clears torch's."""
+    waited forever. fastmae's own lock around the build dies with its holder, whose pid it names, and
+    torch's is cleared."""
     from types import SimpleNamespace
 
     from torch.utils.file_baton import FileBaton
@@ -93,6 +94,24 @@ def test_a_killed_builds_lock_file_does_not_hang_the_next_load(tmp_path, caplog)
     with build._no_stale_lock(tmp_path, old_torch):
         assert FileBaton(str(tmp_path / "lock")).try_acquire()  # torch's first step, where it would wait
     assert "left by a build that was killed" in caplog.text
+
+
+@pytest.mark.parametrize("owner", ["this host, alive", "another host"])
+def test_a_build_lock_that_may_be_live_is_left_alone(tmp_path, caplog, owner):
+    """torch's lock file is removed only when fastmae.lock's last holder is a process of this host
+    that is gone: another node's build (a shared cache on a file system whose flock is per node) or a
+    live process may still be building."""
+    import socket
+    from types import SimpleNamespace
+
+    from torch.utils.file_baton import FileBaton
+
+    host, pid = (socket.gethostname(), os.getpid()) if owner == "this host, alive" else ("elsewhere-node-7", 1234)
+    (tmp_path / "fastmae.lock").write_text(f"{host} {pid}\n")
+    (tmp_path / "lock").touch()
+    with build._no_stale_lock(tmp_path, SimpleNamespace(FileBaton=FileBaton)):
+        assert (tmp_path / "lock").exists()
+    assert f"waiting for torch's build lock {tmp_path / 'lock'} (last taken by {host} {pid})" in caplog.text
 
 
 def test_a_file_system_without_locks_builds_as_before(monkeypatch, tmp_path, caplog):

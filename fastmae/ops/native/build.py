@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -184,38 +185,80 @@ def _summary(error: Exception) -> str:
     return " | ".join((errors or lines[-3:])[:4])
 
 
+def _flock(held) -> bool:
+    """Takes the ``flock`` of the open file ``held``, waiting for another process's; False where the
+    file system has none (some NFS mounts)."""
+    import fcntl
+
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        logger.info("fastmae native library: waiting for another process's build (%s)", held.name)
+    except OSError as e:
+        logger.warning("fastmae native library: cannot lock %s (%s)", held.name, e)
+        return False
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        return True
+    except OSError as e:
+        logger.warning("fastmae native library: cannot lock %s (%s)", held.name, e)
+        return False
+
+
+def _died_here(owner: list[str]) -> bool:
+    """Whether ``owner`` (``host pid``, as written into fastmae.lock) is a process of this host that
+    is gone."""
+    if len(owner) != 2 or owner[0] != socket.gethostname() or not owner[1].isdigit():
+        return False
+    try:
+        os.kill(int(owner[1]), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, another user's
+        pass
+    return False
+
+
 @contextmanager
 def _no_stale_lock(directory: Path, cpp_extension):
     """Held around ``cpp_extension.load`` in ``directory``. Where torch's lock there is a file whose
     existence blocks (``FileBaton``: torch 2.11; 2.15 holds an ``flock`` instead), a build killed
     before its cleanup (SIGTERM, SIGKILL, a preempted job) leaves it behind, and every later load,
-    cached or not, waits on it forever without a word. This lock is an ``flock``, which the kernel
-    releases when its process dies: torch's lock file found while holding it was left by a dead
-    process, and is removed."""
+    cached or not, waits on it forever without a word. fastmae's own lock, ``fastmae.lock``, is an
+    ``flock`` (the kernel releases it when its holder dies) whose file names its holder (host and
+    pid): torch's lock file found while holding it is removed when the previous holder was a process
+    of this host that is gone. Otherwise (another host's, on a file system whose ``flock`` is
+    per-host; no ``flock`` at all) torch's lock is waited on, as before, and the wait says which file
+    to delete if no build is running."""
     if not hasattr(cpp_extension, "FileBaton"):
         yield
         return
     import fcntl
 
-    with open(directory / "fastmae.lock", "a") as held:
+    torch_lock = directory / "lock"
+    with open(directory / "fastmae.lock", "a+") as held:
+        locked = _flock(held)
         try:
-            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            logger.info("fastmae native library: waiting for another process's build in %s", directory)
-            fcntl.flock(held, fcntl.LOCK_EX)
-        except OSError as e:  # a file system without flock (some NFS mounts): torch's lock alone, as before
-            logger.warning("fastmae native library: cannot lock %s (%s); a build killed there may leave torch's "
-                           "lock file behind, which then has to be deleted by hand", held.name, e)
-            yield
-            return
-        try:
-            stale = directory / "lock"
-            if stale.exists():
-                logger.warning("fastmae native library: removing %s, left by a build that was killed", stale)
-                stale.unlink(missing_ok=True)
+            held.seek(0)
+            previous = held.read().split()
+            if locked:
+                held.truncate(0)
+                held.write(f"{socket.gethostname()} {os.getpid()}\n")
+                held.flush()
+            if torch_lock.exists():
+                if locked and _died_here(previous):
+                    logger.warning("fastmae native library: removing %s, left by a build that was killed "
+                                   "(pid %s)", torch_lock, previous[1])
+                    torch_lock.unlink(missing_ok=True)
+                else:
+                    logger.warning("fastmae native library: waiting for torch's build lock %s (last taken by %s); "
+                                   "delete it if no build of fastmae is running", torch_lock,
+                                   " ".join(previous) or "an unknown process")
             yield
         finally:
-            fcntl.flock(held, fcntl.LOCK_UN)
+            if locked:
+                fcntl.flock(held, fcntl.LOCK_UN)
 
 
 def build_and_load(name: str, sources: list[str], *, cuda_home: Path | None = None, archs: list[str] | None = None,
