@@ -26,7 +26,6 @@ from functools import partial
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from bench_utils import DEVICE, ON_GPU, measure, peak_memory_gib
 from fastmae import ops
@@ -35,6 +34,7 @@ from fastmae.flops import peak_flops, train_flops_per_image
 from fastmae.models import PRESETS, MaskedAutoencoderViT, create_model
 from fastmae.optim import build_optimizer, param_groups_weight_decay
 from fastmae.step import TrainStep
+from fastmae.testing import RecordOps
 
 SHARED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared")
 PROVIDERS = ("original", "reference", "fastmae")
@@ -163,16 +163,6 @@ HOST_BOUND = dict(img_size=32, patch_size=4, embed_dim=64, depth=24, num_heads=4
 _host: dict = {}
 
 
-class CountOps(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops += 1
-        return func(*args, **(kwargs or {}))
-
-
 # fastmae's default step compiles on CUDA; on a CPU, "--compile" is measured beside it
 @pytest.mark.parametrize("provider", PROVIDERS + (() if ON_GPU else ("fastmae_compiled",)))
 def test_host_cost(benchmark, provider):
@@ -180,9 +170,9 @@ def test_host_cost(benchmark, provider):
     run_epoch()
     ops_per_step = None
     if configuration(provider)["mode"] == "eager":  # a dispatch mode sees neither compiled code nor graphs
-        with CountOps() as counter:
+        with RecordOps() as record:
             run_epoch()
-        ops_per_step = counter.ops / HOST_STEPS
+        ops_per_step = len(record.ops) / HOST_STEPS
     seconds = measure(benchmark, run_epoch, rounds=5, op="host_cost", provider=provider, steps_per_round=HOST_STEPS,
                       ops_per_step=ops_per_step, **configuration(provider),
                       model="ViT-L depth (24 + 8 blocks), widths 64 / 32, batch 2") / HOST_STEPS

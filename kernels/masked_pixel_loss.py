@@ -107,9 +107,7 @@ def _finish_loss(partial_ptr, loss_ptr, msum_ptr, n_programs,
         b_msum += tl.load(partial_ptr + n_programs + o, mask=o < n_programs, other=0.0)
     loss = tl.sum(b_loss, axis=0)
     msum = tl.sum(b_msum, axis=0)
-    count = _clamp_count(msum, TINY)
-    # correctly rounded, as torch's division (fp32 `/` is an approximate division on GPUs)
-    tl.store(loss_ptr, loss / count if FP64 else tl.math.div_rn(loss, count))
+    tl.store(loss_ptr, _div(loss, _clamp_count(msum, TINY), FP64))
     tl.store(msum_ptr, msum)
 
 
@@ -152,7 +150,7 @@ def _masked_pixel_loss_bwd(g_ptr, dloss_ptr, msum_ptr, dpred_ptr, n_elements, P,
     msum = tl.load(msum_ptr).to(acc_dtype)
     twice = 2 * tl.load(dloss_ptr).to(acc_dtype)
     denominator = _clamp_count(msum, TINY) * P  # P converted to the accumulator dtype (exactly: P < 2^24)
-    factor = twice / denominator if FP64 else tl.math.div_rn(twice, denominator)
+    factor = _div(twice, denominator, FP64)
     o = program_index(INT64) * BLOCK + tl.arange(0, BLOCK)
     m = o < n_elements
     b_g = tl.load(g_ptr + o, mask=m, other=0.0).to(acc_dtype)
