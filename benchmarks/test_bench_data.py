@@ -77,7 +77,8 @@ def test_nvjpeg_device_decode_and_crop(benchmark, jpeg_folder):
     from torchvision.io import decode_jpeg, read_file
 
     from fastmae.data import IMAGENET_MEAN, IMAGENET_STD
-    from fastmae.data.gpu_augment import crop_params, resized_crop
+    from fastmae.data.crops import crop_params
+    from fastmae.data.gpu_augment import resized_crop
 
     files = sorted(str(p) for p in jpeg_folder.rglob("*.jpg"))[:256]
     data = [read_file(f) for f in files]

@@ -67,6 +67,7 @@ def main(args: argparse.Namespace) -> dict:
     import torch.nn.functional as F
 
     from fastmae.data.augment import build_mixup, build_random_erasing, soft_target_cross_entropy, timm_available
+    from fastmae.data.dali_loader import DaliLoader
     from fastmae.evaluation import EpochEvaluation, build_classifier, build_data, evaluate_checkpoint, log_parameters
     from fastmae.optim import build_optimizer, param_groups_lrd
     from fastmae.training import Run, choose_step_mode, fit
@@ -90,9 +91,14 @@ def main(args: argparse.Namespace) -> dict:
     erase = build_random_erasing(args.reprob, args.remode, args.recount, run.device)
     mix = build_mixup(num_classes, args.mixup, args.cutmix, args.smoothing, cutmix_minmax=args.cutmix_minmax,
                       prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode)
+    if isinstance(train_loader, DaliLoader):
+        augmentation = "DALI's (RandAugment without magnitude noise)" if augmented else "DALI's"
+    elif timm_available():
+        augmentation = "timm's, as the original"
+    else:
+        augmentation = "torchvision's (timm is not installed: RandAugment without magnitude noise)"
     logger.info("augmentation: %s; mixup %s, cutmix %s, label smoothing %s, random erasing %s (%s, count %d), "
-                "drop path %s, layer decay %s", "timm's, as the original" if timm_available() else
-                "torchvision's (timm is not installed: RandAugment without magnitude noise)",
+                "drop path %s, layer decay %s", augmentation,
                 args.mixup, args.cutmix, args.smoothing, args.reprob, args.remode, args.recount, args.drop_path,
                 args.layer_decay)
 

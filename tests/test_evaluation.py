@@ -287,12 +287,6 @@ def test_without_timm_the_flags_only_timm_has_are_refused(monkeypatch):
         transform("train_randaug", 32, aa="rand-m7")
 
 
-@pytest.mark.parametrize("size, resize", [(224, 256), (448, 448)])
-def test_evaluation_crop_is_the_originals(size, resize):
-    """crop_pct 224/256 up to 224 pixels, else 1 (main_finetune.py's build_transform)."""
-    assert transform("eval", size).transforms[0].size == resize
-
-
 @requires_timm
 def test_fine_tuning_killed_and_resumed_equals_uninterrupted(labelled_folder, tmp_path):
     """With timm's augmentation (Python's and NumPy's generators: seeded per sample in the loader,

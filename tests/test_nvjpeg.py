@@ -12,7 +12,8 @@ from PIL import Image
 from torchvision import datasets, transforms
 
 from fastmae.data import IMAGENET_MEAN, IMAGENET_STD, TorchvisionLoader, build_loader
-from fastmae.data.gpu_augment import crop_params, resized_crop, resized_crop_reference
+from fastmae.data.crops import crop_params
+from fastmae.data.gpu_augment import resized_crop, resized_crop_reference
 from fastmae.data.nvjpeg_loader import EncodedImages, NvjpegLoader, nvjpeg_decodable
 from fastmae.data.sources import list_image_folder, load_rgb
 from fastmae.kernels._launch import INTERPRET

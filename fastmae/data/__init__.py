@@ -6,7 +6,8 @@ labels int64 [B])`` already on the training device, ``steps_per_epoch``, ``num_s
 ``nvjpeg`` (JPEG bytes read by DataLoader workers, decoded by nvJPEG and cropped by one fused
 kernel on the GPU), ``torchvision`` (PIL decode in DataLoader workers), ``synthetic`` (random
 batches on the device);
-``auto`` is DALI on CUDA when it is installed, else torchvision.
+``auto`` is DALI on CUDA when it is installed, else torchvision (and torchvision for fine-tuning
+with timm installed: timm's augmentation, as the original).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from torchvision import datasets, transforms
 
 from fastmae.config import DATA_BACKENDS, FINETUNE_AA
 from fastmae.data.augment import needs_timm, timm_available, timm_compatible
+from fastmae.data.crops import CLAMPED_CROP_MODES, CROP_SCALES, ClampedRandomResizedCrop, eval_resize
 from fastmae.data.dali_loader import DaliLoader, dali_unavailable_reasons
 from fastmae.data.nvjpeg_loader import NvjpegLoader
 from fastmae.data.shapes import SHAPES_VERSION, ShapesDataset
@@ -34,7 +36,6 @@ logger = logging.getLogger("fastmae")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-CROP_SCALES = {"pretrain": (0.2, 1.0), "train": (0.08, 1.0)}  # RandomResizedCrop's area range
 
 
 def pretrain_transform(input_size: int) -> transforms.Compose:
@@ -44,12 +45,13 @@ def pretrain_transform(input_size: int) -> transforms.Compose:
 
 def transform(mode: str, input_size: int, *, aa: str = FINETUNE_AA, color_jitter: float | None = None):
     """The original's transforms. ``pretrain``: RandomResizedCrop(scale=(0.2, 1)) + flip; ``train``
-    (linear probing): RandomResizedCrop + flip; ``train_randaug`` (fine-tuning): timm's
+    (linear probing): the original's own RandomResizedCrop (one draw clamped to the image, see
+    :mod:`fastmae.data.crops`) + flip; ``train_randaug`` (fine-tuning): timm's
     ``create_transform`` with the original's arguments (RandomResizedCrop, flip, the ``aa``
     auto-augmentation, ``color_jitter`` where timm applies it) when timm is installed, as the
     original; without timm, torchvision's RandAugment (2 ops at magnitude 9, filled with the mean
     colour: ``rand-m9-mstd0.5-inc1`` without its magnitude noise and increasing-severity ops);
-    ``eval``: resize to ``input_size * 256 / 224`` (``input_size`` above 224), center crop. All
+    ``eval``: resize to ``input_size * 256 / 224`` (``input_size`` itself above 224), center crop. All
     bicubic, then ImageNet normalization. Fine-tuning's random erasing and mixup act on batches, on
     the device (:mod:`fastmae.data.augment`)."""
     bicubic = transforms.InterpolationMode.BICUBIC
@@ -62,12 +64,11 @@ def transform(mode: str, input_size: int, *, aa: str = FINETUNE_AA, color_jitter
                                 auto_augment=None if aa == "none" else aa, interpolation="bicubic", re_prob=0.0,
                                 mean=IMAGENET_MEAN, std=IMAGENET_STD)
     if mode == "eval":
-        crop_pct = 224 / 256 if input_size <= 224 else 1.0  # the original's
-        steps = [transforms.Resize(int(input_size / crop_pct), interpolation=bicubic), transforms.CenterCrop(input_size)]
+        steps = [transforms.Resize(eval_resize(input_size), interpolation=bicubic), transforms.CenterCrop(input_size)]
     else:
         scale = CROP_SCALES[mode] if mode in CROP_SCALES else CROP_SCALES["train"]
-        steps = [transforms.RandomResizedCrop(input_size, scale=scale, interpolation=bicubic),
-                 transforms.RandomHorizontalFlip()]
+        crop = ClampedRandomResizedCrop if mode in CLAMPED_CROP_MODES else transforms.RandomResizedCrop
+        steps = [crop(input_size, scale=scale, interpolation=bicubic), transforms.RandomHorizontalFlip()]
         if mode == "train_randaug":
             needs_timm(aa not in (FINETUNE_AA, "none") and f"--aa {aa}", color_jitter is not None and "--color_jitter")
             if aa != "none":
@@ -94,10 +95,15 @@ def builtin_shapes_folder(num_images: int, image_size: int, seed: int = 0) -> st
     return root
 
 
-def resolve_data_backend(name: str, device: torch.device) -> str:
+def resolve_data_backend(name: str, device: torch.device, mode: str = "pretrain") -> str:
     if name not in DATA_BACKENDS:
         raise UsageError(f"unknown data backend {name!r}; choose one of {DATA_BACKENDS}")
     if name == "auto":
+        if mode == "train_randaug" and timm_available():
+            # the original's fine-tuning augmentation is timm's (PIL), which DALI's RandAugment only approximates
+            logger.info("data backend: torchvision (automatic: timm's fine-tuning augmentation, as the original; "
+                        "--data_backend dali for DALI's RandAugment)")
+            return "torchvision"
         chosen = "dali" if device.type == "cuda" and not dali_unavailable_reasons() else "torchvision"
         logger.info("data backend: %s (automatic)", chosen)
         return chosen
@@ -120,7 +126,7 @@ def build_loader(
     the original, unless ``pad_last_batch``. ``aa``, ``color_jitter``: fine-tuning's augmentation
     (``train_randaug``). ``num_classes``: the synthetic source's labels. ``crop_backend``: the nvjpeg
     loader's crop kernel (``triton`` or ``torch``; default: triton on CUDA)."""
-    backend = resolve_data_backend(backend, device)
+    backend = resolve_data_backend(backend, device, mode)
     if backend == "nvjpeg" and mode == "eval":
         # evaluation's resize + center crop is not its kernel's: the torchvision loader's, as the original
         logger.info("evaluation data: torchvision loader (the nvjpeg loader does the random-crop augmentations)")
@@ -168,7 +174,8 @@ def _build_loader(backend, root, mode, input_size, batch_size, device, rank, wor
         elif list_tar_shards(root):
             raise UsageError(f"{root} holds tar shards, which only the DALI loader reads (--data_backend dali)")
         files, labels, _ = list_image_folder(root)
-        return NvjpegLoader(files, labels, image_size=input_size, scale=CROP_SCALES[mode], mean=IMAGENET_MEAN,
+        return NvjpegLoader(files, labels, image_size=input_size, scale=CROP_SCALES[mode],
+                            clamp_crop=mode in CLAMPED_CROP_MODES, mean=IMAGENET_MEAN,
                             std=IMAGENET_STD, num_workers=num_workers, pin_memory=pin_memory, drop_last=drop_last,
                             skip_unreadable=skip_unreadable, crop_backend=crop_backend, **common)
     # dali

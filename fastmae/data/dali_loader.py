@@ -14,6 +14,7 @@ import math
 import numpy as np
 import torch
 
+from fastmae.data.crops import ASPECT_RATIOS, CLAMPED_CROP_MODES, CROP_SCALES, eval_resize
 from fastmae.data.order import batches_per_epoch, epoch_order
 from fastmae.data.sources import UnreadableImageError, load_rgb
 from fastmae.errors import UsageError
@@ -22,6 +23,7 @@ logger = logging.getLogger("fastmae")
 
 try:
     import nvidia.dali.fn as fn
+    import nvidia.dali.math as dmath
     import nvidia.dali.types as types
     from nvidia.dali import pipeline_def
     from nvidia.dali.auto_aug import rand_augment
@@ -42,25 +44,46 @@ def dali_unavailable_reasons() -> list[str]:
 
 
 # augmentation modes: the random-crop area range, and whether RandAugment follows
-CROP_AREA = {"pretrain": (0.2, 1.0), "train": (0.08, 1.0), "train_randaug": (0.08, 1.0)}
+CROP_AREA = {**CROP_SCALES, "train_randaug": CROP_SCALES["train"]}
 MODES = (*CROP_AREA, "eval")
+
+
+def _clamped_crop(encoded, *, scale, decode_device):
+    """The original's linear-probing crop (``fastmae.data.crops.crop_box(clamp=True)``) drawn in the
+    pipeline from the image's header: one area and aspect ratio, the box clamped to the image."""
+    height_width = fn.peek_image_shape(encoded, dtype=types.FLOAT)
+    height, width = height_width[0], height_width[1]
+    target_area = height * width * fn.random.uniform(range=list(scale))
+    aspect_ratio = dmath.exp(fn.random.uniform(range=[math.log(r) for r in ASPECT_RATIOS]))
+    w = dmath.min(dmath.floor(dmath.sqrt(target_area * aspect_ratio) + 0.5), width)
+    h = dmath.min(dmath.floor(dmath.sqrt(target_area / aspect_ratio) + 0.5), height)
+    top = dmath.floor(fn.random.uniform(range=[0.0, 1.0]) * (height - h + 1))
+    left = dmath.floor(fn.random.uniform(range=[0.0, 1.0]) * (width - w + 1))
+    # integer anchor and shape: absolute pixels, in the decoder's (x, y) order
+    return fn.decoders.image_slice(encoded, fn.cast(fn.stack(left, top), dtype=types.INT32),
+                                   fn.cast(fn.stack(w, h), dtype=types.INT32), device=decode_device,
+                                   output_type=types.RGB)
 
 
 def _augment(encoded, *, mode: str, size: int, on_gpu: bool, mean, std):
     """The original's transforms. ``pretrain``: RandomResizedCrop(size, scale=(0.2, 1), bicubic) + flip;
-    ``train``: scale (0.08, 1) + flip (linear probing); ``train_randaug``: that + RandAugment(2 ops,
-    magnitude 9 of 10) (fine-tuning); ``eval``: resize the shorter side to size * 256 / 224, center crop.
+    ``train``: the original's linear-probing crop (scale (0.08, 1), one draw clamped to the image) +
+    flip; ``train_randaug``: RandomResizedCrop(scale=(0.08, 1)) + flip + RandAugment(2 ops, magnitude
+    9 of 10) (fine-tuning); ``eval``: resize the shorter side to ``eval_resize(size)``, center crop.
     Random crops are fused into the decoder so only the crop is decoded. Then normalize, CHW."""
     decode_device = "mixed" if on_gpu else "cpu"
     mirror = 0
     if mode == "eval":
         images = fn.decoders.image(encoded, device=decode_device, output_type=types.RGB)
-        images = fn.resize(images, resize_shorter=int(size * 256 / 224), interp_type=types.INTERP_CUBIC, antialias=True)
+        images = fn.resize(images, resize_shorter=eval_resize(size), interp_type=types.INTERP_CUBIC, antialias=True)
     else:
-        images = fn.decoders.image_random_crop(
-            encoded, device=decode_device, output_type=types.RGB,
-            random_area=list(CROP_AREA[mode]), random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10,
-        )
+        if mode in CLAMPED_CROP_MODES:
+            images = _clamped_crop(encoded, scale=CROP_AREA[mode], decode_device=decode_device)
+        else:
+            images = fn.decoders.image_random_crop(
+                encoded, device=decode_device, output_type=types.RGB,
+                random_area=list(CROP_AREA[mode]), random_aspect_ratio=list(ASPECT_RATIOS), num_attempts=10,
+            )
         images = fn.resize(images, resize_x=size, resize_y=size, interp_type=types.INTERP_CUBIC, antialias=True)
         mirror = fn.random.coin_flip(probability=0.5)
         if mode == "train_randaug":

@@ -4,13 +4,11 @@
 :func:`resized_crop` runs the fused Triton kernel (``fastmae.kernels.resized_crop``: one launch,
 each image read once, the batch written once) or its PyTorch reference, torchvision's
 ``resized_crop`` on tensors (bicubic, no antialias) image by image. The boxes and flips are drawn
-on the host by :func:`crop_params`, from the same random stream and in the same order as
-torchvision's ``RandomResizedCrop`` and ``RandomHorizontalFlip``, so a sample seeded as the
-torchvision loader seeds it gets the same box and flip.
+on the host by :func:`~fastmae.data.crops.crop_params`, from the same random stream and in the same
+order as the torchvision loader's transforms, so a sample seeded as the torchvision loader seeds it
+gets the same box and flip.
 """
 from __future__ import annotations
-
-import math
 
 import torch
 from torchvision.transforms import InterpolationMode
@@ -19,34 +17,6 @@ from torchvision.transforms import functional as TF
 from fastmae.errors import UsageError
 
 CROP_BACKENDS = ("triton", "torch")
-
-
-def crop_params(height: int, width: int, scale: tuple[float, float] = (0.2, 1.0),
-                ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int, bool]:
-    """``(top, left, h, w, flip)`` drawn from torch's global generator exactly as torchvision's
-    ``RandomResizedCrop(scale, ratio).get_params`` and then ``RandomHorizontalFlip`` draw them."""
-    area = height * width
-    log_ratio = torch.log(torch.tensor(ratio))
-    for _ in range(10):
-        target_area = area * torch.empty(1).uniform_(scale[0], scale[1]).item()
-        aspect_ratio = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1])).item()
-        w = int(round(math.sqrt(target_area * aspect_ratio)))
-        h = int(round(math.sqrt(target_area / aspect_ratio)))
-        if 0 < w <= width and 0 < h <= height:
-            top = torch.randint(0, height - h + 1, size=(1,)).item()
-            left = torch.randint(0, width - w + 1, size=(1,)).item()
-            break
-    else:  # fallback to a central crop
-        in_ratio = float(width) / float(height)
-        if in_ratio < min(ratio):
-            w, h = width, int(round(width / min(ratio)))
-        elif in_ratio > max(ratio):
-            h, w = height, int(round(height * max(ratio)))
-        else:
-            w, h = width, height
-        top, left = (height - h) // 2, (width - w) // 2
-    flip = bool(torch.rand(1) < 0.5)
-    return top, left, h, w, flip
 
 
 def resized_crop_reference(images: list[torch.Tensor], boxes: torch.Tensor, flips: torch.Tensor, size: int,

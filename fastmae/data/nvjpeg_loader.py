@@ -3,7 +3,7 @@
 
 Per sample, a worker reads the file's bytes and its header (size, mode, progressive), and draws
 the RandomResizedCrop box and the flip from the sample's seed exactly as the torchvision loader's
-transform draws them (:func:`~fastmae.data.gpu_augment.crop_params`), so both loaders crop the same
+transform draws them (:func:`~fastmae.data.crops.crop_params`), so both loaders crop the same
 boxes and a resumed run draws what the uninterrupted one drew. What nvJPEG may not decode -- a
 non-JPEG file (PNG, ...), a CMYK or progressive JPEG, one cut short (no end-of-image marker) -- is
 decoded by the worker on the CPU instead, as the torchvision loader decodes (a file no decoder
@@ -27,7 +27,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from fastmae.data.gpu_augment import crop_params, resized_crop
+from fastmae.data.crops import crop_params
+from fastmae.data.gpu_augment import resized_crop
 from fastmae.data.sources import UnreadableImageError, load_rgb
 from fastmae.data.torchvision_loader import TorchvisionLoader
 
@@ -59,10 +60,10 @@ def nvjpeg_decodable(data: bytes, img: Image.Image) -> bool:
 
 class EncodedImages(Dataset):
     """``(Sample, label)`` of ``files[i]``; the crop drawn from torch's generator (seeded per
-    sample by the loader)."""
+    sample by the loader), clamped to the image with ``clamp_crop`` (see :func:`~fastmae.data.crops.crop_box`)."""
 
-    def __init__(self, files: list[str], labels, scale: tuple[float, float] = (0.2, 1.0)):
-        self.files, self.labels, self.scale = files, labels, scale
+    def __init__(self, files: list[str], labels, scale: tuple[float, float] = (0.2, 1.0), clamp_crop: bool = False):
+        self.files, self.labels, self.scale, self.clamp_crop = files, labels, scale, clamp_crop
 
     def __len__(self) -> int:
         return len(self.files)
@@ -82,7 +83,7 @@ class EncodedImages(Dataset):
         else:
             pixels = np.array(load_rgb(path))  # HWC uint8 (a writable copy); raises naming the file
             payload = torch.from_numpy(pixels).permute(2, 0, 1).reshape(-1).contiguous()
-        top, left, h, w, flip = crop_params(height, width, self.scale)
+        top, left, h, w, flip = crop_params(height, width, self.scale, clamp=self.clamp_crop)
         return Sample(payload, not on_device, height, width, torch.tensor([top, left, h, w], dtype=torch.int32), flip,
                       index), int(self.labels[index])
 
@@ -105,6 +106,7 @@ class NvjpegLoader(TorchvisionLoader):
         files, labels: the dataset (an ImageFolder's listing).
         image_size: S.
         scale: RandomResizedCrop's area range ((0.2, 1) pretraining, (0.08, 1) linear probing).
+        clamp_crop: one draw clamped to the image (linear probing: the original's ``util/crop``).
         mean, std: the normalization.
         crop_backend: ``triton`` (the fused kernel) or ``torch`` (the reference); default: triton
             on CUDA, the reference on a CPU (the entry points pass their kernel backend's choice).
@@ -112,14 +114,14 @@ class NvjpegLoader(TorchvisionLoader):
     """
 
     def __init__(self, files: list[str], labels, *, image_size: int, scale: tuple[float, float], mean, std,
-                 device: torch.device, crop_backend: str | None = None, **kwargs):
+                 device: torch.device, clamp_crop: bool = False, crop_backend: str | None = None, **kwargs):
         self.image_size, self.mean, self.std = image_size, tuple(mean), tuple(std)
         self.files = files
         self.crop_backend = crop_backend or default_crop_backend(device)
         # nvJPEG writes its outputs from a stream of its own that waits for nothing on the caller's:
         # memory freed by the step still queued on the training stream must not be handed to it
         self.decode_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        super().__init__(EncodedImages(files, labels, scale), device=device, collate_fn=collate, **kwargs)
+        super().__init__(EncodedImages(files, labels, scale, clamp_crop), device=device, collate_fn=collate, **kwargs)
 
     def _batches(self):
         for samples, labels, skipped in self._loader:
