@@ -21,7 +21,25 @@ from fastmae.step import TrainStep
 
 
 class NonFiniteLossError(FastMAEError, RuntimeError):
-    pass
+    """The loss, or the weights an update left, went NaN or infinite: the run stops without
+    overwriting its last checkpoint."""
+
+
+def check_finite_weights(model: nn.Module, epoch: int, next_batch: int) -> None:
+    """Raise :class:`NonFiniteLossError` on every rank if any rank's weights (its shards, under
+    FSDP) hold a NaN or an infinity: an update can break them with a finite loss (a non-finite
+    gradient), which the loss check before the checkpoint does not see. One collective and one
+    read, at checkpoints only."""
+    names, tensors = zip(*((n, p.to_local() if hasattr(p, "to_local") else p) for n, p in model.named_parameters()))
+    bad = torch.stack([~torch.isfinite(t).all() for t in tensors])
+    if all_reduce_sum(bad.sum().float()).item() > 0:
+        mine = [n for n, b in zip(names, bad.tolist()) if b]
+        raise NonFiniteLossError(
+            f"the last update left weights that are not finite at epoch {epoch}, batch {next_batch} "
+            f"({', '.join(mine[:3]) + (', ...' if len(mine) > 3 else '') if mine else 'on another rank'}); stopping "
+            f"without writing a checkpoint. The last checkpoint in the output folder was written before this and is "
+            f"intact: lower the lr (--blr), set --clip_grad, or use --precision bf16 instead of fp16."
+        )
 
 
 class StopRequested(Exception):
@@ -69,7 +87,7 @@ def train_one_epoch(
     every ``print_freq`` batches (loss averaged over the batches since the last record and over the
     ranks; the time left in the epoch and in the run); a non-finite loss raises
     :class:`NonFiniteLossError` there, and before every checkpoint, so that no checkpoint is written
-    after the loss went bad. ``on_checkpoint(epoch, next_batch, totals)`` gets the epoch's running
+    after the loss went bad (``on_checkpoint`` checks the weights too: :func:`check_finite_weights`). ``on_checkpoint(epoch, next_batch, totals)`` gets the epoch's running
     sums, which a run resumed mid-epoch passes back as ``totals``, so that its epoch means are the
     uninterrupted run's. ``stop_signal()``: a signal number once one asked the run to stop (else 0);
     the epoch then stops at the next optimizer step, after a checkpoint, with :class:`StopRequested`

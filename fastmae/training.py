@@ -31,7 +31,9 @@ from fastmae.checkpoint import (
 from fastmae.distributed import (
     DistInfo, all_gather_objects, all_reduce_sum, barrier, init_distributed, is_process_group_failure, set_phase,
 )
-from fastmae.engine import EpochConfig, Progress, StopRequested, mean_and_any_signal, train_one_epoch
+from fastmae.engine import (
+    EpochConfig, Progress, StopRequested, check_finite_weights, mean_and_any_signal, train_one_epoch,
+)
 from fastmae.errors import UsageError
 from fastmae.sharding import fsdp_unavailable_reasons, is_sharded, shard_model
 from fastmae.step import TrainStep, step_mode_unavailable_reasons
@@ -442,6 +444,7 @@ def fit(
 
     def checkpoint(epoch: int, next_batch: int, totals: dict | None = None, numbered: bool = False) -> None:
         set_phase(f"writing a checkpoint at epoch {epoch}, batch {next_batch}")
+        check_finite_weights(model, epoch + 1 if next_batch == 0 else epoch, next_batch)
         # every rank's random state, so that a resumed run draws the same masks and mixes
         rngs = all_gather_objects({k: v.cpu() for k, v in rng_state(device).items()})
         # mid-epoch, the epoch's running sums too: the resumed epoch logs the uninterrupted one's means

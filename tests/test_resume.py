@@ -186,6 +186,27 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(folder, tmp_path, mon
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
+def test_an_update_that_breaks_the_weights_keeps_the_last_good_checkpoint(folder, tmp_path, monkeypatch, caplog):
+    """A finite loss, then an update that writes NaN (a non-finite gradient would): the checkpoint
+    due after it is not written."""
+    real_step, calls = torch.optim.AdamW.step, {"n": 0}
+
+    def poisoned_step(self, *a, **kw):
+        out = real_step(self, *a, **kw)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", poisoned_step)
+    assert cli(args(folder, tmp_path, "--checkpoint_steps", "1")) == 1
+    assert "weights that are not finite at epoch 0, batch 3" in caplog.text and "last checkpoint" in caplog.text
+    ckpt = read_checkpoint(tmp_path / "checkpoint-last.pth")
+    assert (ckpt["data_position"]["epoch"], ckpt["data_position"]["batch"]) == (0, 2)
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
 def test_checkpoint_contents(folder, tmp_path):
     assert cli(args(folder, tmp_path, "--epochs", "1")) == 0
     ckpt = read_checkpoint(tmp_path / "checkpoint-0.pth")
