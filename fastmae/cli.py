@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import traceback
 from typing import Callable
@@ -104,10 +105,17 @@ def check_common_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> N
         if getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     for name in ("lr", "blr", "min_lr", "weight_decay", "warmup_epochs"):
-        if getattr(args, name) is not None and getattr(args, name) < 0:
-            p.error(f"--{name} must not be negative, got {getattr(args, name)}")
-    if args.clip_grad is not None and args.clip_grad <= 0:
-        p.error(f"--clip_grad must be positive, got {args.clip_grad}")
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            p.error(f"--{name} must be a finite number, not negative, got {value}")
+    if args.clip_grad is not None and not (math.isfinite(args.clip_grad) and args.clip_grad > 0):
+        p.error(f"--clip_grad must be a finite positive number, got {args.clip_grad}")
+    if args.input_size is not None and args.input_size < 1:
+        p.error(f"--input_size must be at least 1 (or left out for the preset's), got {args.input_size}")
+    if args.num_workers is not None and args.num_workers < 0:
+        p.error(f"--num_workers must not be negative, got {args.num_workers}")
+    if args.start_epoch < 0:
+        p.error(f"--start_epoch must not be negative, got {args.start_epoch}")
     if args.checkpoint_steps < 0 or args.checkpoint_steps % args.accum_iter:
         p.error(f"--checkpoint_steps {args.checkpoint_steps}: checkpoints fall between optimizer steps, so it must be "
                 f"0 or a positive multiple of --accum_iter {args.accum_iter}")

@@ -423,6 +423,11 @@ def fit(
     ``after_epoch(epoch, train_model)`` returns (evaluation, pictures). Returns the last record."""
     dist, device = run.dist, run.device
     steps_per_epoch = loader.steps_per_epoch
+    if steps_per_epoch < args.accum_iter:
+        # each epoch's incomplete accumulation is dropped, as the original's: no step would ever update
+        raise UsageError(f"--accum_iter {args.accum_iter} needs at least {args.accum_iter} batches per epoch, and each "
+                         f"rank has {steps_per_epoch}: no optimizer step would ever be taken; lower --accum_iter "
+                         f"or --batch_size")
     start_epoch, start_batch, totals = args.start_epoch, 0, None
     layout = {"batch_size": args.batch_size, "accum_iter": args.accum_iter, "steps_per_epoch": steps_per_epoch}
     resume = resume_path(args)

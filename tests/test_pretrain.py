@@ -60,7 +60,9 @@ def test_bad_data_path_is_reported(tmp_path, caplog, make, message):
 @pytest.mark.parametrize("args", [["--mask_ratio", "1.0"], ["--model", "nope"], ["--kernels", "nope"],
                                   ["--device", "cuda"] if not torch.cuda.is_available() else ["--epochs", "0"],
                                   ["--checkpoint_steps", "-1"], ["--checkpoint_steps", "3", "--accum_iter", "2"],
-                                  ["--lr", "-1"], ["--blr", "-0.1"], ["--weight_decay", "-1"], ["--clip_grad", "0"]])
+                                  ["--lr", "-1"], ["--blr", "-0.1"], ["--weight_decay", "-1"], ["--clip_grad", "0"],
+                                  ["--blr", "nan"], ["--weight_decay", "inf"], ["--clip_grad", "nan"],
+                                  ["--input_size", "0"], ["--num_workers", "-1"], ["--start_epoch", "-1"]])
 def test_bad_flags_are_refused(args):
     with pytest.raises(SystemExit) as e:
         cli(args)

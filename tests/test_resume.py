@@ -207,6 +207,13 @@ def test_an_update_that_breaks_the_weights_keeps_the_last_good_checkpoint(folder
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
+def test_an_accumulation_longer_than_an_epoch_is_refused(folder, tmp_path, caplog):
+    """6 batches per epoch and --accum_iter 8: every epoch's accumulation would be dropped unfinished."""
+    assert cli(args(folder, tmp_path, "--accum_iter", "8")) == 1
+    assert "--accum_iter 8 needs at least 8 batches per epoch, and each rank has 6" in caplog.text
+    assert not list(tmp_path.glob("checkpoint-*"))
+
+
 def test_checkpoint_contents(folder, tmp_path):
     assert cli(args(folder, tmp_path, "--epochs", "1")) == 0
     ckpt = read_checkpoint(tmp_path / "checkpoint-0.pth")
