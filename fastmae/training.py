@@ -466,11 +466,15 @@ def fit(
             checkpointer.save(model, optimizer, trainer, sharded_name(epoch, next_batch))
         elif dist.is_main:
             state = {"model": model.state_dict(), "optimizer": portable_state_dict(optimizer), **trainer}
-            # checkpoint-last.pth first: a kill before the numbered copy still resumes from here
             last = os.path.join(args.output_dir, "checkpoint-last.pth")
-            save_checkpoint(state, last)
             if numbered:
-                link_or_copy(last, os.path.join(args.output_dir, f"checkpoint-{epoch}.pth"))
+                # the kept file first: a kill before checkpoint-last.pth is relinked leaves it, the newest,
+                # for --resume auto (the other way round, the kept epoch would never be written)
+                kept_file = os.path.join(args.output_dir, f"checkpoint-{epoch}.pth")
+                save_checkpoint(state, kept_file)
+                link_or_copy(kept_file, last)
+            else:
+                save_checkpoint(state, last)
         barrier()
 
     def fit_epoch(epoch: int, start_batch: int, totals: dict | None, stop_signal) -> dict:

@@ -214,6 +214,22 @@ def test_an_accumulation_longer_than_an_epoch_is_refused(folder, tmp_path, caplo
     assert not list(tmp_path.glob("checkpoint-*"))
 
 
+def test_a_kill_between_the_kept_file_and_its_link_resumes_from_the_kept_file(folder, tmp_path, monkeypatch):
+    import fastmae.training
+
+    def killed(src, dst):
+        raise RuntimeError("killed before checkpoint-last.pth was relinked")
+
+    monkeypatch.setattr(fastmae.training, "link_or_copy", killed)
+    with pytest.raises(RuntimeError, match="killed"):
+        cli(args(folder, tmp_path, "--epochs", "1"))
+    assert not (tmp_path / "checkpoint-last.pth").exists()
+    monkeypatch.undo()
+    assert cli(args(folder, tmp_path, "--resume", "auto")) == 0
+    assert [json.loads(line)["epoch"] for line in (tmp_path / "log.txt").read_text().splitlines()] == [1]
+    assert read_checkpoint(tmp_path / "checkpoint-0.pth")["data_position"]["epoch"] == 1
+
+
 def test_checkpoint_contents(folder, tmp_path):
     assert cli(args(folder, tmp_path, "--epochs", "1")) == 0
     ckpt = read_checkpoint(tmp_path / "checkpoint-0.pth")
