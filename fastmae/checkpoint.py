@@ -141,11 +141,15 @@ def remove_stale_temporaries(output_dir: str | os.PathLike) -> None:
 def _replace_durably(tmp: str, path: str | os.PathLike) -> None:
     # the rename is atomic, and fsync of the folder makes it survive a crash of the node
     os.replace(tmp, path)
-    folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    _fsync(os.path.dirname(os.path.abspath(path)))
+
+
+def _fsync(path: str | os.PathLike) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(folder)
+        os.fsync(fd)
     finally:
-        os.close(folder)
+        os.close(fd)
 
 
 KINDS = ("pretrain", "finetune", "linprobe")
@@ -441,6 +445,10 @@ class ShardedCheckpointer:
         self.last = path
         if not self.is_main:
             return
+        # torch.distributed.checkpoint fsyncs the files but renames the metadata into place without
+        # an fsync of the folders: make the new checkpoint survive a crash before the older ones go
+        for durable in (os.path.join(path, METADATA), path, self.output_dir):
+            _fsync(durable)
         position = sharded_position(os.path.basename(path))
         for other in glob.glob(os.path.join(self.output_dir, "checkpoint-*" + SHARDED_SUFFIX)):
             theirs = sharded_position(os.path.basename(other))

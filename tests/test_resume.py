@@ -153,6 +153,29 @@ def test_a_sharded_checkpoint_is_never_written_over(tmp_path):
     assert read_checkpoint(saver.last)["epoch"] == 1
 
 
+def test_a_sharded_checkpoint_is_on_disk_before_the_older_ones_go(tmp_path, monkeypatch):
+    """Its metadata, its folder and the output folder are fsynced before the pruning."""
+    import shutil
+
+    import fastmae.checkpoint
+    from fastmae.checkpoint import ShardedCheckpointer
+
+    events = []
+    real_fsync, real_rmtree = fastmae.checkpoint._fsync, shutil.rmtree
+    monkeypatch.setattr(fastmae.checkpoint, "_fsync", lambda path: events.append(("fsync", os.path.relpath(path, tmp_path)))
+                        or real_fsync(path))
+    monkeypatch.setattr(shutil, "rmtree", lambda path, **kw: events.append(("remove", os.path.relpath(path, tmp_path)))
+                        or real_rmtree(path, **kw))
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    saver = ShardedCheckpointer(str(tmp_path), asynchronous=False, is_main=True, kept=lambda epoch: False)
+    saver.save(model, optimizer, {"epoch": 0}, "checkpoint-0-2.dcp")
+    events.clear()
+    saver.save(model, optimizer, {"epoch": 0}, "checkpoint-0-4.dcp")
+    assert events == [("fsync", "checkpoint-0-4.dcp/.metadata"), ("fsync", "checkpoint-0-4.dcp"), ("fsync", "."),
+                      ("remove", "checkpoint-0-2.dcp")]
+
+
 def test_a_checkpoint_folder_of_another_tool_says_so(tmp_path):
     import torch.distributed.checkpoint as dcp
 
