@@ -26,6 +26,12 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from fastmae.errors import FastMAEError
+
+
+class RendezvousError(FastMAEError, RuntimeError):
+    """The ranks did not all meet: a launch problem the user can fix."""
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -50,7 +56,7 @@ def _slurm_master_addr() -> str:
             return out.stdout.split()[0]
         except (OSError, subprocess.CalledProcessError, IndexError):
             pass
-    raise RuntimeError("under SLURM, export MASTER_ADDR (the first node's hostname) and MASTER_PORT before srun")
+    raise RendezvousError("under SLURM, export MASTER_ADDR (the first node's hostname) and MASTER_PORT before srun")
 
 
 def launch_environment() -> DistInfo:
@@ -75,7 +81,15 @@ def init_distributed(device_type: str, timeout_minutes: float = 10.0) -> DistInf
     if device_type == "cuda":
         torch.cuda.set_device(info.local_rank)
     timeout = timedelta(minutes=timeout_minutes)
-    store, _, _ = next(dist.rendezvous("env://", rank=info.rank, world_size=info.world_size, timeout=timeout))
+    try:
+        store, _, _ = next(dist.rendezvous("env://", rank=info.rank, world_size=info.world_size, timeout=timeout))
+    except dist.DistError as e:
+        launcher = ("SLURM (SLURM_PROCID, SLURM_NTASKS): start the ranks with srun, one process per task, or "
+                    "run a single process with SLURM_NTASKS unset" if "RANK" not in os.environ else
+                    "torchrun's environment (RANK, WORLD_SIZE)")
+        raise RendezvousError(f"rank {info.rank} of {info.world_size}: the ranks did not all meet at "
+                              f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} within {timeout_minutes:g} "
+                              f"minutes (--dist_timeout): the ranks come from {launcher} ({e})") from e
     if "TORCHELASTIC_RESTART_COUNT" in os.environ:
         # torchrun's agent keeps one store across restarts: without a prefix per attempt, a restarted
         # rank can read the address a dead rank of the previous attempt left there, and fail to connect

@@ -304,3 +304,23 @@ def test_a_rank_that_dies_or_hangs_is_named_in_bounded_time(tmp_path, how):
     log = open(f"{out}.0.log").read()
     assert "error: rank 0 lost the others while training, epoch 0 batch" in log
     assert "Last word from each rank, the furthest behind first: rank 1: training, epoch 0 batch 3" in log
+
+
+def test_ranks_from_slurm_that_never_meet_say_how_to_launch(monkeypatch):
+    """One process inside an sbatch script for several tasks (no srun): SLURM's variables make it
+    rank 0 of 2, and the rendezvous ends in a line that says where the ranks came from."""
+    import socket
+
+    from fastmae.distributed import RendezvousError, init_distributed
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RESTART_COUNT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    with pytest.raises(RendezvousError, match=r"rank 0 of 2: the ranks did not all meet .* SLURM .* srun"):
+        init_distributed("cpu", timeout_minutes=0.02)
