@@ -42,6 +42,9 @@ def check_finite_weights(model: nn.Module, epoch: int, next_batch: int) -> None:
         )
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # what asks a run to stop: SLURM's preemption, scancel, sbatch --signal
+
+
 class StopRequested(Exception):
     """Training stopped at a signal (SIGTERM, SIGUSR1), after a checkpoint of where it stood."""
 
@@ -131,7 +134,7 @@ def train_one_epoch(
             # the sync point: the loss since the last record, and whether any rank was asked to stop
             set_phase(f"training, epoch {epoch} batch {batch + 1}")
             value, signalled = mean_and_any_signal(window_sum / window, stop_signal())
-            stopping = stopping or (signalled and (stop_signal() or signal.SIGTERM))
+            stopping = stopping or signalled
             if not math.isfinite(value):
                 raise NonFiniteLossError(
                     f"loss is {value} at epoch {epoch}, batch {batch}; stopping. The last checkpoint in the "
@@ -170,11 +173,12 @@ def train_one_epoch(
     }
 
 
-def mean_and_any_signal(value: torch.Tensor, signum: int) -> tuple[float, bool]:
-    """``(value's mean over the ranks, whether any rank got a stop signal)``: one collective, one read."""
-    both = all_reduce_mean(torch.stack([value.float(), torch.tensor(float(signum > 0), device=value.device)]))
-    mean, any_signal = both.tolist()
-    return mean, any_signal > 0
+def mean_and_any_signal(value: torch.Tensor, signum: int) -> tuple[float, int]:
+    """``(value's mean over the ranks, the stop signal a rank got, else 0)``: one collective, one
+    read (SIGTERM where ranks got different ones)."""
+    got = torch.tensor([float(signum == s) for s in STOP_SIGNALS], device=value.device)
+    mean, *shares = all_reduce_mean(torch.cat([value.float().reshape(1), got])).tolist()
+    return mean, next((s for s, share in zip(STOP_SIGNALS, shares) if share > 0), 0)
 
 
 @torch.no_grad()

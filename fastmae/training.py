@@ -32,7 +32,7 @@ from fastmae.distributed import (
     DistInfo, all_gather_objects, all_reduce_sum, barrier, init_distributed, is_process_group_failure, set_phase,
 )
 from fastmae.engine import (
-    EpochConfig, Progress, StopRequested, check_finite_weights, mean_and_any_signal, train_one_epoch,
+    STOP_SIGNALS, EpochConfig, Progress, StopRequested, check_finite_weights, mean_and_any_signal, train_one_epoch,
 )
 from fastmae.errors import UsageError
 from fastmae.sharding import fsdp_unavailable_reasons, is_sharded, shard_model
@@ -341,11 +341,10 @@ def stop_signals():
     --signal=USR1@SECONDS``) ask the run to stop at its next optimizer step, after a checkpoint.
     Yields ``stop_signal()``: the signal number once one came, else 0."""
     received = []
-    handled = (signal.SIGTERM, signal.SIGUSR1)
     if threading.current_thread() is not threading.main_thread():  # only the main thread takes signals
         yield lambda: 0
         return
-    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in handled}
+    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in STOP_SIGNALS}
     try:
         yield lambda: received[0] if received else 0
     finally:
@@ -511,8 +510,9 @@ def fit(
         with stop_signals() as stop_signal:
             for epoch in range(start_epoch, args.epochs):
                 # a signal during an epoch's last step: its end's checkpoint holds the position (the ranks agree)
-                if mean_and_any_signal(torch.zeros((), device=device), stop_signal())[1]:
-                    raise StopRequested(stop_signal() or signal.SIGTERM, epoch, 0)
+                signalled = mean_and_any_signal(torch.zeros((), device=device), stop_signal())[1]
+                if signalled:
+                    raise StopRequested(signalled, epoch, start_batch)
                 record = fit_epoch(epoch, start_batch, totals, stop_signal)
                 start_batch, totals = 0, None
     except BaseException as e:

@@ -223,7 +223,7 @@ def test_cleanup_frees_the_ddp_wrapper_an_exception_holds_before_destroying_the_
 
 
 def stop_on_rank_0(rank: int, world_size: int, out: str, port: int) -> None:
-    """Rank 0 alone gets a stop signal after its 3rd step; both ranks must stop at the same step."""
+    """Rank 0 alone gets SIGUSR1 after its 3rd step; both ranks must stop at the same step."""
     dist, model = join(rank, world_size, port)
     try:
         stop_and_save(dist, model, rank, out)
@@ -243,7 +243,7 @@ def stop_and_save(dist, model, rank: int, out: str) -> None:
     try:
         train_one_epoch(step, loader, 0, cfg, device=torch.device("cpu"), steps_per_epoch=loader.steps_per_epoch, dist=dist,
                         log=lambda r: steps.append(r["batch"]), on_checkpoint=lambda e, b, t: checkpoints.append(b),
-                        stop_signal=lambda: signal.SIGTERM if rank == 0 and len(steps) >= 3 else 0)
+                        stop_signal=lambda: signal.SIGUSR1 if rank == 0 and len(steps) >= 3 else 0)
         stopped = None
     except StopRequested as e:
         stopped = (e.batch, int(e.signum))
@@ -255,7 +255,7 @@ def test_ranks_agree_on_a_stop_signal_that_one_of_them_got(tmp_path):
     mp.spawn(stop_on_rank_0, args=(2, out, free_port()), nprocs=2)
     results = [torch.load(f"{out}.{rank}") for rank in range(2)]
     # rank 0's signal seen by both at the 3rd record; the next optimizer step (accumulation 2) is the 4th batch
-    assert [r["stopped"] for r in results] == [(4, signal.SIGTERM), (4, signal.SIGTERM)]
+    assert [r["stopped"] for r in results] == [(4, signal.SIGUSR1), (4, signal.SIGUSR1)]  # rank 1 told which
     assert [r["checkpoints"] for r in results] == [[4], [4]]
 
 
