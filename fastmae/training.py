@@ -505,6 +505,9 @@ def fit(
         return record
 
     record: dict = {}
+    if start_epoch >= args.epochs:
+        logger.warning("nothing to train: the run starts at epoch %d and --epochs is %d%s", start_epoch, args.epochs,
+                       f" ({resume} finished it)" if resume else "")
     start = time.time()
     try:
         with stop_signals() as stop_signal:

@@ -253,6 +253,12 @@ def test_a_kill_between_the_kept_file_and_its_link_resumes_from_the_kept_file(fo
     assert read_checkpoint(tmp_path / "checkpoint-0.pth")["data_position"]["epoch"] == 1
 
 
+def test_a_finished_run_resumed_says_there_is_nothing_to_train(folder, tmp_path, caplog):
+    assert cli(args(folder, tmp_path, "--epochs", "1")) == 0
+    assert cli(args(folder, tmp_path, "--epochs", "1", "--resume", "auto")) == 0
+    assert "nothing to train: the run starts at epoch 1 and --epochs is 1" in caplog.text
+
+
 def test_checkpoint_contents(folder, tmp_path):
     assert cli(args(folder, tmp_path, "--epochs", "1")) == 0
     ckpt = read_checkpoint(tmp_path / "checkpoint-0.pth")
