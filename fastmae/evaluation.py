@@ -46,8 +46,7 @@ def build_data(args: argparse.Namespace, run: Run, train_mode: str):
 def build_classifier(args: argparse.Namespace, num_classes: int, head_init_std: float, **kwargs) -> VisionTransformer:
     """The ViT of ``args.model`` with ``--finetune``'s encoder loaded (position embeddings
     interpolated to ``--input_size``) and the head initialized as the original: truncated normal
-    with ``head_init_std``; the bias zero, or the checkpoint's where it has a head of this shape
-    (fine-tuning a fine-tuned model: the original re-initializes only the weight)."""
+    with ``head_init_std``, zero bias."""
     model = create_vit(args.model, num_classes=num_classes, global_pool=args.global_pool,
                        attention_backend=args.attention,
                        **({"img_size": args.input_size} if args.input_size else {}), **kwargs)
@@ -57,6 +56,7 @@ def build_classifier(args: argparse.Namespace, num_classes: int, head_init_std: 
     elif not args.eval:
         logger.info("no --finetune checkpoint: the encoder is randomly initialized")
     nn.init.trunc_normal_(model.head.weight, std=head_init_std)
+    nn.init.zeros_(model.head.bias)
     return model
 
 
