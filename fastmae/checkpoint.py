@@ -446,9 +446,9 @@ class ShardedCheckpointer:
         if not self.is_main:
             return
         # torch.distributed.checkpoint fsyncs the files but renames the metadata into place without
-        # an fsync of the folders: make the new checkpoint survive a crash before the older ones go
-        for durable in (os.path.join(path, METADATA), path, self.output_dir):
-            _fsync(durable)
+        # an fsync of the folder: make the new checkpoint survive a crash before the older ones go
+        for folder in (path, self.output_dir):
+            _fsync(folder)
         position = sharded_position(os.path.basename(path))
         for other in glob.glob(os.path.join(self.output_dir, "checkpoint-*" + SHARDED_SUFFIX)):
             theirs = sharded_position(os.path.basename(other))

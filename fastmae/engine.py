@@ -25,6 +25,7 @@ class NonFiniteLossError(FastMAEError, RuntimeError):
     overwriting its last checkpoint."""
 
 
+@torch.no_grad()
 def check_finite_weights(model: nn.Module, epoch: int, next_batch: int) -> None:
     """Raise :class:`NonFiniteLossError` on every rank if any rank's weights (its shards, under
     FSDP) hold a NaN or an infinity: an update can break them with a finite loss (a non-finite
@@ -34,8 +35,9 @@ def check_finite_weights(model: nn.Module, epoch: int, next_batch: int) -> None:
     bad = torch.stack([~torch.isfinite(t).all() for t in tensors])
     if all_reduce_sum(bad.sum().float()).item() > 0:
         mine = [n for n, b in zip(names, bad.tolist()) if b]
+        where = f"at epoch {epoch}, batch {next_batch}" if next_batch else f"at the end of epoch {epoch}"
         raise NonFiniteLossError(
-            f"the last update left weights that are not finite at epoch {epoch}, batch {next_batch} "
+            f"the last update left weights that are not finite {where} "
             f"({', '.join(mine[:3]) + (', ...' if len(mine) > 3 else '') if mine else 'on another rank'}); stopping "
             f"without writing a checkpoint. The last checkpoint in the output folder was written before this and is "
             f"intact: lower the lr (--blr), set --clip_grad, or use --precision bf16 instead of fp16."

@@ -91,8 +91,10 @@ def main(args: argparse.Namespace) -> dict:
     erase = build_random_erasing(args.reprob, args.remode, args.recount, run.device)
     mix = build_mixup(num_classes, args.mixup, args.cutmix, args.smoothing, cutmix_minmax=args.cutmix_minmax,
                       prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode)
-    if isinstance(train_loader, DaliLoader):
-        augmentation = "DALI's (RandAugment without magnitude noise)" if augmented else "DALI's"
+    if not augmented:
+        augmentation = "RandomResizedCrop and flip (--aa none)"
+    elif isinstance(train_loader, DaliLoader):
+        augmentation = "DALI's RandAugment (without magnitude noise)"
     elif timm_available():
         augmentation = "timm's, as the original"
     else:

@@ -32,7 +32,7 @@ def main(args: argparse.Namespace) -> dict:
     from fastmae.training import Run, choose_step_mode, fit
 
     run = Run(args, "linprobe")
-    train_loader, val_loader, num_classes = build_data(args, run, "train")
+    train_loader, val_loader, num_classes = build_data(args, run, "probe")
     model = build_classifier(args, num_classes, head_init_std=0.01)
     # the probe: batch statistics normalize the frozen features before the linear layer
     model.head = nn.Sequential(nn.BatchNorm1d(model.head.in_features, affine=False, eps=1e-6), model.head)

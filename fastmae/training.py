@@ -448,7 +448,7 @@ def fit(
 
     def checkpoint(epoch: int, next_batch: int, totals: dict | None = None, numbered: bool = False) -> None:
         set_phase(f"writing a checkpoint at epoch {epoch}, batch {next_batch}")
-        check_finite_weights(model, epoch + 1 if next_batch == 0 else epoch, next_batch)
+        check_finite_weights(model, epoch, next_batch)
         # every rank's random state, so that a resumed run draws the same masks and mixes
         rngs = all_gather_objects({k: v.cpu() for k, v in rng_state(device).items()})
         # mid-epoch, the epoch's running sums too: the resumed epoch logs the uninterrupted one's means

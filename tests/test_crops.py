@@ -14,7 +14,6 @@ from torchvision import transforms
 import fastmae.data
 from fastmae.data import build_loader, resolve_data_backend, transform
 from fastmae.data.crops import ClampedRandomResizedCrop, crop_box, crop_params, eval_resize
-from fastmae.data.nvjpeg_loader import EncodedImages
 from fastmae.data.sources import list_image_folder
 
 HAS_DALI = importlib.util.find_spec("nvidia.dali") is not None
@@ -62,9 +61,11 @@ def test_the_clamped_crop_is_not_torchvisions():
 
 
 def test_linear_probing_transform_crops_as_the_original():
-    tf = transform("train", 32)
+    tf = transform("probe", 32)
     assert type(tf.transforms[0]) is ClampedRandomResizedCrop and tf.transforms[0].scale == (0.08, 1.0)
+    # pretraining, and fine-tuning without auto-augmentation (timm's crop draws as torchvision's)
     assert type(transform("pretrain", 32).transforms[0]) is transforms.RandomResizedCrop
+    assert type(transform("train", 32).transforms[0]) is transforms.RandomResizedCrop
     img = Image.new("RGB", (451, 300))
     torch.manual_seed(3)
     box = tf.transforms[0].get_params(img, tf.transforms[0].scale, tf.transforms[0].ratio)
@@ -86,17 +87,21 @@ def coordinate_folder(tmp_path_factory):
     return root
 
 
-def test_nvjpeg_linear_probing_draws_the_clamped_crop(coordinate_folder):
-    loader = build_loader(backend="nvjpeg", root=str(coordinate_folder), mode="train", input_size=16, batch_size=2,
+@pytest.mark.parametrize("mode, clamped", [("probe", True), ("train", False)])
+def test_nvjpeg_linear_probing_draws_the_originals_crop(coordinate_folder, mode, clamped):
+    loader = build_loader(backend="nvjpeg", root=str(coordinate_folder), mode=mode, input_size=16, batch_size=2,
                           device=CPU, num_workers=0)
-    assert loader.dataset.clamp_crop
-    files, labels, _ = list_image_folder(str(coordinate_folder))
-    dataset = EncodedImages(files, labels, (0.08, 1.0), clamp_crop=True)
-    for index in range(len(files)):
-        torch.manual_seed(index)
-        sample, _ = dataset[index]
-        torch.manual_seed(index)
-        assert (*sample.box.tolist(), sample.flip) == crop_params(sample.height, sample.width, (0.08, 1.0), clamp=True)
+    for index in range(len(loader.dataset)):
+        for seed in range(20):
+            torch.manual_seed(seed)
+            sample, _ = loader.dataset[index]
+            torch.manual_seed(seed)
+            if clamped:
+                box = original_linprobe_crop(sample.height, sample.width, (0.08, 1.0), (3 / 4, 4 / 3))
+            else:
+                box = transforms.RandomResizedCrop.get_params(torch.empty(3, sample.height, sample.width), (0.08, 1.0),
+                                                              (3 / 4, 4 / 3))
+            assert (*sample.box.tolist(), sample.flip) == (*box, bool(torch.rand(1) < 0.5))
 
 
 @requires_dali
@@ -165,7 +170,8 @@ def test_fine_tuning_picks_timms_augmentation_automatically(monkeypatch):
     cuda = torch.device("cuda")
     monkeypatch.setattr(fastmae.data, "dali_unavailable_reasons", lambda: [])
     assert resolve_data_backend("auto", cuda, "pretrain") == "dali"
-    assert resolve_data_backend("auto", cuda, "train") == "dali"
+    assert resolve_data_backend("auto", cuda, "train") == "dali"  # fine-tuning with --aa none
+    assert resolve_data_backend("auto", cuda, "probe") == "dali"
     assert resolve_data_backend("auto", cuda, "eval") == "dali"
     assert resolve_data_backend("dali", cuda, "train_randaug") == "dali"  # asked for
     monkeypatch.setattr(fastmae.data, "timm_available", lambda: True)

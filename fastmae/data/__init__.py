@@ -44,9 +44,10 @@ def pretrain_transform(input_size: int) -> transforms.Compose:
 
 
 def transform(mode: str, input_size: int, *, aa: str = FINETUNE_AA, color_jitter: float | None = None):
-    """The original's transforms. ``pretrain``: RandomResizedCrop(scale=(0.2, 1)) + flip; ``train``
-    (linear probing): the original's own RandomResizedCrop (one draw clamped to the image, see
-    :mod:`fastmae.data.crops`) + flip; ``train_randaug`` (fine-tuning): timm's
+    """The original's transforms. ``pretrain``: RandomResizedCrop(scale=(0.2, 1)) + flip; ``probe``
+    (linear probing): the original's own RandomResizedCrop (scale (0.08, 1), one draw clamped to the
+    image, see :mod:`fastmae.data.crops`) + flip; ``train`` (fine-tuning without auto-augmentation):
+    RandomResizedCrop(scale=(0.08, 1)) + flip; ``train_randaug`` (fine-tuning): timm's
     ``create_transform`` with the original's arguments (RandomResizedCrop, flip, the ``aa``
     auto-augmentation, ``color_jitter`` where timm applies it) when timm is installed, as the
     original; without timm, torchvision's RandAugment (2 ops at magnitude 9, filled with the mean
@@ -74,7 +75,7 @@ def transform(mode: str, input_size: int, *, aa: str = FINETUNE_AA, color_jitter
             if aa != "none":
                 steps.append(transforms.RandAugment(num_ops=2, magnitude=9, num_magnitude_bins=11,
                                                     interpolation=bicubic, fill=[124, 116, 104]))
-        elif mode not in ("pretrain", "train"):
+        elif mode not in CROP_SCALES:
             raise UsageError(f"unknown transform mode {mode!r}")
     return transforms.Compose(steps + [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 

@@ -1,11 +1,12 @@
 """Where every loader's crops come from, as the original draws them.
 
-Pretraining crops as torchvision's ``RandomResizedCrop`` (``main_pretrain.py``): up to ten draws
-of an area and an aspect ratio until the box fits in the image, else a central crop. Linear probing
-crops as the original's own ``util/crop.RandomResizedCrop`` (``main_linprobe.py``, after BYOL's TF
-code): one draw, its width and height clamped to the image, so more crops span a whole side (a
-quarter of them on a 4:3 image, against under 1% with torchvision's redraws). Fine-tuning crops as
-timm's ``create_transform`` does (torchvision's way). Evaluation resizes to
+Pretraining (mode ``pretrain``) crops as torchvision's ``RandomResizedCrop`` (``main_pretrain.py``):
+up to ten draws of an area and an aspect ratio until the box fits in the image, else a central crop.
+Linear probing (``probe``) crops as the original's own ``util/crop.RandomResizedCrop``
+(``main_linprobe.py``, after BYOL's TF code): one draw, its width and height clamped to the image,
+so more crops span a whole side (a quarter of them on a 4:3 image, against under 1% with
+torchvision's redraws). Fine-tuning (``train``, ``train_randaug``) crops as timm's
+``create_transform`` does (torchvision's way). Evaluation resizes to
 ``input_size / crop_pct`` and crops the center, ``crop_pct`` 224/256 up to 224 pixels, else 1
 (``util/datasets.build_transform``).
 
@@ -20,8 +21,8 @@ import torch
 from torchvision import transforms
 from torchvision.transforms import functional as TF
 
-CROP_SCALES = {"pretrain": (0.2, 1.0), "train": (0.08, 1.0)}  # RandomResizedCrop's area range
-CLAMPED_CROP_MODES = ("train",)  # linear probing: util/crop.RandomResizedCrop's one clamped draw
+CROP_SCALES = {"pretrain": (0.2, 1.0), "train": (0.08, 1.0), "probe": (0.08, 1.0)}  # RandomResizedCrop's area range
+CLAMPED_CROP_MODES = ("probe",)  # linear probing: util/crop.RandomResizedCrop's one clamped draw
 ASPECT_RATIOS = (3 / 4, 4 / 3)
 
 

@@ -57,8 +57,9 @@ def _clamped_crop(encoded, *, scale, decode_device):
     aspect_ratio = dmath.exp(fn.random.uniform(range=[math.log(r) for r in ASPECT_RATIOS]))
     w = dmath.min(dmath.floor(dmath.sqrt(target_area * aspect_ratio) + 0.5), width)
     h = dmath.min(dmath.floor(dmath.sqrt(target_area / aspect_ratio) + 0.5), height)
-    top = dmath.floor(fn.random.uniform(range=[0.0, 1.0]) * (height - h + 1))
-    left = dmath.floor(fn.random.uniform(range=[0.0, 1.0]) * (width - w + 1))
+    # (the min: inside the image even if a draw came out as the range's end)
+    top = dmath.min(dmath.floor(fn.random.uniform(range=[0.0, 1.0]) * (height - h + 1)), height - h)
+    left = dmath.min(dmath.floor(fn.random.uniform(range=[0.0, 1.0]) * (width - w + 1)), width - w)
     # integer anchor and shape: absolute pixels, in the decoder's (x, y) order
     return fn.decoders.image_slice(encoded, fn.cast(fn.stack(left, top), dtype=types.INT32),
                                    fn.cast(fn.stack(w, h), dtype=types.INT32), device=decode_device,
@@ -67,9 +68,9 @@ def _clamped_crop(encoded, *, scale, decode_device):
 
 def _augment(encoded, *, mode: str, size: int, on_gpu: bool, mean, std):
     """The original's transforms. ``pretrain``: RandomResizedCrop(size, scale=(0.2, 1), bicubic) + flip;
-    ``train``: the original's linear-probing crop (scale (0.08, 1), one draw clamped to the image) +
-    flip; ``train_randaug``: RandomResizedCrop(scale=(0.08, 1)) + flip + RandAugment(2 ops, magnitude
-    9 of 10) (fine-tuning); ``eval``: resize the shorter side to ``eval_resize(size)``, center crop.
+    ``probe``: the original's linear-probing crop (scale (0.08, 1), one draw clamped to the image) +
+    flip; ``train``: RandomResizedCrop(scale=(0.08, 1)) + flip, and ``train_randaug`` that +
+    RandAugment(2 ops, magnitude 9 of 10) (fine-tuning); ``eval``: resize the shorter side to ``eval_resize(size)``, center crop.
     Random crops are fused into the decoder so only the crop is decoded. Then normalize, CHW."""
     decode_device = "mixed" if on_gpu else "cpu"
     mirror = 0
