@@ -9,6 +9,7 @@ dataset (pass ``--finetune output_dir/checkpoint-9.pth`` to start from ``python 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from fastmae.cli import add_common_args, add_eval_args, add_sharding_args, cli_main, logger
@@ -48,9 +49,20 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
+# the recipe's numbers and their ranges (each a rate, a probability or a Beta distribution's alpha)
+RECIPE_RANGES = {"drop_path": (0, 1), "layer_decay": (0, 1), "smoothing": (0, 1), "reprob": (0, 1),
+                 "mixup_prob": (0, 1), "mixup_switch_prob": (0, 1), "mixup": (0, math.inf), "cutmix": (0, math.inf)}
+
+
 def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.finetune_blocks is not None and args.finetune_blocks < 0:
         p.error(f"--finetune_blocks must be at least 0, got {args.finetune_blocks}")
+    for name, (low, high) in RECIPE_RANGES.items():
+        value = getattr(args, name)
+        if not low <= value <= high or math.isinf(value):
+            p.error(f"--{name} must be a number from {low} to {high:g}, got {value}")
+    if args.recount < 1:
+        p.error(f"--recount must be at least 1, got {args.recount}")
 
 
 def freeze_all_but_last_blocks(model, k: int) -> None:

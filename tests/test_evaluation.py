@@ -212,6 +212,14 @@ def test_the_originals_launch_flags_are_accepted(labelled_folder, tmp_path):
         linprobe_cli(["--dist_url", "tcp://10.0.0.1:23456"])
 
 
+@pytest.mark.parametrize("flags", [["--layer_decay", "nan"], ["--drop_path", "-0.1"], ["--smoothing", "1.5"],
+                                   ["--mixup", "inf"], ["--cutmix", "-1"], ["--reprob", "nan"], ["--recount", "0"]])
+def test_bad_recipe_flags_are_refused(flags):
+    with pytest.raises(SystemExit) as e:
+        finetune_cli(flags)
+    assert e.value.code == 2
+
+
 def test_synthetic_labels_fit_the_classes(tmp_path):
     assert finetune_cli(["--data_backend", "synthetic", "--nb_classes", "7", "--output_dir", str(tmp_path),
                          "--epochs", "1", "--batch_size", "8", "--builtin_size", "40"]) == 0
