@@ -92,9 +92,9 @@ def train_one_epoch(
     every ``print_freq`` batches (loss averaged over the batches since the last record and over the
     ranks; the time left in the epoch and in the run); a non-finite loss raises
     :class:`NonFiniteLossError` there, and before every checkpoint, so that no checkpoint is written
-    after the loss went bad (``on_checkpoint`` checks the weights too: :func:`check_finite_weights`). ``on_checkpoint(epoch, next_batch, totals)`` gets the epoch's running
-    sums, which a run resumed mid-epoch passes back as ``totals``, so that its epoch means are the
-    uninterrupted run's. ``stop_signal()``: a signal number once one asked the run to stop (else 0);
+    after the loss went bad (``fit``'s checkpoints check the weights too: :func:`check_finite_weights`).
+    ``on_checkpoint(epoch, next_batch, totals)`` gets the epoch's running sums, which a run resumed
+    mid-epoch passes back as ``totals``, so that its epoch means are the uninterrupted run's. ``stop_signal()``: a signal number once one asked the run to stop (else 0);
     the epoch then stops at the next optimizer step, after a checkpoint, with :class:`StopRequested`
     (with several ranks, the ranks agree on it at a log record, all stopping at the same step).
     Returns the epoch's mean loss and lr (the original's ``train_loss``, ``train_lr``), its images/s

@@ -70,8 +70,9 @@ def _augment(encoded, *, mode: str, size: int, on_gpu: bool, mean, std):
     """The original's transforms. ``pretrain``: RandomResizedCrop(size, scale=(0.2, 1), bicubic) + flip;
     ``probe``: the original's linear-probing crop (scale (0.08, 1), one draw clamped to the image) +
     flip; ``train``: RandomResizedCrop(scale=(0.08, 1)) + flip, and ``train_randaug`` that +
-    RandAugment(2 ops, magnitude 9 of 10) (fine-tuning); ``eval``: resize the shorter side to ``eval_resize(size)``, center crop.
-    Random crops are fused into the decoder so only the crop is decoded. Then normalize, CHW."""
+    RandAugment(2 ops, magnitude 9 of 10) (fine-tuning); ``eval``: resize the shorter side to
+    ``eval_resize(size)``, center crop. Random crops are fused into the decoder so only the crop is
+    decoded. Then normalize, CHW."""
     decode_device = "mixed" if on_gpu else "cpu"
     mirror = 0
     if mode == "eval":
