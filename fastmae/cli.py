@@ -46,8 +46,8 @@ def add_common_args(p: argparse.ArgumentParser, **defaults) -> None:
     g.add_argument("--builtin_size", default=5000, type=int,
                    help="images in the built-in shapes dataset (its validation set: a fifth of that)")
     g.add_argument("--data_backend", default="auto", choices=DATA_BACKENDS,
-                   help="auto: DALI on CUDA when installed, else torchvision (fine-tuning with timm: torchvision, for timm's "
-                   "augmentation); nvjpeg: JPEGs decoded and cropped on the GPU "
+                   help="auto: DALI on CUDA when installed, else torchvision (fine-tuning with auto-augmentation and "
+                   "timm: torchvision, for timm's); nvjpeg: JPEGs decoded and cropped on the GPU "
                    "without DALI; synthetic: random batches on the device")
     g.add_argument("--pad_last_batch", action="store_true",
                    help="repeat images to fill each rank's last batch of an epoch, instead of leaving it out as the "

@@ -6,8 +6,8 @@ labels int64 [B])`` already on the training device, ``steps_per_epoch``, ``num_s
 ``nvjpeg`` (JPEG bytes read by DataLoader workers, decoded by nvJPEG and cropped by one fused
 kernel on the GPU), ``torchvision`` (PIL decode in DataLoader workers), ``synthetic`` (random
 batches on the device);
-``auto`` is DALI on CUDA when it is installed, else torchvision (and torchvision for fine-tuning
-with timm installed: timm's augmentation, as the original).
+``auto`` is DALI on CUDA when it is installed, else torchvision (and torchvision for fine-tuning's
+auto-augmentation with timm installed: timm's, as the original).
 """
 from __future__ import annotations
 
